@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: problems, timing, peak memory, subprocess runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from curvlab.models import deep_autoencoder, small_cnn
+
+
+def build_problem(name: str, batch_size: int = 256, seed: int = 0):
+    """``(model, loss_fn, (X, y))`` of a benchmark problem with random data."""
+    torch.manual_seed(seed)
+    if name == "autoencoder":
+        model = deep_autoencoder(784)
+        X = torch.rand(batch_size, 784)
+        return model, nn.MSELoss(), (X, torch.rand(batch_size, 784))
+    if name == "cnn":
+        model = small_cnn(in_channels=1, side=28, classes=10, width=16)
+        X = torch.randn(batch_size, 1, 28, 28)
+        return model, nn.CrossEntropyLoss(), (X, torch.randint(0, 10, (batch_size,)))
+    raise ValueError(f"unknown problem {name!r}")
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_bytes_of(fn, device: torch.device) -> int:
+    """Extra peak memory of one call of ``fn`` over what was in use before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return -1
+    before = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - before
+
+
+def run_child(script: str, args: list[str], timeout: float) -> dict:
+    """Run ``script --child args...`` and parse the JSON it prints on its last line."""
+    try:
+        completed = subprocess.run(
+            [sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0][:120]}
+    return json.loads(lines[-1])

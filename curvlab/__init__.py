@@ -1,0 +1,32 @@
+"""curvlab: curvature analysis for PyTorch.
+
+Exact Hessian, GGN, Fisher and empirical Fisher as matrix-free operators that
+share one interface (``C @ v``, ``to_dense``, ``blocks``, ``to_scipy``, ``solve``).
+"""
+
+from curvlab.errors import (
+    CurvlabError,
+    DataError,
+    DenseTooLargeError,
+    NotPositiveDefiniteError,
+    UnsupportedError,
+)
+from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
+from curvlab.problem import Problem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GGN",
+    "CurvatureOperator",
+    "CurvlabError",
+    "DataError",
+    "DenseTooLargeError",
+    "EmpiricalFisher",
+    "Fisher",
+    "Hessian",
+    "NotPositiveDefiniteError",
+    "Problem",
+    "UnsupportedError",
+    "__version__",
+]

@@ -1,0 +1,238 @@
+r"""Per-loss rules: reduction count, output-space Hessian, Fisher, gradients, sampling.
+
+Every rule works on a batch of model outputs ``f`` (the logits) and targets ``y``
+and uses the **sum** form of the loss, ℓ_n summed over every entry of example n;
+the global reduction factor c (THEORY.md) is applied by the caller. Output-space
+vectors ``u`` have the shape of ``f``.
+
+The curvature matrices differ only in the output-space matrix M_n placed between
+the Jacobians, C = c Σ_n J_nᵀ M_n J_n:
+
+* GGN: M_n = Λ_n = ∇²_f ℓ_n (``hessian_vp``),
+* exact Fisher: M_n = E_{ŷ~p(·|f_n)}[∇_f ℓ(f_n, ŷ) ∇_f ℓ(f_n, ŷ)ᵀ] (``fisher_vp``),
+* Monte-Carlo Fisher: the expectation replaced by samples (``sample_targets``),
+* empirical Fisher: M_n = r_n r_nᵀ with r_n = ∇_f ℓ(f_n, y_n) (``output_gradient``).
+
+Likelihoods (negative log = loss): MSE ↔ Gaussian with variance 1/2 for ‖f − y‖²,
+cross-entropy ↔ categorical over ``softmax(f)`` along dim 1, BCE-with-logits ↔
+independent Bernoulli(σ(f)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.errors import DataError, UnsupportedError
+
+SUPPORTED_REDUCTIONS = ("mean", "sum")
+
+
+class LossRule:
+    """Rules of one loss class; subclasses implement the closed forms."""
+
+    loss_class: type = nn.Module
+    name = "loss"
+
+    def __init__(self, loss_fn: nn.Module):
+        self.loss_fn = loss_fn
+        self.reduction = loss_fn.reduction
+
+    def validate(self, output: Tensor, target: Tensor) -> None:
+        """Raise ``DataError`` if ``output`` and ``target`` shapes do not fit."""
+        if output.shape != target.shape:
+            raise DataError(
+                f"{self.name}: model output has shape {tuple(output.shape)} but the target "
+                f"has shape {tuple(target.shape)}; they must be equal (no broadcasting)"
+            )
+
+    def count(self, target: Tensor) -> int:
+        """Number of loss terms the ``"mean"`` reduction divides by for this batch."""
+        return target.numel()
+
+    def sum_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Loss of the batch with ``reduction="sum"`` (a scalar)."""
+        raise NotImplementedError
+
+    def output_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        """R = ∇_f ℓ(f, y), shaped like ``output``."""
+        raise NotImplementedError
+
+    def hessian_vp(self, output: Tensor, u: Tensor) -> Tensor:
+        """Λ u with Λ = ∇²_f ℓ, per example; ``u`` shaped like ``output``."""
+        raise NotImplementedError
+
+    def fisher_vp(self, output: Tensor, u: Tensor) -> Tensor:
+        """E_ŷ[r̂ r̂ᵀ] u computed from the likelihood (not from Λ), per example."""
+        raise NotImplementedError
+
+    def noise_shape(self, target: Tensor, num_samples: int) -> tuple[int, ...]:
+        """Shape of the standard noise that ``sample_targets`` transforms."""
+        return (num_samples, *target.shape)
+
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Device-independent noise drawn on the CPU in float64."""
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    def sample_targets(self, output: Tensor, noise: Tensor) -> Tensor:
+        """Targets ŷ ~ p(·|f), one per leading noise index: ``(S, *target.shape)``."""
+        raise NotImplementedError
+
+
+class MSERule(LossRule):
+    """``nn.MSELoss``: ℓ = ‖f − y‖², Λ = 2I, Gaussian likelihood with variance 1/2."""
+
+    loss_class = nn.MSELoss
+    name = "MSELoss"
+
+    def sum_loss(self, output, target):  # noqa: D102
+        return ((output - target) ** 2).sum()
+
+    def output_gradient(self, output, target):  # noqa: D102
+        return 2.0 * (output - target)
+
+    def hessian_vp(self, output, u):  # noqa: D102
+        return 2.0 * u
+
+    def fisher_vp(self, output, u):  # noqa: D102
+        # r̂ = 2(f − ŷ), ŷ ~ N(f, σ²I) with σ² = 1/2  ⇒  E[r̂ r̂ᵀ] = 4σ² I = 2I.
+        return 4.0 * 0.5 * u
+
+    def draw_noise(self, shape, generator):  # noqa: D102
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def sample_targets(self, output, noise):  # noqa: D102
+        return output.detach() + math.sqrt(0.5) * noise
+
+
+class BCEWithLogitsRule(LossRule):
+    """``nn.BCEWithLogitsLoss``: independent Bernoulli(σ(f)) per output entry."""
+
+    loss_class = nn.BCEWithLogitsLoss
+    name = "BCEWithLogitsLoss"
+
+    def sum_loss(self, output, target):  # noqa: D102
+        return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
+
+    def output_gradient(self, output, target):  # noqa: D102
+        return torch.sigmoid(output) - target
+
+    def hessian_vp(self, output, u):  # noqa: D102
+        s = torch.sigmoid(output)
+        return s * (1 - s) * u
+
+    def fisher_vp(self, output, u):  # noqa: D102
+        # Enumerate ŷ ∈ {0, 1} per entry: E[(σ − ŷ)²] = P(ŷ=1)(σ − 1)² + P(ŷ=0)σ²;
+        # off-diagonal terms vanish because E[σ − ŷ] = 0 and the entries are independent.
+        s = torch.sigmoid(output)
+        second_moment = s * (s - 1) ** 2 + (1 - s) * s**2
+        return second_moment * u
+
+    def sample_targets(self, output, noise):  # noqa: D102
+        return (noise.to(output.dtype) < torch.sigmoid(output.detach())).to(output.dtype)
+
+
+class CrossEntropyRule(LossRule):
+    """``nn.CrossEntropyLoss`` on logits with class-index targets; classes on dim 1."""
+
+    loss_class = nn.CrossEntropyLoss
+    name = "CrossEntropyLoss"
+
+    def validate(self, output, target):  # noqa: D102
+        if target.is_floating_point():
+            raise UnsupportedError(
+                "CrossEntropyLoss: probability (float) targets are not supported; "
+                "pass class indices of dtype long"
+            )
+        expected = (output.shape[0], *output.shape[2:])
+        if output.dim() < 2 or tuple(target.shape) != expected:
+            raise DataError(
+                f"CrossEntropyLoss: model output has shape {tuple(output.shape)} (N, C, ...) "
+                f"so the target must have shape {expected}, got {tuple(target.shape)}"
+            )
+
+    def sum_loss(self, output, target):  # noqa: D102
+        return F.cross_entropy(output, target, reduction="sum")
+
+    @staticmethod
+    def _onehot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+        onehot = F.one_hot(target, num_classes).to(dtype)  # (N, ..., C)
+        return onehot.movedim(-1, 1)
+
+    def output_gradient(self, output, target):  # noqa: D102
+        return output.softmax(1) - self._onehot(target, output.shape[1], output.dtype)
+
+    def hessian_vp(self, output, u):  # noqa: D102
+        # Λ = diag(p) − p pᵀ along the class dimension.
+        p = output.softmax(1)
+        return p * u - p * (p * u).sum(1, keepdim=True)
+
+    def fisher_vp(self, output, u):  # noqa: D102
+        # Enumerate the classes: E[r̂ r̂ᵀ]u = Σ_k p_k (p − e_k)((p − e_k)·u).
+        p = output.softmax(1)
+        num_classes = output.shape[1]
+        eye = torch.eye(num_classes, dtype=output.dtype, device=output.device)
+        shape = [1, num_classes, num_classes] + [1] * (output.dim() - 2)
+        residuals = p.unsqueeze(2) - eye.view(shape)  # (N, C[entry], C[class k], ...)
+        weights = (residuals * u.unsqueeze(2)).sum(1, keepdim=True) * p.unsqueeze(1)
+        return (residuals * weights).sum(2)
+
+    def noise_shape(self, target, num_samples):  # noqa: D102
+        return (num_samples, *target.shape)
+
+    def sample_targets(self, output, noise):  # noqa: D102
+        # Inverse-CDF sampling along the class dimension from uniform noise.
+        cdf = output.detach().softmax(1).movedim(1, -1).cumsum(-1)
+        cdf = cdf.expand(noise.shape[0], *cdf.shape).contiguous()
+        uniform = noise.to(cdf.dtype).unsqueeze(-1).contiguous()
+        samples = torch.searchsorted(cdf, uniform).squeeze(-1)
+        return samples.clamp_(max=output.shape[1] - 1)
+
+
+_RULES: dict[type, type[LossRule]] = {
+    nn.MSELoss: MSERule,
+    nn.CrossEntropyLoss: CrossEntropyRule,
+    nn.BCEWithLogitsLoss: BCEWithLogitsRule,
+}
+
+
+def _check_options(loss_fn: nn.Module) -> None:
+    """Reject loss options whose curvature curvlab does not implement."""
+    name = type(loss_fn).__name__
+    unsupported = []
+    if getattr(loss_fn, "weight", None) is not None:
+        unsupported.append("weight")
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        unsupported.append("pos_weight")
+    if getattr(loss_fn, "label_smoothing", 0.0) != 0.0:
+        unsupported.append("label_smoothing")
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.ignore_index != -100:
+        unsupported.append("ignore_index")
+    if unsupported:
+        raise UnsupportedError(f"{name}: the options {unsupported} are not supported")
+
+
+def rule_for(loss_fn: nn.Module) -> LossRule:
+    """Return the rule of a supported loss object.
+
+    Raises:
+        UnsupportedError: for another loss class, ``reduction="none"`` or an
+            unsupported option (class weights, label smoothing, ignore_index).
+    """
+    rule_class = _RULES.get(type(loss_fn))
+    if rule_class is None:
+        supported = ", ".join(cls.__name__ for cls in _RULES)
+        raise UnsupportedError(
+            f"loss {type(loss_fn).__name__} is not supported; supported losses: {supported}"
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in SUPPORTED_REDUCTIONS:
+        raise UnsupportedError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported; "
+            f"use reduction 'mean' or 'sum' (curvature of a summed or averaged risk)"
+        )
+    _check_options(loss_fn)
+    return rule_class(loss_fn)

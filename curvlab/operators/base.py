@@ -1,0 +1,217 @@
+"""The one interface every curvature object shares.
+
+A subclass implements a single batched product on parameter-shaped tensors,
+``_matmat(Vs)`` with ``Vs[i]`` of shape ``(k, *param_shapes[i])``; this base turns
+it into ``C @ v`` for flat vectors ``(n,)``, flat matrices ``(n, k)`` and lists of
+parameter-shaped tensors, and derives ``to_dense``, ``to_scipy``, ``blocks`` and
+``solve`` from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from curvlab.errors import DataError
+from curvlab.operators.cg import conjugate_gradient
+from curvlab.operators.memory import check_fits
+
+
+class CurvatureOperator:
+    """A symmetric n × n curvature matrix over a list of parameter tensors.
+
+    Flattening convention: the parameters in the order given, each tensor
+    row-major, so a flat vector is ``torch.cat([t.flatten() for t in tensors])``.
+
+    Attributes:
+        param_shapes: Shapes of the parameter tensors, in order.
+        param_names: Their names (from ``model.named_parameters()``) when known.
+        max_columns: Largest number of columns pushed through one batched
+            product; wider matrices are processed in chunks of this size.
+    """
+
+    max_columns = 64
+
+    def __init__(
+        self,
+        param_shapes: Sequence[torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+        param_names: Sequence[str] | None = None,
+    ):
+        self.param_shapes = [torch.Size(s) for s in param_shapes]
+        self.param_names = list(param_names) if param_names is not None else None
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self._sizes = [s.numel() for s in self.param_shapes]
+
+    # ------------------------------------------------------------ the one product
+    def _matmat(self, Vs: list[Tensor]) -> list[Tensor]:
+        """C applied to k vectors in list format: ``Vs[i]`` is ``(k, *param_shapes[i])``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ basic facts
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
+        n = sum(self._sizes)
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of products and dense matrices."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device the products run on."""
+        return self._device
+
+    def __repr__(self) -> str:
+        """Class name, size, dtype and device."""
+        n = self.shape[0]
+        return f"{type(self).__name__}(n={n}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------ formats
+    def _check_tensor(self, t: Tensor, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != self.device:
+            raise DataError(f"{what} is on {t.device} but the operator is on {self.device}")
+        if t.dtype != self.dtype:
+            raise DataError(f"{what} has dtype {t.dtype} but the operator has dtype {self.dtype}")
+
+    def flat_to_list(self, V: Tensor) -> list[Tensor]:
+        """``(n, k)`` → list of ``(k, *shape)`` tensors."""
+        k = V.shape[1]
+        parts = V.T.split(self._sizes, dim=1)
+        return [part.reshape(k, *shape) for part, shape in zip(parts, self.param_shapes)]
+
+    def list_to_flat(self, Vs: Sequence[Tensor]) -> Tensor:
+        """List of ``(k, *shape)`` tensors → ``(n, k)``."""
+        k = Vs[0].shape[0]
+        return torch.cat([v.reshape(k, -1) for v in Vs], dim=1).T
+
+    def _matmat_flat(self, V: Tensor) -> Tensor:
+        """``(n, k)`` → ``(n, k)``, chunked into at most ``max_columns`` columns."""
+        chunks = [
+            self.list_to_flat(self._matmat(self.flat_to_list(chunk)))
+            for chunk in V.split(self.max_columns, dim=1)
+        ]
+        return torch.cat(chunks, dim=1)
+
+    def __matmul__(self, v):
+        """C v for a flat ``(n,)``, a flat ``(n, k)`` or a list of parameter-shaped tensors."""
+        n = self.shape[0]
+        if isinstance(v, (list, tuple)):
+            if len(v) != len(self.param_shapes):
+                raise DataError(f"expected {len(self.param_shapes)} tensors, got {len(v)}")
+            for i, (t, shape) in enumerate(zip(v, self.param_shapes)):
+                self._check_tensor(t, f"vector[{i}]")
+                if t.shape != shape:
+                    raise DataError(f"vector[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            result = self._matmat([t.unsqueeze(0) for t in v])
+            return [r.squeeze(0) for r in result]
+        self._check_tensor(v, "vector")
+        if v.dim() == 1 and v.shape[0] == n:
+            return self._matmat_flat(v.unsqueeze(1)).squeeze(1)
+        if v.dim() == 2 and v.shape[0] == n:
+            return self._matmat_flat(v)
+        raise DataError(f"cannot multiply an operator of shape {self.shape} with shape {tuple(v.shape)}")
+
+    # ------------------------------------------------------------ derived views
+    def to_dense(self, max_bytes: int | None = None) -> Tensor:
+        """The dense ``(n, n)`` matrix, built from products with identity columns.
+
+        Raises:
+            DenseTooLargeError: if n² entries would not fit in the free memory of
+                the device (or in ``max_bytes``); the message states the bytes.
+        """
+        n = self.shape[0]
+        check_fits(f"dense {type(self).__name__}", (n, n), self.dtype, self.device, max_bytes)
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return self._matmat_flat(eye)
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator``: numpy in, numpy out."""
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+
+        def matmat(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+            squeeze = V.dim() == 1
+            result = self._matmat_flat(V.reshape(V.shape[0], -1))
+            result = result.squeeze(1) if squeeze else result
+            return result.detach().cpu().numpy()
+
+        return scipy.sparse.linalg.LinearOperator(
+            self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, rmatmat=matmat, dtype=np_dtype
+        )
+
+    def block_offsets(self) -> list[int]:
+        """Start of each parameter tensor in the flat vector (length = tensors + 1)."""
+        offsets = [0]
+        for size in self._sizes:
+            offsets.append(offsets[-1] + size)
+        return offsets
+
+    def blocks(self, by: str = "parameter") -> list[CurvatureOperator]:
+        """Diagonal blocks, each again a curvature object.
+
+        Args:
+            by: ``"parameter"`` (one block per tensor) or ``"layer"`` (tensors of the
+                same module together, e.g. a layer's weight and bias).
+        """
+        if by == "parameter":
+            groups = [[i] for i in range(len(self.param_shapes))]
+        elif by == "layer":
+            groups = self._layer_groups()
+        else:
+            raise ValueError(f"by must be 'parameter' or 'layer', got {by!r}")
+        return [self._block(indices) for indices in groups]
+
+    def _layer_groups(self) -> list[list[int]]:
+        if self.param_names is None:
+            return [[i] for i in range(len(self.param_shapes))]
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(self.param_names):
+            groups.setdefault(name.rpartition(".")[0], []).append(index)
+        return list(groups.values())
+
+    def _block(self, indices: list[int]) -> CurvatureOperator:
+        """The diagonal block of the tensors ``indices`` as an operator."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide blocks")
+
+    # ------------------------------------------------------------ solves
+    def solve(self, v, damping: float = 0.0, tol: float = 1e-6, maxiter: int | None = None):
+        """(C + damping·I)⁻¹ v by conjugate gradient (Hessian-free); v in any format.
+
+        Args:
+            v: Flat ``(n,)`` or ``(n, k)`` or a list of parameter-shaped tensors.
+            damping: λ ≥ 0 added to the diagonal.
+            tol: Relative residual ‖b − (C + λI)x‖ / ‖b‖ at which a column stops.
+            maxiter: Iteration cap (default 10 n); a warning if it is reached first.
+
+        Raises:
+            NotPositiveDefiniteError: if C + λI is not positive definite along the
+                CG directions (an indefinite Hessian with too little damping).
+        """
+        if damping < 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        as_list = isinstance(v, (list, tuple))
+        if as_list:
+            B = self.list_to_flat([t.unsqueeze(0) for t in v])
+        else:
+            self._check_tensor(v, "right-hand side")
+            B = v.unsqueeze(1) if v.dim() == 1 else v
+
+        def damped(X: Tensor) -> Tensor:
+            return self._matmat_flat(X) + damping * X
+
+        X, _residual, _iterations = conjugate_gradient(damped, B, tol=tol, maxiter=maxiter)
+        if as_list:
+            return [x.squeeze(0) for x in self.flat_to_list(X)]
+        return X.squeeze(1) if v.dim() == 1 else X

@@ -1,0 +1,188 @@
+r"""The exact curvature matrices as matrix-free operators.
+
+Hessian H = ∇²_θ R by reverse-over-reverse autodiff; GGN, exact/Monte-Carlo
+Fisher and empirical Fisher share the form C = c Σ_n J_nᵀ M_n J_n and differ
+only in the output-space matrix M_n
+(``curvlab.losses``). A product with k vectors costs one forward pass with k
+forward-mode tangents (J v), the output-space product, and one batched
+reverse pass (Jᵀ ·), all vectorised over the k columns with ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from curvlab.operators.base import CurvatureOperator
+from curvlab.problem import Problem
+
+
+class ProblemOperator(CurvatureOperator):
+    """A curvature operator of a ``Problem``: products summed over its batches."""
+
+    def __init__(self, problem: Problem):
+        if not isinstance(problem, Problem):
+            raise TypeError(f"expected a curvlab.Problem, got {type(problem).__name__}")
+        super().__init__(
+            [p.shape for p in problem.params], problem.dtype, problem.device, problem.param_names
+        )
+        self.problem = problem
+
+    def _options(self) -> dict:
+        """Constructor keyword arguments other than the problem (for blocks)."""
+        return {}
+
+    def _block(self, indices):
+        params = [self.problem.params[i] for i in indices]
+        return type(self)(self.problem.restrict(params), **self._options())
+
+    def _batch_matmat(self, X: Tensor, y: Tensor, index: int, Vs: list[Tensor]) -> list[Tensor]:
+        """Sum-reduced product of one batch; ``index`` numbers the batch."""
+        raise NotImplementedError
+
+    def _matmat(self, Vs):
+        total = None
+        for index, (X, y) in enumerate(self.problem.batches()):
+            part = self._batch_matmat(X, y, index, Vs)
+            total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
+        c = self.problem.reduction_factor
+        return [t.mul_(c) for t in total]
+
+    def _detached_params(self) -> tuple[Tensor, ...]:
+        return tuple(p.detach() for p in self.problem.params)
+
+
+class Hessian(ProblemOperator):
+    """H = ∇²_θ R(θ), by differentiating the gradient once more (Pearlmutter 1994).
+
+    Reverse-over-reverse: the batch gradient is built with a graph, then pulled
+    back along the k vectors in one batched pass (``is_grads_batched``).
+    """
+
+    def _batch_matmat(self, X, y, index, Vs):
+        params = [p.detach().requires_grad_(True) for p in self.problem.params]
+        loss = self.problem.batch_loss(params, X, y)
+        gradient = torch.autograd.grad(loss, params, create_graph=True)
+        connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+        results = [torch.zeros_like(V) for V in Vs]
+        if not connected:  # the gradient does not depend on θ: H = 0
+            return results
+        single = Vs[0].shape[0] == 1
+        products = torch.autograd.grad(
+            [gradient[i] for i in connected],
+            params,
+            [Vs[i][0] if single else Vs[i] for i in connected],
+            is_grads_batched=not single,
+            allow_unused=True,
+        )
+        for i, product in enumerate(products):
+            if product is not None:
+                results[i] = product.unsqueeze(0) if single else product
+        return results
+
+
+class OutputSpaceOperator(ProblemOperator):
+    """C = c Σ_n J_nᵀ M_n J_n; subclasses define M_n through ``_middle``."""
+
+    def _prepare(self, X: Tensor, y: Tensor, index: int):
+        """Per-batch data for ``_middle`` drawn outside the vectorised product."""
+        return None
+
+    def _middle(self, output: Tensor, y: Tensor, u: Tensor, aux) -> Tensor:
+        """M u per example for u shaped like ``output``."""
+        raise NotImplementedError
+
+    def _batch_matmat(self, X, y, index, Vs):
+        params = self._detached_params()
+        aux = self._prepare(X, y, index)
+
+        def forward(*ps):
+            return self.problem.forward(ps, X)
+
+        def product(*vs):
+            def output_and_jvp(*ps):
+                return jvp(forward, ps, vs)
+
+            output, pullback, Jv = vjp(output_and_jvp, *params, has_aux=True)
+            self.problem.loss_rule.validate(output, y)
+            return pullback(self._middle(output, y, Jv, aux))
+
+        if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead
+            return [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
+        return list(vmap(product)(*Vs))
+
+
+def _per_example_dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a_n, b_n⟩ over all non-leading dims, kept broadcastable: shape (N, 1, …, 1)."""
+    dims = tuple(range(1, a.dim()))
+    return (a * b).sum(dim=dims, keepdim=True)
+
+
+class GGN(OutputSpaceOperator):
+    r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (THEORY.md)."""
+
+    def _middle(self, output, y, u, aux):
+        return self.problem.loss_rule.hessian_vp(output, u)
+
+
+class EmpiricalFisher(OutputSpaceOperator):
+    r"""Empirical Fisher E = c Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ with the **true** labels.
+
+    Per-example gradients (an example is one row of a batch), never the batch
+    gradient: M_n = r_n r_nᵀ with r_n = ∇_f ℓ(f_n, y_n). Not the Fisher
+    (Kunstner et al. 2019).
+    """
+
+    def _middle(self, output, y, u, aux):
+        r = self.problem.loss_rule.output_gradient(output, y)
+        return r * _per_example_dot(r, u)
+
+
+class Fisher(OutputSpaceOperator):
+    r"""Fisher information F = c Σ_n E_{ŷ~p(·|f_n)}[∇_θ ℓ(f_n, ŷ) ∇_θ ℓ(f_n, ŷ)ᵀ].
+
+    With ``mc_samples=None`` the expectation is exact (the "type-2" Fisher,
+    computed from the likelihood: classes enumerated for cross-entropy, both
+    outcomes for BCE, the Gaussian covariance for MSE); for these losses it
+    equals the GGN. With ``mc_samples=S`` it is the Monte-Carlo Fisher with S
+    labels ŷ per example, drawn reproducibly from ``seed`` and the batch index
+    on the CPU (the same samples on every device and for every product).
+
+    Args:
+        problem: The problem.
+        mc_samples: ``None`` for the exact Fisher, else S ≥ 1 samples.
+        seed: Seed of the Monte-Carlo labels.
+    """
+
+    def __init__(self, problem: Problem, mc_samples: int | None = None, seed: int = 0):
+        super().__init__(problem)
+        if mc_samples is not None and (int(mc_samples) != mc_samples or mc_samples < 1):
+            raise ValueError(f"mc_samples must be None or a positive integer, got {mc_samples}")
+        self.mc_samples = None if mc_samples is None else int(mc_samples)
+        self.seed = int(seed)
+
+    def _options(self):
+        return {"mc_samples": self.mc_samples, "seed": self.seed}
+
+    def _prepare(self, X, y, index):
+        if self.mc_samples is None:
+            return None
+        rule = self.problem.loss_rule
+        generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + index) % 2**63)
+        noise = rule.draw_noise(rule.noise_shape(y, self.mc_samples), generator)
+        return noise.to(self.device)
+
+    def _middle(self, output, y, u, aux):
+        rule = self.problem.loss_rule
+        if aux is None:
+            return rule.fisher_vp(output, u)
+        samples = aux.shape[0]
+        sampled = rule.sample_targets(output, aux)  # (S, *y.shape)
+        repeated = output.unsqueeze(0).expand(samples, *output.shape)
+        r = rule.output_gradient(
+            repeated.reshape(-1, *output.shape[1:]), sampled.reshape(-1, *sampled.shape[2:])
+        ).reshape(samples, *output.shape)  # (S, N, ...)
+        dims = tuple(range(2, r.dim()))
+        weights = (r * u.unsqueeze(0)).sum(dim=dims, keepdim=True)
+        return (r * weights).sum(0) / samples

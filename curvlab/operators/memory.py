@@ -1,0 +1,44 @@
+"""How much memory a device has free, and the guard against dense matrices too large."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from curvlab.errors import DenseTooLargeError
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, max_bytes=None):
+    """Raise ``DenseTooLargeError`` if a tensor of ``shape`` would not fit.
+
+    Args:
+        what: Description used in the error message.
+        shape: Shape of the tensor to allocate.
+        dtype: Its dtype.
+        device: Where it would live.
+        max_bytes: Overrides the free memory of the device as the limit.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    needed = numel * torch.empty((), dtype=dtype).element_size()
+    limit = available_bytes(device) if max_bytes is None else int(max_bytes)
+    if needed > limit:
+        raise DenseTooLargeError(f"{what} of shape {tuple(shape)} in {dtype}", needed, limit)

@@ -1,0 +1,216 @@
+"""The curvature problem: a model, a loss, data and the parameters to differentiate."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvlab.errors import DataError, UnsupportedError
+from curvlab.losses import LossRule, rule_for
+
+
+class Problem:
+    r"""A model, a loss, data and the parameters θ that curvature is taken over.
+
+    The risk is R(θ) = c Σ_n ℓ_n over **every** example of every batch, with
+    c = 1 / (number of loss terms in all the data) for ``reduction="mean"`` and
+    c = 1 for ``"sum"``. The number of terms is what the loss object itself
+    divides by: N·C for ``MSELoss``/``BCEWithLogitsLoss`` with outputs (N, C),
+    N·d₁·… for ``CrossEntropyLoss`` with targets (N, d₁, …). Batches of unequal
+    size are therefore weighted exactly as one big batch would be.
+
+    Args:
+        model: Any differentiable ``nn.Module``. Curvature is evaluated in eval
+            mode (dropout off, batch-norm running statistics) unless
+            ``eval_mode=False``; the module's own mode is restored afterwards.
+        loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``
+            with ``reduction`` ``"mean"`` or ``"sum"``.
+        data: One ``(X, y)`` pair or any re-iterable of ``(X, y)`` batches (a
+            ``DataLoader``, a list). A one-shot iterator is read into a list. Batches
+            are moved to the model's device; floating inputs and targets are cast
+            to the parameters' dtype.
+        params: The parameters to differentiate, flattened in this order (each
+            tensor row-major). Default: every model parameter that requires grad.
+        eval_mode: Evaluate the model in eval mode (default ``True``).
+
+    Raises:
+        UnsupportedError: unsupported loss, reduction or loss option.
+        DataError: empty data, a batch that is not an ``(X, y)`` pair, inputs and
+            targets of different lengths, or outputs that do not fit the targets.
+        ValueError: a parameter that is not in ``model``, a duplicate, or
+            parameters of mixed dtype or device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data,
+        params: Sequence[Tensor] | None = None,
+        eval_mode: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loss_rule: LossRule = rule_for(loss_fn)
+        self.eval_mode = eval_mode
+        self.params: list[Tensor] = self._check_params(model, params)
+        self.param_names: list[str] = self._names_of(model, self.params)
+        self.data = self._as_reiterable(data)
+        self.num_terms, self.num_examples, self.num_batches = self._count()
+        self._check_first_batch()
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_params(model: nn.Module, params) -> list[Tensor]:
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        params = list(params)
+        if not params:
+            raise ValueError("no parameters to differentiate: the list of params is empty")
+        seen: set[int] = set()
+        for p in params:
+            if id(p) in seen:
+                raise ValueError("params contains the same tensor twice")
+            seen.add(id(p))
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"params must share one dtype and device, got dtypes {sorted(map(str, dtypes))} "
+                f"and devices {sorted(map(str, devices))}"
+            )
+        if not params[0].is_floating_point():
+            raise UnsupportedError(f"parameters of dtype {params[0].dtype} are not supported")
+        return params
+
+    @staticmethod
+    def _names_of(model: nn.Module, params: list[Tensor]) -> list[str]:
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        names = []
+        for i, p in enumerate(params):
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model "
+                    f"{type(model).__name__}; pass tensors from model.parameters()"
+                )
+            names.append(by_id[id(p)])
+        return names
+
+    @staticmethod
+    def _as_reiterable(data):
+        if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            return [data]
+        if isinstance(data, Tensor):
+            raise DataError("data must be an (X, y) pair or an iterable of (X, y) batches")
+        if not isinstance(data, Iterable):
+            raise DataError(f"data must be an (X, y) pair or an iterable of batches, got {type(data)}")
+        if isinstance(data, Iterator):
+            return list(data)
+        return data
+
+    def _count(self) -> tuple[int, int, int]:
+        num_terms = num_examples = num_batches = 0
+        for index, (X, y) in enumerate(self._raw_batches()):
+            if X.shape[0] != y.shape[0]:
+                raise DataError(
+                    f"batch {index}: inputs have {X.shape[0]} examples but targets have {y.shape[0]}"
+                )
+            num_terms += self.loss_rule.count(y)
+            num_examples += X.shape[0]
+            num_batches += 1
+        if num_batches == 0 or num_examples == 0:
+            raise DataError("data is empty: curvature needs at least one example")
+        return num_terms, num_examples, num_batches
+
+    def _check_first_batch(self) -> None:
+        X, y = next(iter(self.batches()))
+        with torch.no_grad():
+            output = self.forward(self.params, X)
+        self.loss_rule.validate(output, y)
+
+    def _raw_batches(self):
+        for index, batch in enumerate(self.data):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise DataError(f"batch {index} is not an (X, y) pair: got {type(batch).__name__}")
+            yield batch
+
+    # ------------------------------------------------------------------ public
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters (and of every curvature object of this problem)."""
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.params[0].device
+
+    @property
+    def num_params(self) -> int:
+        """n, the total number of scalar parameters."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def reduction_factor(self) -> float:
+        """c: 1 / (number of loss terms) for ``"mean"``, 1 for ``"sum"``."""
+        return 1.0 / self.num_terms if self.loss_rule.reduction == "mean" else 1.0
+
+    def batches(self):
+        """Yield ``(X, y)`` on the parameters' device, floats in their dtype."""
+        for X, y in self._raw_batches():
+            X = X.to(self.device, self.dtype if X.is_floating_point() else None)
+            y = y.to(self.device, self.dtype if y.is_floating_point() else None)
+            yield X, y
+
+    def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
+        """Model output on ``X`` with the chosen parameters replaced by ``params``."""
+        with self._mode():
+            return functional_call(self.model, dict(zip(self.param_names, params)), (X,))
+
+    def batch_loss(self, params: Sequence[Tensor], X: Tensor, y: Tensor) -> Tensor:
+        """Sum-reduced loss of one batch (multiply by ``reduction_factor`` for the risk)."""
+        output = self.forward(params, X)
+        self.loss_rule.validate(output, y)
+        return self.loss_rule.sum_loss(output, y)
+
+    def loss(self) -> Tensor:
+        """The risk R(θ) over all batches at the current parameters."""
+        with torch.no_grad():
+            total = sum(self.batch_loss(self.params, X, y) for X, y in self.batches())
+        return total * self.reduction_factor
+
+    def restrict(self, params: Sequence[Tensor]) -> Problem:
+        """The same problem with curvature taken over ``params`` only (a block)."""
+        clone = object.__new__(Problem)
+        clone.__dict__.update(self.__dict__)
+        clone.params = self._check_params(self.model, params)
+        clone.param_names = self._names_of(self.model, clone.params)
+        return clone
+
+    def describe(self) -> str:
+        """One line describing the problem, for logs and provenance."""
+        return (
+            f"{type(self.model).__name__}, {self.loss_rule.name}(reduction="
+            f"{self.loss_rule.reduction!r}), {self.num_examples} examples in "
+            f"{self.num_batches} batches, {self.num_params} parameters, {self.dtype}, {self.device}"
+        )
+
+    @contextlib.contextmanager
+    def _mode(self):
+        if not self.eval_mode:
+            yield
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            for m, _ in modes:
+                m.training = False
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training

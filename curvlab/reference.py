@@ -1,0 +1,156 @@
+r"""Dense float64 ground truth for tiny models, written independently of the operators.
+
+Each function concatenates all batches of a ``Problem`` into one batch, copies
+the parameters to float64, and builds the matrix straight from its definition
+with ``torch.func`` (``hessian``, ``jacrev``, ``vmap``) and the user's own loss
+object — none of curvlab's loss rules or operators are used. Intended for models
+with at most a few thousand parameters and a few hundred outputs.
+
+* ``hessian``: ∇²_θ of ``loss_fn(model(X_all), y_all)``.
+* ``ggn``: Jᵀ (∇²_F L) J with J = ∂F/∂θ of the stacked outputs F and L the loss
+  object on all outputs — the reduction factor comes from the loss itself.
+* ``fisher``: c Σ_n J_nᵀ E_ŷ[g g ᵀ] J_n with g = ∇_f ℓ(f_n, ŷ) by autodiff and the
+  expectation by enumeration (classes for cross-entropy, all 2^C outcomes for
+  BCE) or, for MSE, the covariance of the Gaussian with variance 1/2.
+* ``empirical_fisher``: c Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ from ``vmap(grad)`` per example.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+MAX_REFERENCE_PARAMS = 20_000
+
+
+def _setup(problem):
+    """All data as one float64 batch, flat float64 θ, and f(θ_flat, X)."""
+    Xs, ys = zip(*[(X, y) for X, y in problem.data])
+    X = torch.cat([x.detach().to(torch.float64) if x.is_floating_point() else x for x in Xs])
+    y = torch.cat([t.detach().to(torch.float64) if t.is_floating_point() else t for t in ys])
+    device = problem.params[0].device
+    X, y = X.to(device), y.to(device)
+    theta = torch.cat([p.detach().to(torch.float64).flatten() for p in problem.params])
+    if theta.numel() > MAX_REFERENCE_PARAMS:
+        raise ValueError(f"reference matrices are for tiny models (≤ {MAX_REFERENCE_PARAMS} params)")
+    shapes = [p.shape for p in problem.params]
+    sizes = [p.numel() for p in problem.params]
+    names = problem.param_names
+    model = problem.model
+    others = {
+        name: t.detach().to(torch.float64) if t.is_floating_point() else t
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        if name not in names
+    }
+    training = [(m, m.training) for m in model.modules()]
+
+    def f(theta_flat: Tensor, inputs: Tensor) -> Tensor:
+        tensors = [t.reshape(s) for t, s in zip(theta_flat.split(sizes), shapes)]
+        state = dict(others)
+        state.update(zip(names, tensors))
+        for m, _ in training:
+            m.training = not problem.eval_mode and m.training
+        try:
+            return functional_call(model, state, (inputs,))
+        finally:
+            for m, mode in training:
+                m.training = mode
+
+    return X, y, theta, f
+
+
+def _factor(loss_fn: nn.Module, y: Tensor, output_shape) -> float:
+    """C of THEORY.md: 1/(number of loss terms) for mean, 1 for sum."""
+    if loss_fn.reduction == "sum":
+        return 1.0
+    terms = y.numel() if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.Size(output_shape).numel()
+    return 1.0 / terms
+
+
+def _sum_loss(loss_fn: nn.Module) -> nn.Module:
+    """The same loss class with ``reduction="sum"``: ℓ_n summed over the example."""
+    return type(loss_fn)(reduction="sum")
+
+
+def hessian_matrix(problem) -> Tensor:
+    """Dense Hessian of the risk, (n, n) float64."""
+    X, y, theta, f = _setup(problem)
+    return hessian(lambda t: problem.loss_fn(f(t, X), y))(theta)
+
+
+def ggn(problem) -> Tensor:
+    """Dense GGN Jᵀ (∇²_F L) J, (n, n) float64."""
+    X, y, theta, f = _setup(problem)
+    F = f(theta, X)
+    J = jacrev(lambda t: f(t, X).flatten())(theta)  # (N·C, n)
+    output_hessian = hessian(lambda out: problem.loss_fn(out.reshape(F.shape), y))(F.flatten())
+    return J.T @ output_hessian @ J
+
+
+def _per_example_jacobians(problem, X, theta, f) -> Tensor:
+    """J_n = ∂f_n/∂θ for every example: (N, outputs per example, n)."""
+    return vmap(lambda x: jacrev(lambda t: f(t, x.unsqueeze(0)).flatten())(theta))(X)
+
+
+def _output_score_covariance(loss_fn: nn.Module, output: Tensor) -> Tensor:
+    """E_ŷ[g gᵀ], g = ∇_f ℓ(f, ŷ) for one example's output ``f`` (shape (1, …))."""
+    sum_loss = _sum_loss(loss_fn)
+    d = output.numel()
+    if isinstance(loss_fn, nn.MSELoss):
+        # ŷ ~ N(f, ½ I), g = 2(f − ŷ): E[g gᵀ] = 4 · ½ I.
+        return 2.0 * torch.eye(d, dtype=output.dtype, device=output.device)
+    outcomes = []
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if output.dim() != 2:
+            raise ValueError("the reference Fisher supports cross-entropy on (N, C) outputs only")
+        probs = output.softmax(1).flatten()
+        for k in range(output.shape[1]):
+            target = torch.tensor([k], device=output.device)
+            outcomes.append((probs[k], target))
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if d > 12:
+            raise ValueError("the reference Fisher enumerates 2^C outcomes: C ≤ 12")
+        s = torch.sigmoid(output).flatten()
+        for bits in itertools.product([0.0, 1.0], repeat=d):
+            target = torch.tensor(bits, dtype=output.dtype, device=output.device)
+            prob = torch.prod(torch.where(target > 0, s, 1 - s))
+            outcomes.append((prob, target.reshape(output.shape)))
+    else:
+        raise ValueError(f"no reference Fisher for {type(loss_fn).__name__}")
+    covariance = torch.zeros(d, d, dtype=output.dtype, device=output.device)
+    for prob, target in outcomes:
+        g = grad(lambda out, t=target: sum_loss(out, t))(output).flatten()
+        covariance += prob * torch.outer(g, g)
+    return covariance
+
+
+def fisher(problem) -> Tensor:
+    """Dense exact (type-2) Fisher, (n, n) float64."""
+    X, y, theta, f = _setup(problem)
+    with torch.no_grad():
+        outputs = f(theta, X)
+    c = _factor(problem.loss_fn, y, outputs.shape)
+    J = _per_example_jacobians(problem, X, theta, f)
+    result = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64, device=theta.device)
+    for n in range(X.shape[0]):
+        covariance = _output_score_covariance(problem.loss_fn, outputs[n : n + 1])
+        result += J[n].T @ covariance @ J[n]
+    return c * result
+
+
+def empirical_fisher(problem) -> Tensor:
+    """Dense empirical Fisher c Σ_n ∇ℓ_n ∇ℓ_nᵀ with true labels, (n, n) float64."""
+    X, y, theta, f = _setup(problem)
+    sum_loss = _sum_loss(problem.loss_fn)
+    with torch.no_grad():
+        outputs = f(theta, X)
+    c = _factor(problem.loss_fn, y, outputs.shape)
+
+    def example_loss(t, x, target):
+        return sum_loss(f(t, x.unsqueeze(0)), target.unsqueeze(0))
+
+    G = vmap(grad(example_loss), in_dims=(None, 0, 0))(theta, X, y)  # (N, n)
+    return c * G.T @ G

@@ -1,0 +1,151 @@
+"""Bad input fails loudly with an error that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab.operators import memory
+
+
+def _problem(loss=None, data=None, params=None, model=None):
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = data if data is not None else (torch.randn(5, 3), torch.randn(5, 2))
+    return cl.Problem(model, loss or nn.MSELoss(), data, params=params)
+
+
+def test_unsupported_loss_class():
+    with pytest.raises(cl.UnsupportedError, match="L1Loss is not supported.*MSELoss"):
+        _problem(loss=nn.L1Loss())
+
+
+def test_reduction_none():
+    with pytest.raises(cl.UnsupportedError, match="reduction='none'"):
+        _problem(loss=nn.MSELoss(reduction="none"))
+
+
+@pytest.mark.parametrize(
+    "loss, option",
+    [
+        (nn.CrossEntropyLoss(weight=torch.ones(2)), "weight"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
+        (nn.CrossEntropyLoss(ignore_index=0), "ignore_index"),
+        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "pos_weight"),
+    ],
+)
+def test_unsupported_loss_options(loss, option):
+    with pytest.raises(cl.UnsupportedError, match=option):
+        _problem(loss=loss)
+
+
+def test_parameter_not_in_model():
+    stranger = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"params\[0\].*not a parameter of the model"):
+        _problem(params=[stranger])
+
+
+def test_duplicate_parameter():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="same tensor twice"):
+        _problem(model=model, params=[model.weight, model.weight])
+
+
+@pytest.mark.parametrize("data", [[], iter([])], ids=["empty_list", "empty_iterator"])
+def test_empty_data(data):
+    with pytest.raises(cl.DataError, match="empty"):
+        _problem(data=data)
+
+
+def test_inputs_and_targets_of_different_length():
+    with pytest.raises(cl.DataError, match="batch 1: inputs have 4 examples but targets have 3"):
+        _problem(data=[(torch.randn(5, 3), torch.randn(5, 2)), (torch.randn(4, 3), torch.randn(3, 2))])
+
+
+def test_output_and_target_shapes_mismatch():
+    with pytest.raises(cl.DataError, match=r"output has shape \(5, 2\).*target has shape \(5, 3\)"):
+        _problem(data=(torch.randn(5, 3), torch.randn(5, 3)))
+
+
+def test_mismatch_in_a_later_batch_is_caught():
+    problem = _problem(data=[(torch.randn(5, 3), torch.randn(5, 2)), (torch.randn(4, 3), torch.randn(4, 1))])
+    with pytest.raises(cl.DataError, match="target has shape"):
+        cl.GGN(problem).to_dense()
+
+
+def test_cross_entropy_float_targets():
+    with pytest.raises(cl.UnsupportedError, match="probability .*targets"):
+        _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), torch.rand(5, 2)))
+
+
+def test_cross_entropy_wrong_target_shape():
+    with pytest.raises(cl.DataError, match="target must have shape"):
+        _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), torch.zeros(5, 2, dtype=torch.long)))
+
+
+def test_batch_that_is_not_a_pair():
+    with pytest.raises(cl.DataError, match="not an \\(X, y\\) pair"):
+        _problem(data=[torch.randn(5, 3)])
+
+
+def test_to_dense_refuses_when_it_would_not_fit(monkeypatch):
+    problem = _problem()
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    n = problem.num_params
+    with pytest.raises(cl.DenseTooLargeError, match=f"would need {n * n * 4:,} bytes") as info:
+        cl.GGN(problem).to_dense()
+    assert info.value.bytes_needed == n * n * 4
+    with pytest.raises(MemoryError):
+        cl.Hessian(problem).to_dense(max_bytes=100)
+
+
+def test_vector_of_wrong_size_dtype_or_device():
+    operator = cl.GGN(_problem())
+    n = operator.shape[0]
+    with pytest.raises(cl.DataError, match="cannot multiply"):
+        operator @ torch.zeros(n + 1)
+    with pytest.raises(cl.DataError, match="dtype torch.float64"):
+        operator @ torch.zeros(n, dtype=torch.float64)
+    with pytest.raises(cl.DataError, match="expected 4 tensors"):
+        operator @ [torch.zeros(1)]
+    with pytest.raises(cl.DataError, match=r"vector\[0\] has shape"):
+        operator @ ([torch.zeros(1)] * 4)
+
+
+def test_negative_damping():
+    with pytest.raises(ValueError, match="damping must be"):
+        cl.GGN(_problem()).solve(torch.zeros(cl.GGN(_problem()).shape[0]), damping=-1.0)
+
+
+def test_cg_on_indefinite_hessian_raises():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    X = torch.randn(10, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -3.0]]))
+    problem = cl.Problem(
+        nn.Sequential(model, nn.Tanh(), nn.Linear(1, 1)), nn.MSELoss(), (X, 5 * torch.ones(10, 1))
+    )
+    H = cl.Hessian(problem)
+    eigenvalues = torch.linalg.eigvalsh(H.to_dense())
+    assert eigenvalues[0] < 0, "the test needs an indefinite Hessian"
+    eigenvectors = torch.linalg.eigh(H.to_dense()).eigenvectors
+    with pytest.raises(cl.NotPositiveDefiniteError, match="not positive definite"):
+        H.solve(eigenvectors[:, 0], damping=0.0)
+
+
+@pytest.mark.parametrize("samples", [0, -2, 1.5])
+def test_invalid_mc_samples(samples):
+    with pytest.raises(ValueError, match="mc_samples"):
+        cl.Fisher(_problem(), mc_samples=samples)
+
+
+def test_mixed_dtype_params():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+    with pytest.raises(ValueError, match="one dtype"):
+        cl.Problem(model, nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)))
+
+
+def test_operator_needs_a_problem():
+    with pytest.raises(TypeError, match="curvlab.Problem"):
+        cl.GGN(nn.Linear(2, 2))

@@ -1,0 +1,44 @@
+"""CUDA runs of the exact operators (skipped without a GPU)."""
+
+import pytest
+import torch
+
+import curvlab as cl
+from tests.cases import CASES
+from tests.conftest import OPERATORS
+from tests.helpers import assert_close_rel
+
+pytestmark = pytest.mark.gpu
+
+GPU_CASES = [
+    c
+    for c in CASES
+    if c.name in ("mlp_relu_ce_mean_3batches", "conv2d_mse_mean_2batches", "mlp_gelu_bce_mean")
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_cuda_operator_matches_cpu_reference(case, name):
+    operator_class, reference_fn = OPERATORS[name]
+    problem = case.build(torch.float64, device="cuda")
+    operator = operator_class(problem)
+    assert operator.device.type == "cuda"
+    dense = operator.to_dense()
+    assert dense.is_cuda
+    assert_close_rel(dense.cpu(), reference_fn(case.build(torch.float64)), 1e-10, name)
+    v = torch.randn(operator.shape[0], dtype=torch.float64, device="cuda")
+    assert_close_rel((operator @ v).cpu(), dense.cpu() @ v.cpu(), 1e-10, "matvec")
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_mc_fisher_same_samples_on_cpu_and_cuda(case):
+    cpu = cl.Fisher(case.build(torch.float64), mc_samples=2, seed=5).to_dense()
+    cuda = cl.Fisher(case.build(torch.float64, device="cuda"), mc_samples=2, seed=5).to_dense()
+    assert_close_rel(cuda.cpu(), cpu, 1e-10, "MC Fisher across devices")
+
+
+def test_float32_on_cuda():
+    case = GPU_CASES[0]
+    dense = cl.GGN(case.build(torch.float32, device="cuda")).to_dense()
+    assert_close_rel(dense.double().cpu(), cl.GGN(case.build(torch.float64)).to_dense(), 1e-5, "float32 cuda")
