@@ -13,11 +13,15 @@ from curvlab.errors import (
 )
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
 from curvlab.problem import Problem
+from curvlab.structured import KFAC, BlockDiagonalOperator, KroneckerBlock
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "KFAC",
+    "BlockDiagonalOperator",
+    "KroneckerBlock",
     "CurvatureOperator",
     "CurvlabError",
     "DataError",

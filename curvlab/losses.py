@@ -69,6 +69,20 @@ class LossRule:
         """E_ŷ[r̂ r̂ᵀ] u computed from the likelihood (not from Λ), per example."""
         raise NotImplementedError
 
+    def hessian_sqrt_columns(self, output: Tensor) -> Tensor:
+        """Columns s_v with Λ_n = Σ_v s_v s_vᵀ per example: ``(V, *output.shape)``.
+
+        V is the number of output entries per example; these are the vectors
+        type-2 KFAC backpropagates.
+        """
+        per_example = output[0].numel()
+        eye = torch.eye(per_example, dtype=output.dtype, device=output.device)
+        columns = eye.reshape(per_example, 1, *output.shape[1:])
+        return columns * self._diagonal_hessian_sqrt(output).unsqueeze(0)
+
+    def _diagonal_hessian_sqrt(self, output: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def noise_shape(self, target: Tensor, num_samples: int) -> tuple[int, ...]:
         """Shape of the standard noise that ``sample_targets`` transforms."""
         return (num_samples, *target.shape)
@@ -97,6 +111,9 @@ class MSERule(LossRule):
     def hessian_vp(self, output, u):  # noqa: D102
         return 2.0 * u
 
+    def _diagonal_hessian_sqrt(self, output):
+        return torch.full_like(output, math.sqrt(2.0))
+
     def fisher_vp(self, output, u):  # noqa: D102
         # r̂ = 2(f − ŷ), ŷ ~ N(f, σ²I) with σ² = 1/2  ⇒  E[r̂ r̂ᵀ] = 4σ² I = 2I.
         return 4.0 * 0.5 * u
@@ -123,6 +140,10 @@ class BCEWithLogitsRule(LossRule):
     def hessian_vp(self, output, u):  # noqa: D102
         s = torch.sigmoid(output)
         return s * (1 - s) * u
+
+    def _diagonal_hessian_sqrt(self, output):
+        s = torch.sigmoid(output)
+        return (s * (1 - s)).sqrt()
 
     def fisher_vp(self, output, u):  # noqa: D102
         # Enumerate ŷ ∈ {0, 1} per entry: E[(σ − ŷ)²] = P(ŷ=1)(σ − 1)² + P(ŷ=0)σ²;
@@ -169,6 +190,19 @@ class CrossEntropyRule(LossRule):
         # Λ = diag(p) − p pᵀ along the class dimension.
         p = output.softmax(1)
         return p * u - p * (p * u).sum(1, keepdim=True)
+
+    def hessian_sqrt_columns(self, output):  # noqa: D102
+        # Λ = diag(p) − ppᵀ = Σ_j s_j s_jᵀ with s_j = √p_j (e_j − p), per location t;
+        # column (j, t) is non-zero only at location t.
+        N, C = output.shape[:2]
+        p = output.softmax(1).reshape(N, C, -1)  # (N, C, T)
+        T = p.shape[2]
+        eye_c = torch.eye(C, dtype=p.dtype, device=p.device)
+        eye_t = torch.eye(T, dtype=p.dtype, device=p.device)
+        # s[j, t, n, i, t'] = √p[n, j, t] (δ_ij − p[n, i, t']) δ_tt'
+        root = p.sqrt().permute(1, 2, 0).reshape(C, T, N, 1, 1)
+        columns = root * (eye_c.view(C, 1, 1, C, 1) - p.view(1, 1, N, C, T)) * eye_t.view(1, T, 1, 1, T)
+        return columns.reshape(C * T, N, *output.shape[1:])
 
     def fisher_vp(self, output, u):  # noqa: D102
         # Enumerate the classes: E[r̂ r̂ᵀ]u = Σ_k p_k (p − e_k)((p − e_k)·u).

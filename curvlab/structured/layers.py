@@ -1,0 +1,97 @@
+"""Explicit registry of layer rules for Kronecker-factored curvature.
+
+A rule turns a module's input into per-location input vectors ``(N, R, d_in)``
+and an output gradient into per-location vectors ``(V, N, R, d_out)``, where R
+counts the locations that share the weight (sequence positions, convolution
+patches; R = 1 for a plain ``Linear`` on ``(N, d_in)`` inputs). The flattened
+weight ``(d_out, d_in)`` is ``module.weight.reshape(d_out, -1)``, row-major.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.errors import UnsupportedError
+
+
+class LayerRule:
+    """How one layer type maps inputs and output gradients to Kronecker factors."""
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise ``UnsupportedError`` for module options the rule cannot handle."""
+
+    def input_vectors(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Layer input → ``(N, R, d_in)``."""
+        raise NotImplementedError
+
+    def output_vectors(self, module: nn.Module, g: Tensor) -> Tensor:
+        """Output gradients with leading vector dim ``(V, N, …)`` → ``(V, N, R, d_out)``."""
+        raise NotImplementedError
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear`` on inputs ``(N, …, d_in)``; extra dims are shared locations."""
+
+    def input_vectors(self, module, x):  # noqa: D102
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def output_vectors(self, module, g):  # noqa: D102
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+class ConvRule(LayerRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation; groups = 1)."""
+
+    def __init__(self, spatial_dims: int):
+        self.spatial_dims = spatial_dims
+
+    def check(self, module, name):  # noqa: D102
+        if module.groups != 1:
+            raise UnsupportedError(f"{name} ({type(module).__name__}): groups={module.groups}, only 1")
+        if module.padding_mode != "zeros":
+            raise UnsupportedError(
+                f"{name} ({type(module).__name__}): padding_mode={module.padding_mode!r}, only 'zeros'"
+            )
+        if isinstance(module.padding, str):
+            raise UnsupportedError(f"{name}: string padding {module.padding!r}; give the padding in numbers")
+
+    def _as_2d(self, module, x):
+        if self.spatial_dims == 2:
+            return x, module.kernel_size, module.dilation, module.padding, module.stride
+        return (
+            x.unsqueeze(-2),
+            (1, module.kernel_size[0]),
+            (1, module.dilation[0]),
+            (0, module.padding[0]),
+            (1, module.stride[0]),
+        )
+
+    def input_vectors(self, module, x):  # noqa: D102
+        x2d, kernel, dilation, padding, stride = self._as_2d(module, x)
+        patches = F.unfold(x2d, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2)  # (N, R, C_in·k…), ordered like weight.reshape(out, -1)
+
+    def output_vectors(self, module, g):  # noqa: D102
+        return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)
+
+
+REGISTRY: dict[type, LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(1),
+    nn.Conv2d: ConvRule(2),
+}
+
+
+def rule_for(module: nn.Module, name: str) -> LayerRule:
+    """The rule of ``module`` or an ``UnsupportedError`` naming it."""
+    rule = REGISTRY.get(type(module))
+    if rule is None:
+        supported = ", ".join(cls.__name__ for cls in REGISTRY)
+        raise UnsupportedError(
+            f"module {name!r} ({type(module).__name__}) has parameters but no Kronecker rule; "
+            f"supported layers: {supported}. Leave its parameters out of the problem's params "
+            "to approximate the others"
+        )
+    rule.check(module, name)
+    return rule

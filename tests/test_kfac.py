@@ -1,0 +1,274 @@
+"""KFAC against the exact GGN where it is provably exact, against curvlinops, and its structure."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab import reference
+from tests.helpers import assert_close_rel
+
+F64 = torch.float64
+
+
+def _targets(loss, n, outputs, generator):
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return torch.randint(0, outputs, (n,), generator=generator)
+    if isinstance(loss, nn.BCEWithLogitsLoss):  # binary: curvlinops' type-2 KFAC requires it
+        return torch.randint(0, 2, (n, outputs), generator=generator).to(F64)
+    return torch.randn(n, outputs, generator=generator, dtype=F64)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _conv2d():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2, dilation=1), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)
+    ).double()
+
+
+def _conv1d():
+    return nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)).double()
+
+
+MODELS = {"mlp": (_mlp, (4,)), "conv2d": (_conv2d, (2, 4, 4)), "conv1d": (_conv1d, (2, 6))}
+LOSSES = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
+
+
+def _problem(model_name, loss_name, batch_sizes=(4, 3), reduction="mean", seed=0):
+    torch.manual_seed(seed)
+    build, input_shape = MODELS[model_name]
+    model = build()
+    loss = LOSSES[loss_name](reduction=reduction)
+    generator = torch.Generator().manual_seed(seed + 1)
+    data = [
+        (torch.randn(n, *input_shape, generator=generator, dtype=F64), _targets(loss, n, 3, generator))
+        for n in batch_sizes
+    ]
+    return cl.Problem(model, loss, data)
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("separate", [False, True], ids=["folded_bias", "separate_bias"])
+def test_single_example_type2_equals_exact_ggn_blocks(loss_name, separate):
+    problem = _problem("mlp", loss_name, batch_sizes=(1,))
+    kfac = cl.KFAC(problem, separate_weight_and_bias=separate)
+    exact = cl.GGN(problem)
+    by = "parameter" if separate else "layer"
+    for kfac_block, exact_block in zip(kfac.blocks(by=by), exact.blocks(by=by)):
+        assert_close_rel(kfac_block.to_dense(), exact_block.to_dense(), 1e-12, "single example")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_deep_linear_network_mse_type2_equals_block_diagonal_ggn(reduction):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    data = [
+        (torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)),
+        (torch.randn(2, 3, dtype=F64), torch.randn(2, 2, dtype=F64)),
+    ]
+    problem = cl.Problem(model, nn.MSELoss(reduction=reduction), data)
+    kfac = cl.KFAC(problem)
+    dense_ggn = reference.ggn(problem)
+    offsets = kfac.block_offsets()
+    for indices, block in zip(kfac.block_indices, kfac.blocks()):
+        index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+        assert_close_rel(block.to_dense(), dense_ggn[index][:, index], 1e-11, "deep linear")
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("separate", [False, True], ids=["folded_bias", "separate_bias"])
+def test_matches_curvlinops(model_name, loss_name, fisher_type, approx, separate):
+    curvlinops = pytest.importorskip("curvlinops")
+    problem = _problem(model_name, loss_name)
+    if model_name == "conv1d":
+        pytest.skip("curvlinops 3 has no Conv1d rule; covered by test_conv_against_independent_reference")
+    ours = cl.KFAC(problem, fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=separate)
+    theirs = curvlinops.KFACLinearOperator(
+        problem.model,
+        problem.loss_fn,
+        problem.params,
+        problem.data,
+        fisher_type=fisher_type,
+        kfac_approx=approx,
+        separate_weight_and_bias=separate,
+        check_deterministic=False,
+    )
+    expected = theirs @ torch.eye(problem.num_params, dtype=F64)
+    assert_close_rel(ours.to_dense(), expected, 1e-10, "KFAC vs curvlinops")
+
+
+def _patches_reference(conv, x):
+    """Input patches of a convolution by explicit loops over output positions (independent of unfold)."""
+    x2d = x if isinstance(conv, nn.Conv2d) else x.unsqueeze(2)
+    k = conv.kernel_size if isinstance(conv, nn.Conv2d) else (1, conv.kernel_size[0])
+    s = conv.stride if isinstance(conv, nn.Conv2d) else (1, conv.stride[0])
+    d = conv.dilation if isinstance(conv, nn.Conv2d) else (1, conv.dilation[0])
+    p = conv.padding if isinstance(conv, nn.Conv2d) else (0, conv.padding[0])
+    padded = nn.functional.pad(x2d, (p[1], p[1], p[0], p[0]))
+    H = (padded.shape[2] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    W = (padded.shape[3] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    patches = []
+    for i in range(H):
+        for j in range(W):
+            window = padded[
+                :,
+                :,
+                i * s[0] : i * s[0] + d[0] * (k[0] - 1) + 1 : d[0],
+                j * s[1] : j * s[1] + d[1] * (k[1] - 1) + 1 : d[1],
+            ]
+            patches.append(window.reshape(x.shape[0], -1))
+    return torch.stack(patches, dim=1)  # (N, R, C_in·k…)
+
+
+@pytest.mark.parametrize("model_name", ["conv2d", "conv1d"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_conv_against_independent_reference(model_name, approx):
+    """Conv factors from explicit patches and per-location output gradients (empirical flavour)."""
+    problem = _problem(model_name, "mse", batch_sizes=(5,))
+    conv = problem.model[0]
+    X, y = problem.data[0]
+    # gradient of the summed loss w.r.t. the convolution's output, through the rest of the network
+    pre = conv(X).detach().requires_grad_(True)
+    tail = problem.model[1:]
+    grad_pre = torch.autograd.grad(((tail(pre) - y) ** 2).sum(), pre)[0]  # (N, C_out, *spatial)
+    a = _patches_reference(conv, X)
+    a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+    g = grad_pre.reshape(grad_pre.shape[0], grad_pre.shape[1], -1).transpose(1, 2)  # (N, R, C_out)
+    N, R = a.shape[:2]
+    c = problem.reduction_factor
+    if approx == "expand":
+        A = torch.einsum("nri,nrj->ij", a, a) / (N * R)
+        G = c * torch.einsum("nri,nrj->ij", g, g)
+    else:
+        A = torch.einsum("ni,nj->ij", a.mean(1), a.mean(1)) / N
+        G = c * torch.einsum("ni,nj->ij", g.sum(1), g.sum(1))
+    block = cl.KFAC(problem, fisher_type="empirical", kfac_approx=approx).blocks()[0]
+    assert_close_rel(block.A, A, 1e-12, "A")
+    assert_close_rel(block.G, G, 1e-12, "G")
+
+
+def test_mc_kfac_converges_to_type2():
+    problem = _problem("mlp", "ce", batch_sizes=(6,))
+    exact = cl.KFAC(problem).to_dense()
+
+    def error(samples, seed):
+        approx = cl.KFAC(problem, fisher_type="mc", mc_samples=samples, seed=seed).to_dense()
+        return ((approx - exact).norm() / exact.norm()).item()
+
+    few = torch.tensor([error(2, s) for s in range(6)]).mean()
+    many = torch.tensor([error(2000, s) for s in range(6)]).mean()
+    assert many < few / 10, f"MC KFAC error {many:.3e} with 2000 samples vs {few:.3e} with 2"
+    assert many < 0.05
+
+
+def test_mc_kfac_is_reproducible():
+    problem = _problem("mlp", "bce")
+    first = cl.KFAC(problem, fisher_type="mc", mc_samples=2, seed=3).to_dense()
+    assert torch.equal(first, cl.KFAC(problem, fisher_type="mc", mc_samples=2, seed=3).to_dense())
+
+
+def test_empirical_kfac_matches_definition():
+    """Empirical KFAC of a one-layer model from per-example gradients by hand."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,))
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    r = model(X).softmax(1) - nn.functional.one_hot(y, 2).double()
+    a = torch.cat([X, torch.ones(5, 1, dtype=F64)], 1)
+    block = cl.KFAC(problem, fisher_type="empirical").blocks()[0]
+    assert_close_rel(block.G, (r.T @ r).detach() / 5, 1e-12, "G = c Σ r rᵀ")
+    assert_close_rel(block.A, a.T @ a / 5, 1e-12, "A = 1/N Σ ã ãᵀ")
+    # the product in parameter order [vec W, b] equals G [W b] A
+    V = [torch.randn(2, 3, dtype=F64), torch.randn(2, dtype=F64)]
+    M = torch.cat([V[0], V[1][:, None]], 1)
+    expected = block.G @ M @ block.A
+    result = block @ V
+    assert_close_rel(result[0], expected[:, :-1], 1e-12, "weight part")
+    assert_close_rel(result[1], expected[:, -1], 1e-12, "bias part")
+
+
+def test_structure_eigvalsh_trace_logdet_frobenius_solve():
+    problem = _problem("conv2d", "ce")
+    for block in cl.KFAC(problem).blocks():
+        dense = block.to_dense()
+        assert_close_rel(block.eigvalsh(), torch.linalg.eigvalsh(dense), 1e-10, "eigvalsh")
+        assert_close_rel(block.trace(), dense.trace(), 1e-12, "trace")
+        assert_close_rel(block.frobenius_norm(), dense.norm(), 1e-12, "frobenius")
+        assert_close_rel(
+            block.logdet(0.1), torch.logdet(dense + 0.1 * torch.eye(len(dense), dtype=F64)), 1e-10, "logdet"
+        )
+        b = torch.randn(len(dense), dtype=F64)
+        expected = torch.linalg.solve(dense + 0.1 * torch.eye(len(dense), dtype=F64), b)
+        assert_close_rel(block.solve(b, damping=0.1), expected, 1e-10, "solve")
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, x):
+        return self.gain * x
+
+
+def test_unsupported_layer_names_the_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3).double(), _Scale())
+    problem = cl.Problem(model, nn.MSELoss(), (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)))
+    with pytest.raises(
+        cl.UnsupportedError, match=r"'1' \(_Scale\).*supported layers: Linear, Conv1d, Conv2d"
+    ):
+        cl.KFAC(problem)
+
+
+def test_grouped_conv_is_rejected():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
+    problem = cl.Problem(
+        model, nn.MSELoss(), (torch.randn(3, 2, 4, 4, dtype=F64), torch.randn(3, 8, dtype=F64))
+    )
+    with pytest.raises(cl.UnsupportedError, match="groups=2"):
+        cl.KFAC(problem)
+
+
+def test_hooks_leave_nothing_behind():
+    problem = _problem("conv2d", "ce")
+    before = {
+        name: (dict(vars(m)), len(m._forward_hooks), len(m._backward_hooks))
+        for name, m in problem.model.named_modules()
+    }
+    state = copy.deepcopy(problem.model.state_dict())
+    cl.KFAC(problem, fisher_type="mc")
+    for name, m in problem.model.named_modules():
+        attributes, forward_hooks, backward_hooks = before[name]
+        assert set(vars(m)) == set(attributes), name
+        assert len(m._forward_hooks) == forward_hooks and len(m._backward_hooks) == backward_hooks, name
+    for key, value in problem.model.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert all(p.grad is None for p in problem.params)
+
+
+def test_hooks_removed_when_the_forward_fails():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    data = [
+        (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),
+        (torch.randn(2, 4, dtype=F64), torch.randn(2, 2, dtype=F64)),
+    ]
+    problem = cl.Problem(model, nn.MSELoss(), data)
+    with pytest.raises(cl.DataError):
+        cl.KFAC(problem)
+    assert len(model[0]._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("bad", [{"fisher_type": "type-1"}, {"kfac_approx": "shrink"}, {"mc_samples": 0}])
+def test_bad_options(bad):
+    with pytest.raises(ValueError):
+        cl.KFAC(_problem("mlp", "mse"), **bad)
