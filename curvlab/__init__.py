@@ -13,6 +13,7 @@ from curvlab.errors import (
 )
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
 from curvlab.problem import Problem
+from curvlab.spectra import eigvalsh
 from curvlab.structured import KFAC, BlockDiagonalOperator, KroneckerBlock
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "Problem",
     "UnsupportedError",
     "__version__",
+    "eigvalsh",
 ]

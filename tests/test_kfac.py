@@ -272,3 +272,42 @@ def test_hooks_removed_when_the_forward_fails():
 def test_bad_options(bad):
     with pytest.raises(ValueError):
         cl.KFAC(_problem("mlp", "mse"), **bad)
+
+
+def test_kfac_level_structure_against_dense():
+    problem = _problem("mlp", "mse")
+    kfac = cl.KFAC(problem)
+    dense = kfac.to_dense()
+    eye = torch.eye(len(dense), dtype=F64)
+    assert_close_rel(cl.eigvalsh(kfac), torch.linalg.eigvalsh(dense), 1e-10, "cl.eigvalsh")
+    assert_close_rel(kfac.trace(), dense.trace(), 1e-12, "trace")
+    assert_close_rel(kfac.frobenius_norm(), dense.norm(), 1e-12, "frobenius")
+    assert_close_rel(kfac.logdet(0.5), torch.logdet(dense + 0.5 * eye), 1e-10, "logdet")
+    inverse = kfac.inverse(0.5)
+    assert_close_rel(inverse.to_dense(), torch.linalg.inv(dense + 0.5 * eye), 1e-10, "inverse")
+    b = torch.randn(len(dense), dtype=F64)
+    assert_close_rel(kfac.solve(b, damping=0.5), torch.linalg.solve(dense + 0.5 * eye, b), 1e-10, "solve")
+    assert torch.equal(kfac.to_dense(), dense), "inverse() must not mutate the operator"
+
+
+def test_eigvalsh_of_kfac_never_builds_the_dense_matrix(monkeypatch):
+    kfac = cl.KFAC(_problem("mlp", "ce"))
+    expected = torch.linalg.eigvalsh(kfac.to_dense())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("to_dense was called")
+
+    monkeypatch.setattr(type(kfac), "to_dense", refuse)
+    assert_close_rel(cl.eigvalsh(kfac), expected, 1e-10, "structured eigenvalues")
+
+
+def test_pi_damping_is_the_factored_inverse():
+    block = cl.KFAC(_problem("mlp", "bce")).blocks()[0]
+    damping = 0.3
+    pi = ((block.G.trace() / len(block.G)) / (block.A.trace() / len(block.A))).sqrt()
+    eye_G, eye_A = torch.eye(len(block.G), dtype=F64), torch.eye(len(block.A), dtype=F64)
+    damped = cl.KroneckerBlock(
+        block.G + pi * damping**0.5 * eye_G, block.A + damping**0.5 / pi * eye_A, block.param_shapes, True
+    )
+    inverse = block.inverse(damping, pi_damping=True)
+    assert_close_rel(inverse.to_dense(), torch.linalg.inv(damped.to_dense()), 1e-10, "pi-damped inverse")

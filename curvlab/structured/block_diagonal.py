@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import torch
+
 from curvlab.operators.base import CurvatureOperator
+
+
+def _structured(block: CurvatureOperator, method: str):
+    """``block.method()`` if the block has structure, else from its dense matrix."""
+    if hasattr(block, method):
+        return getattr(block, method)()
+    dense = block.to_dense()
+    return {
+        "trace": dense.trace,
+        "frobenius_norm": dense.norm,
+        "eigvalsh": lambda: torch.linalg.eigvalsh(dense),
+    }[method]()
 
 
 class BlockDiagonalOperator(CurvatureOperator):
@@ -30,6 +44,33 @@ class BlockDiagonalOperator(CurvatureOperator):
             for i, product in zip(indices, operator._matmat([Vs[i] for i in indices])):
                 results[i] = product
         return results
+
+    def trace(self):
+        """Sum of the blocks' traces."""
+        return sum(_structured(b, "trace") for b in self.block_operators)
+
+    def frobenius_norm(self):
+        """√(Σ_blocks ‖B_i‖_F²)."""
+        return sum(_structured(b, "frobenius_norm") ** 2 for b in self.block_operators) ** 0.5
+
+    def eigvalsh(self):
+        """All eigenvalues (the union of the blocks'), ascending."""
+        return torch.cat([_structured(b, "eigvalsh") for b in self.block_operators]).sort().values
+
+    def logdet(self, damping: float = 0.0):
+        """Log det(C + damping·I) = Σ_blocks log det(B_i + damping·I)."""
+        return torch.log(self.eigvalsh() + damping).sum()
+
+    def inverse(self, damping: float = 0.0, **options) -> BlockDiagonalOperator:
+        """blockdiag((B_i + damping·I)⁻¹), a new operator (nothing is mutated)."""
+        blocks = [
+            (i, b.inverse(damping, **options)) for i, b in zip(self.block_indices, self.block_operators)
+        ]
+        return BlockDiagonalOperator(blocks, self.param_shapes, self.dtype, self.device, self.param_names)
+
+    def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None, **options):
+        """(C + damping·I)⁻¹ v, block by block (exact for structured blocks)."""
+        return self.inverse(damping, **options) @ v
 
     def blocks(self, by: str = "layer"):
         """The stored blocks (``by="layer"``), or one block per tensor (``"parameter"``)."""

@@ -1,9 +1,10 @@
-r"""Kronecker-factored blocks G ⊗ A over one layer's weight (and bias).
+r"""Layer blocks with Kronecker structure: G ⊗ A, and Q_G diag(D) Q_Gᵀ ⊗ Q_A (eigenbasis form).
 
 For a weight W of shape (d_out, d_in) flattened row-major, (G ⊗ A) vec(M) =
 vec(G M A) (A symmetric), so a product never forms the Kronecker matrix. With the
 bias folded in, M = [W b] of shape (d_out, d_in + 1) and A's last row/column
 belongs to the constant input 1 (THEORY.md §Kronecker factorization).
+eig(G ⊗ A) = {λ_i(G) λ_j(A)}: the spectrum of a huge block from two small ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,52 @@ from torch import Tensor
 from curvlab.operators.base import CurvatureOperator
 
 
-class KroneckerBlock(CurvatureOperator):
+class LayerMatrixBlock(CurvatureOperator):
+    """A block over one layer's weight [and folded bias], acting on M = [W b]."""
+
+    def __init__(self, d_out: int, param_shapes, bias_folded: bool, dtype, device, param_names=None):
+        super().__init__(param_shapes, dtype, device, param_names)
+        self.d_out = d_out
+        self.bias_folded = bias_folded
+
+    def _to_matrix(self, Vs: list[Tensor]) -> Tensor:
+        """List format → (k, d_out, d_A)."""
+        k = Vs[0].shape[0]
+        parts = [V.reshape(k, self.d_out, -1) for V in Vs]
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def _from_matrix(self, M: Tensor) -> list[Tensor]:
+        k = M.shape[0]
+        if len(self.param_shapes) == 1:
+            return [M.reshape(k, *self.param_shapes[0])]
+        weight, bias = M[:, :, :-1], M[:, :, -1]
+        return [weight.reshape(k, *self.param_shapes[0]), bias.reshape(k, *self.param_shapes[1])]
+
+    def _apply_matrix(self, M: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _matmat(self, Vs):
+        return self._from_matrix(self._apply_matrix(self._to_matrix(Vs)))
+
+    def _map(self, v, fn):
+        """Apply ``fn`` on the matrix form to v given in any vector format."""
+        if isinstance(v, (list, tuple)):
+            result = self._from_matrix(fn(self._to_matrix([t.unsqueeze(0) for t in v])))
+            return [r.squeeze(0) for r in result]
+        flat = v.unsqueeze(1) if v.dim() == 1 else v
+        out = self.list_to_flat(self._from_matrix(fn(self._to_matrix(self.flat_to_list(flat)))))
+        return out.squeeze(1) if v.dim() == 1 else out
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """Log-determinant log det(B + damping·I) from the structured eigenvalues."""
+        return torch.log(self.eigvalsh() + damping).sum()
+
+    def eigvalsh(self) -> Tensor:
+        """All eigenvalues, ascending."""
+        raise NotImplementedError
+
+
+class KroneckerBlock(LayerMatrixBlock):
     """G ⊗ A for one layer; the parameters are the weight and optionally the bias.
 
     Args:
@@ -28,27 +74,13 @@ class KroneckerBlock(CurvatureOperator):
     """
 
     def __init__(self, G: Tensor, A: Tensor, param_shapes, bias_folded: bool, param_names=None):
-        super().__init__(param_shapes, G.dtype, G.device, param_names)
+        super().__init__(G.shape[0], param_shapes, bias_folded, G.dtype, G.device, param_names)
         self.G = G
         self.A = A
-        self.bias_folded = bias_folded
         self._eigen = None
 
-    def _to_matrix(self, Vs: list[Tensor]) -> Tensor:
-        """List format → (k, d_out, d_A)."""
-        k, d_out = Vs[0].shape[0], self.G.shape[0]
-        parts = [V.reshape(k, d_out, -1) for V in Vs]
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    def _from_matrix(self, M: Tensor) -> list[Tensor]:
-        k = M.shape[0]
-        if len(self.param_shapes) == 1:
-            return [M.reshape(k, *self.param_shapes[0])]
-        weight, bias = M[:, :, :-1], M[:, :, -1]
-        return [weight.reshape(k, *self.param_shapes[0]), bias.reshape(k, *self.param_shapes[1])]
-
-    def _matmat(self, Vs):
-        return self._from_matrix(self.G @ self._to_matrix(Vs) @ self.A)
+    def _apply_matrix(self, M):
+        return self.G @ M @ self.A
 
     def _block(self, indices):
         if len(indices) == len(self.param_shapes):
@@ -58,7 +90,6 @@ class KroneckerBlock(CurvatureOperator):
         A = self.A[:-1, :-1] if index == 0 else self.A[-1:, -1:]
         return KroneckerBlock(self.G, A, [self.param_shapes[index]], False, names)
 
-    # -------------------------------------------------------- structure
     def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Cached eigendecompositions ``(λ_G, Q_G, λ_A, Q_A)`` of the factors."""
         if self._eigen is None:
@@ -80,26 +111,90 @@ class KroneckerBlock(CurvatureOperator):
         """‖G ⊗ A‖_F = ‖G‖_F ‖A‖_F."""
         return self.G.norm() * self.A.norm()
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        """Log-determinant log det(G ⊗ A + damping·I) from the factor eigenvalues."""
-        return torch.log(self.eigvalsh() + damping).sum()
+    def eigenbasis_form(self) -> EigenbasisBlock:
+        """The same matrix as Q_G ⊗ Q_A with the diagonal λ_G λ_Aᵀ."""
+        lam_G, Q_G, lam_A, Q_A = self.eigen()
+        return EigenbasisBlock(
+            Q_G, Q_A, torch.outer(lam_G, lam_A), self.param_shapes, self.bias_folded, self.param_names
+        )
+
+    def pi(self) -> float:
+        """Martens & Grosse's π = √((tr G / d_G) / (tr A / d_A))."""
+        mean_G = self.G.trace() / self.G.shape[0]
+        mean_A = self.A.trace() / self.A.shape[0]
+        return torch.sqrt(mean_G / mean_A).item() if mean_A > 0 and mean_G > 0 else 1.0
+
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> LayerMatrixBlock:
+        """The damped inverse as a new block.
+
+        Exactly (G ⊗ A + λI)⁻¹ in the factors' eigenbases, or with ``pi_damping`` the
+        factored Kronecker inverse (G + π√λ I)⁻¹ ⊗ (A + √λ/π I)⁻¹ (Martens & Grosse
+        2015, §6.3).
+        """
+        if damping < 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if not pi_damping:
+            return self.eigenbasis_form().inverse(damping)
+        pi, root = self.pi(), damping**0.5
+        eye_G = torch.eye(self.G.shape[0], dtype=self.dtype, device=self.device)
+        eye_A = torch.eye(self.A.shape[0], dtype=self.dtype, device=self.device)
+        G_inv = torch.linalg.inv(self.G + pi * root * eye_G)
+        A_inv = torch.linalg.inv(self.A + root / pi * eye_A)
+        return KroneckerBlock(G_inv, A_inv, self.param_shapes, self.bias_folded, self.param_names)
 
     def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None):
         """(G ⊗ A + damping·I)⁻¹ v exactly, in the factors' eigenbases (no CG)."""
+        return self.inverse(damping) @ v
+
+
+class EigenbasisBlock(LayerMatrixBlock):
+    """(Q_G ⊗ Q_A) diag(vec D) (Q_G ⊗ Q_A)ᵀ: KFAC's eigenbasis with any diagonal D.
+
+    Covers KFAC itself (D = λ_G λ_Aᵀ), its damped inverse (D = 1/(λ_G λ_Aᵀ + λ)) and
+    EKFAC (D refit to the exact second moments in the eigenbasis).
+
+    Args:
+        Q_G: Orthogonal (d_out, d_out).
+        Q_A: Orthogonal (d_A, d_A).
+        D: Eigenvalues as a (d_out, d_A) matrix.
+        param_shapes: As for ``KroneckerBlock``.
+        bias_folded: As for ``KroneckerBlock``.
+        param_names: Names of the tensors.
+    """
+
+    def __init__(
+        self, Q_G: Tensor, Q_A: Tensor, D: Tensor, param_shapes, bias_folded: bool, param_names=None
+    ):
+        super().__init__(Q_G.shape[0], param_shapes, bias_folded, D.dtype, D.device, param_names)
+        self.Q_G = Q_G
+        self.Q_A = Q_A
+        self.D = D
+
+    def _apply_matrix(self, M):
+        return self.Q_G @ ((self.Q_G.T @ M @ self.Q_A) * self.D) @ self.Q_A.T
+
+    def eigvalsh(self) -> Tensor:  # noqa: D102
+        return self.D.flatten().sort().values
+
+    def trace(self) -> Tensor:
+        """Sum of the eigenvalues."""
+        return self.D.sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """‖D‖_F (the basis is orthogonal)."""
+        return self.D.norm()
+
+    def inverse(self, damping: float = 0.0) -> EigenbasisBlock:
+        """(B + damping·I)⁻¹ in the same basis."""
         if damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}")
-        lam_G, Q_G, lam_A, Q_A = self.eigen()
-        denominator = torch.outer(lam_G, lam_A) + damping
-        as_list = isinstance(v, (list, tuple))
-        if as_list:
-            Vs = [t.unsqueeze(0) for t in v]
-        else:
-            flat = v.unsqueeze(1) if v.dim() == 1 else v
-            Vs = self.flat_to_list(flat)
-        M = self._to_matrix(Vs)
-        rotated = Q_G.T @ M @ Q_A
-        result = self._from_matrix(Q_G @ (rotated / denominator) @ Q_A.T)
-        if as_list:
-            return [r.squeeze(0) for r in result]
-        out = self.list_to_flat(result)
-        return out.squeeze(1) if v.dim() == 1 else out
+        shifted = self.D + damping
+        if bool((shifted <= 0).any()):
+            raise ValueError("the damped block is singular or indefinite: increase damping")
+        return EigenbasisBlock(
+            self.Q_G, self.Q_A, 1.0 / shifted, self.param_shapes, self.bias_folded, self.param_names
+        )
+
+    def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None):
+        """(B + damping·I)⁻¹ v exactly."""
+        return self.inverse(damping) @ v

@@ -1,0 +1,5 @@
+"""Spectra of curvature objects."""
+
+from curvlab.spectra.exact import eigvalsh
+
+__all__ = ["eigvalsh"]
