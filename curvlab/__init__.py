@@ -14,11 +14,14 @@ from curvlab.errors import (
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
 from curvlab.problem import Problem
 from curvlab.spectra import eigvalsh
-from curvlab.structured import KFAC, BlockDiagonalOperator, KroneckerBlock
+from curvlab.structured import ACP, EKFAC, KFAC, BlockDiagonalOperator, EigenbasisBlock, KroneckerBlock
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACP",
+    "EKFAC",
+    "EigenbasisBlock",
     "GGN",
     "KFAC",
     "BlockDiagonalOperator",

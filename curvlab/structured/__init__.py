@@ -1,7 +1,9 @@
 """Structured curvature: Kronecker-factored (KFAC) and block-diagonal operators."""
 
+from curvlab.structured.acp import ACP
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
+from curvlab.structured.ekfac import EKFAC
 from curvlab.structured.kfac import KFAC
-from curvlab.structured.kronecker import KroneckerBlock
+from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock
 
-__all__ = ["KFAC", "BlockDiagonalOperator", "KroneckerBlock"]
+__all__ = ["ACP", "EKFAC", "KFAC", "BlockDiagonalOperator", "EigenbasisBlock", "KroneckerBlock"]

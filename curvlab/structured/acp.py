@@ -1,0 +1,65 @@
+r"""ACP: the amortized covariance preconditioner of the thesis (Algorithm 3, §6.3).
+
+Only the input side is estimated; the output side is α I:  B ≈ α I ⊗ A with
+A = 1/N Σ ã ãᵀ the (uncentered) second moment of the augmented input ã = [h; 1].
+Its inverse applied to the mean gradient reproduces the centered updates of
+eq. 6.3.3–6.3.4: by the Schur complement of A, whose bias-free part minus h̄h̄ᵀ is
+the input covariance C,
+  ΔW = (1/α) (1/n) Σ_j ∇_{a_j}ℓ (h_j − h̄)ᵀ C⁻¹,   Δb = (1/α)(1/n) Σ_j ∇_{a_j}ℓ − ΔW h̄.
+
+α is fixed, or the thesis' heuristic α = max_{n,j} (∇_{a_n} ℓ_n)_j² per layer
+(true-label gradients), multiplied by c·N so that α I estimates the output-side
+factor of the risk's curvature (c·N = 1 for a mean over examples).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvlab.problem import Problem
+from curvlab.structured.block_diagonal import BlockDiagonalOperator
+from curvlab.structured.kronecker import KroneckerBlock
+from curvlab.structured.statistics import find_layers, layer_statistics
+
+
+class ACP(BlockDiagonalOperator):
+    """αI ⊗ A per layer (bias folded into A), the thesis' covariance preconditioner.
+
+    Args:
+        problem: The problem (Linear / Conv layers, as for KFAC).
+        alpha: A positive number, or ``"heuristic"`` for α = c·N·max (∇_a ℓ_n)²
+            over all examples, per layer.
+    """
+
+    def __init__(self, problem: Problem, alpha: float | str = "heuristic"):
+        if alpha != "heuristic" and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number or 'heuristic', got {alpha!r}")
+        self.problem = problem
+        self.layers = find_layers(problem)
+        A_sum, max_square = {}, {}
+        for _, inputs, grads in layer_statistics(problem, self.layers, "empirical"):
+            for layer in self.layers:
+                a = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
+                A = a.T @ a / inputs[layer.name].shape[1]
+                A_sum[layer.name] = A if layer.name not in A_sum else A_sum[layer.name] + A
+                square = grads[layer.name].pow(2).max()
+                max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
+        scale = problem.reduction_factor * problem.num_examples
+        shapes, names = [p.shape for p in problem.params], problem.param_names
+        self.alphas = {}
+        blocks = []
+        for layer in self.layers:
+            value = scale * max_square[layer.name].item() if alpha == "heuristic" else float(alpha)
+            self.alphas[layer.name] = value
+            A = A_sum[layer.name] / problem.num_examples
+            d_out = (problem.params[layer.weight if layer.weight is not None else layer.bias]).shape[0]
+            G = value * torch.eye(d_out, dtype=problem.dtype, device=problem.device)
+            indices = [i for i in (layer.weight, layer.bias) if i is not None]
+            folded = layer.weight is not None and layer.bias is not None
+            blocks.append(
+                (
+                    indices,
+                    KroneckerBlock(G, A, [shapes[i] for i in indices], folded, [names[i] for i in indices]),
+                )
+            )
+        super().__init__(blocks, shapes, problem.dtype, problem.device, names)

@@ -1,0 +1,145 @@
+"""One pass over the data that yields, per layer, input vectors and output gradients.
+
+KFAC, EKFAC and ACP all consume this pass; they differ in what they accumulate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.errors import UnsupportedError
+from curvlab.problem import Problem
+from curvlab.structured.layers import LayerRule, rule_for
+
+FISHER_TYPES = ("type-2", "mc", "empirical")
+
+
+@dataclass
+class Layer:
+    """A supported module and where its weight and bias sit in the problem's params."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    weight: int | None
+    bias: int | None
+
+
+def find_layers(problem: Problem) -> list[Layer]:
+    """Group the problem's parameters by module; error on unsupported modules."""
+    index_of = {id(p): i for i, p in enumerate(problem.params)}
+    layers = []
+    for name, module in problem.model.named_modules():
+        owned = {
+            role: index_of[id(p)] for role, p in module.named_parameters(recurse=False) if id(p) in index_of
+        }
+        if not owned:
+            continue
+        rule = rule_for(module, name)
+        unknown = set(owned) - {"weight", "bias"}
+        if unknown:
+            raise UnsupportedError(
+                f"module {name!r} ({type(module).__name__}) has parameters {sorted(unknown)}"
+            )
+        layers.append(Layer(name, module, rule, owned.get("weight"), owned.get("bias")))
+    return layers
+
+
+@contextlib.contextmanager
+def capture(layers: list[Layer]):
+    """Record each layer's input and output in a forward pass; hooks always removed."""
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+            outputs[name] = output
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(hook_for(layer.name)))
+        yield inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def input_vectors(layer: Layer, x: Tensor) -> Tensor:
+    """ã: ``(N, R, d_A)``, with a trailing 1 when the layer's bias is in the problem."""
+    a = layer.rule.input_vectors(layer.module, x)
+    if layer.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    if layer.weight is None:
+        a = a[..., -1:]
+    return a
+
+
+def backpropagated_vectors(
+    problem: Problem, output: Tensor, y: Tensor, index: int, fisher_type: str, mc_samples: int, seed: int
+) -> Tensor:
+    """Output-space vectors ``(V, *output.shape)`` of a flavour.
+
+    ``"type-2"``: columns of a square root of Λ; ``"mc"``: gradients for
+    ``mc_samples`` sampled labels scaled by 1/√S (drawn on the CPU from ``seed``
+    and the batch index); ``"empirical"``: the gradient for the true label.
+    """
+    rule = problem.loss_rule
+    output = output.detach()
+    if fisher_type == "type-2":
+        return rule.hessian_sqrt_columns(output)
+    if fisher_type == "empirical":
+        return rule.output_gradient(output, y).unsqueeze(0)
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
+    noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator).to(output.device)
+    sampled = rule.sample_targets(output, noise)
+    repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
+    r = rule.output_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
+    return r.reshape(mc_samples, *output.shape) / mc_samples**0.5
+
+
+def _pullback(output: Tensor, layer_outputs: list[Tensor], vectors: Tensor) -> list[Tensor]:
+    """Gradients of ⟨output, v⟩ w.r.t. each layer output, batched over the V vectors."""
+    if vectors.shape[0] == 1:
+        grads = torch.autograd.grad(output, layer_outputs, vectors[0], retain_graph=True)
+        return [g.unsqueeze(0) for g in grads]
+    return list(torch.autograd.grad(output, layer_outputs, vectors, retain_graph=True, is_grads_batched=True))
+
+
+def layer_statistics(
+    problem: Problem,
+    layers: list[Layer],
+    fisher_type: str,
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_vectors: int = 64,
+) -> Iterator[tuple[int, dict[str, Tensor], dict[str, Tensor]]]:
+    """Yield ``(batch_index, inputs, grads)`` per batch and chunk of vectors.
+
+    ``inputs[name]`` is ã ``(N, R, d_A)`` (repeated for every chunk of a batch),
+    ``grads[name]`` the output gradients ``(V, N, R, d_out)`` of up to
+    ``max_vectors`` backpropagated vectors.
+    """
+    params = [p.detach().requires_grad_(True) for p in problem.params]
+    for index, (X, y) in enumerate(problem.batches()):
+        with capture(layers) as (inputs, outputs):
+            output = problem.forward(params, X)
+        problem.loss_rule.validate(output, y)
+        a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
+        layer_outputs = [outputs[layer.name] for layer in layers]
+        vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed)
+        for chunk in vectors.split(max_vectors):
+            grads = _pullback(output, layer_outputs, chunk)
+            yield (
+                index,
+                a,
+                {layer.name: layer.rule.output_vectors(layer.module, g) for layer, g in zip(layers, grads)},
+            )
