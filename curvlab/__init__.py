@@ -4,6 +4,7 @@ Exact Hessian, GGN, Fisher and empirical Fisher as matrix-free operators that
 share one interface (``C @ v``, ``to_dense``, ``blocks``, ``to_scipy``, ``solve``).
 """
 
+from curvlab.compare import ComparisonReport, compare
 from curvlab.errors import (
     CurvlabError,
     DataError,
@@ -14,12 +15,23 @@ from curvlab.errors import (
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
 from curvlab.problem import Problem
 from curvlab.spectra import eigvalsh
-from curvlab.structured import ACP, EKFAC, KFAC, BlockDiagonalOperator, EigenbasisBlock, KroneckerBlock
+from curvlab.structured import (
+    ACP,
+    EKFAC,
+    KFAC,
+    BlockDiagonal,
+    BlockDiagonalOperator,
+    Diagonal,
+    EigenbasisBlock,
+    KroneckerBlock,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACP",
+    "BlockDiagonal",
+    "Diagonal",
     "EKFAC",
     "EigenbasisBlock",
     "GGN",
@@ -37,5 +49,7 @@ __all__ = [
     "Problem",
     "UnsupportedError",
     "__version__",
+    "compare",
+    "ComparisonReport",
     "eigvalsh",
 ]

@@ -182,8 +182,12 @@ class CurvatureOperator:
         return list(groups.values())
 
     def _block(self, indices: list[int]) -> CurvatureOperator:
-        """The diagonal block of the tensors ``indices`` as an operator."""
-        raise NotImplementedError(f"{type(self).__name__} does not provide blocks")
+        """The diagonal block of the tensors ``indices`` as an operator.
+
+        Generic: products of the whole operator with zero-padded vectors;
+        subclasses with cheaper blocks override it.
+        """
+        return RestrictedOperator(self, indices)
 
     # ------------------------------------------------------------ solves
     def solve(self, v, damping: float = 0.0, tol: float = 1e-6, maxiter: int | None = None):
@@ -215,3 +219,21 @@ class CurvatureOperator:
         if as_list:
             return [x.squeeze(0) for x in self.flat_to_list(X)]
         return X.squeeze(1) if v.dim() == 1 else X
+
+
+class RestrictedOperator(CurvatureOperator):
+    """Pᵀ C P: the diagonal block of ``parent`` over the tensors ``indices``."""
+
+    def __init__(self, parent: CurvatureOperator, indices: list[int]):
+        names = [parent.param_names[i] for i in indices] if parent.param_names else None
+        super().__init__([parent.param_shapes[i] for i in indices], parent.dtype, parent.device, names)
+        self.parent = parent
+        self.indices = list(indices)
+
+    def _matmat(self, Vs):
+        k = Vs[0].shape[0]
+        padded = [torch.zeros(k, *s, dtype=self.dtype, device=self.device) for s in self.parent.param_shapes]
+        for i, V in zip(self.indices, Vs):
+            padded[i] = V
+        result = self.parent._matmat(padded)
+        return [result[i] for i in self.indices]

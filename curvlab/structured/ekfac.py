@@ -11,26 +11,10 @@ Frobenius norm — never farther from B than KFAC.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kfac import KFAC
-
-_MAX_ELEMENTS = 2**24  # bound on the (vectors, examples, d_out, d_A) intermediate
-
-
-def _squared_rotated_moments(g: Tensor, a: Tensor) -> Tensor:
-    """Σ_{v,n} (Σ_r g_{vnr} a_{nrᵀ})² for rotated g (V, N, R, d_out) and a (N, R, d_A)."""
-    V, N, R, d_out = g.shape
-    d_A = a.shape[-1]
-    if R == 1:  # (g aᵀ)² = g² (a²)ᵀ: no per-example matrices needed
-        return torch.einsum("vno,ni->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
-    total = torch.zeros(d_out, d_A, dtype=g.dtype, device=g.device)
-    step = max(1, _MAX_ELEMENTS // max(1, V * d_out * d_A))
-    for start in range(0, N, step):
-        per_example = torch.einsum("vnro,nri->vnoi", g[:, start : start + step], a[start : start + step])
-        total += (per_example**2).sum((0, 1))
-    return total
+from curvlab.structured.statistics import squared_gradient_moments
 
 
 class EKFAC(KFAC):
@@ -49,7 +33,7 @@ class EKFAC(KFAC):
             for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
                 g = grads[layer.name] @ basis.Q_G
                 a = inputs[layer.name][..., columns] @ basis.Q_A
-                D[i] += _squared_rotated_moments(g, a)
+                D[i] += squared_gradient_moments(g, a)
         c = problem.reduction_factor
         for basis, moments in zip(bases, D):
             basis.D = moments * c

@@ -18,6 +18,27 @@ from curvlab.structured.layers import LayerRule, rule_for
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 
+_MAX_ELEMENTS = 2**24  # bound on the (vectors, examples, d_out, d_A) intermediate
+
+
+def squared_gradient_moments(g: Tensor, a: Tensor) -> Tensor:
+    """Σ_{v,n} (Σ_r g_{v,n,r} a_{n,r}ᵀ)², elementwise: (d_out, d_A).
+
+    g: (V, N, R, d_out) output gradients, a: (N, R, d_A) inputs, both possibly
+    rotated into an eigenbasis. Unrotated, this is the exact diagonal of the layer
+    block c⁻¹ B (the per-example gradient of each vector, squared and summed).
+    """
+    V, N, R, d_out = g.shape
+    d_A = a.shape[-1]
+    if R == 1:  # (g aᵀ)² = g² (a²)ᵀ: no per-example matrices needed
+        return torch.einsum("vno,ni->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
+    total = torch.zeros(d_out, d_A, dtype=g.dtype, device=g.device)
+    step = max(1, _MAX_ELEMENTS // max(1, V * d_out * d_A))
+    for start in range(0, N, step):
+        per_example = torch.einsum("vnro,nri->vnoi", g[:, start : start + step], a[start : start + step])
+        total += (per_example**2).sum((0, 1))
+    return total
+
 
 @dataclass
 class Layer:

@@ -1,0 +1,181 @@
+r"""How far an approximation is from the full matrix: ``cl.compare(approx, exact)``.
+
+Per block (the approximation's layer blocks, or the exact operator's layers) and
+overall, for dense-able matrices A (approximation) and E (exact):
+
+* ``rel_frobenius`` = ‖A − E‖_F / ‖E‖_F,
+* ``rel_spectral`` = ‖A − E‖₂ / ‖E‖₂,
+* ``topk_eigenvalue_rel_error``: |λ_i(A) − λ_i(E)| / |λ_i(E)| for the k largest,
+* ``topk_subspace_overlap`` = ‖U_Aᵀ U_E‖_F² / k for the top-k eigenvectors (1 = same
+  subspace, 0 = orthogonal),
+* for Kronecker blocks ``optimal_kronecker_rel_frobenius``: the error of the best
+  single Kronecker product X ⊗ Y ≈ E (Van Loan & Pitsianis 1993: the top singular
+  pair of the rearrangement R(E) with R[(i,i'),(j,j')] = E[(i,j),(i',j')], error
+  √(‖E‖_F² − σ₁²)), next to KFAC's own ``rel_frobenius``.
+
+When a matrix would not fit, ‖A − E‖_F is estimated matrix-free from Rademacher
+probes z (E‖(A − E)z‖² = ‖A − E‖_F²) with its standard error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from curvlab.errors import DenseTooLargeError
+from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.memory import available_bytes
+from curvlab.structured.block_diagonal import BlockDiagonalOperator
+from curvlab.structured.kronecker import LayerMatrixBlock
+
+
+@dataclass
+class ComparisonReport:
+    """Result of ``compare``: ``overall`` metrics and one dict per block in ``blocks``."""
+
+    overall: dict
+    blocks: list[dict] = field(default_factory=list)
+    approx_name: str = ""
+    exact_name: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain Python types (floats, lists, strings) for storage."""
+        return {
+            "approx": self.approx_name,
+            "exact": self.exact_name,
+            "overall": self.overall,
+            "blocks": self.blocks,
+        }
+
+    def __str__(self) -> str:
+        """A readable table."""
+        columns = [
+            "rel_frobenius",
+            "rel_spectral",
+            "topk_subspace_overlap",
+            "optimal_kronecker_rel_frobenius",
+        ]
+        header = f"{'block':<28}" + "".join(
+            f"{c:>20}" for c in ["rel_frob", "rel_spec", "subspace", "opt_kron_frob"]
+        )
+        lines = [f"{self.approx_name} vs {self.exact_name}", header]
+        for row in [*self.blocks, {"name": "overall", **self.overall}]:
+            cells = []
+            for c in columns:
+                value = row.get(c)
+                cells.append(f"{value:>20.4g}" if isinstance(value, float) else f"{'-':>20}")
+            lines.append(f"{str(row['name'])[:28]:<28}" + "".join(cells))
+        return "\n".join(lines)
+
+
+def _dense_metrics(A: Tensor, E: Tensor, k: int) -> dict:
+    difference = A - E
+    E_norm = E.norm().item()
+    eig_E, vec_E = torch.linalg.eigh(E)
+    eig_A, vec_A = torch.linalg.eigh(A)
+    k = min(k, E.shape[0])
+    top_E, top_A = eig_E.flip(0)[:k], eig_A.flip(0)[:k]
+    U_E, U_A = vec_E.flip(1)[:, :k], vec_A.flip(1)[:, :k]
+    spectral_E = eig_E.abs().max().item()
+    return {
+        "rel_frobenius": difference.norm().item() / E_norm if E_norm > 0 else float("nan"),
+        "rel_spectral": torch.linalg.eigvalsh(difference).abs().max().item() / spectral_E
+        if spectral_E > 0
+        else float("nan"),
+        "topk_eigenvalues_exact": top_E.tolist(),
+        "topk_eigenvalues_approx": top_A.tolist(),
+        "topk_eigenvalue_rel_error": ((top_A - top_E).abs() / top_E.abs().clamp_min(1e-300)).tolist(),
+        "topk_subspace_overlap": (U_A.T @ U_E).pow(2).sum().item() / k,
+    }
+
+
+def optimal_kronecker_rel_frobenius(E_kron_order: Tensor, d_out: int, d_A: int) -> float:
+    """Relative Frobenius error of the best X ⊗ Y (X: d_out², Y: d_A²) for a block in [W b] order."""
+    R = E_kron_order.reshape(d_out, d_A, d_out, d_A).permute(0, 2, 1, 3).reshape(d_out * d_out, d_A * d_A)
+    sigma = torch.linalg.svdvals(R)
+    total = E_kron_order.norm() ** 2
+    return ((total - sigma[0] ** 2).clamp_min(0).sqrt() / total.sqrt()).item()
+
+
+def _kron_permutation(block: LayerMatrixBlock) -> Tensor:
+    """Flat parameter index of every entry of M = [W b] in row-major order."""
+    n = block.shape[0]
+    index = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    as_list = [t.to(block.dtype) for t in block.flat_to_list(index)]
+    return block._to_matrix([t.double() for t in as_list]).flatten().round().long()
+
+
+def frobenius_estimate(
+    approx: CurvatureOperator, exact: CurvatureOperator, num_probes: int = 20, seed: int = 0
+):
+    """Matrix-free ‖A − E‖_F and its standard error from Rademacher probes."""
+    generator = torch.Generator().manual_seed(seed)
+    n = exact.shape[0]
+    Z = (torch.randint(0, 2, (n, num_probes), generator=generator) * 2 - 1).to(exact.device, exact.dtype)
+    squares = ((approx @ Z) - (exact @ Z)).pow(2).sum(0)
+    mean = squares.mean()
+    error = squares.std() / num_probes**0.5
+    value = mean.sqrt()
+    return value.item(), (error / (2 * value)).item() if value > 0 else 0.0
+
+
+def _fits(n: int, dtype: torch.dtype, device) -> bool:
+    need = 4 * n * n * torch.empty((), dtype=dtype).element_size()  # A, E, difference, eigenvectors
+    return need <= available_bytes(device)
+
+
+def compare(
+    approx: CurvatureOperator, exact: CurvatureOperator, k: int = 10, num_probes: int = 20
+) -> ComparisonReport:
+    """Compare an approximation with an exact curvature object, per block and overall.
+
+    Args:
+        approx: e.g. ``cl.KFAC``, ``cl.EKFAC``, ``cl.Diagonal``, ``cl.BlockDiagonal``.
+        exact: e.g. ``cl.GGN`` or ``cl.Hessian`` of the same problem (same parameters).
+        k: Number of top eigenvalues/eigenvectors compared.
+        num_probes: Probes of the matrix-free Frobenius estimate for matrices that
+            do not fit in memory.
+    """
+    if approx.shape != exact.shape or approx.param_shapes != exact.param_shapes:
+        raise ValueError(f"approx {approx.shape} and exact {exact.shape} are over different parameters")
+    if isinstance(approx, BlockDiagonalOperator):
+        groups, approx_blocks = approx.block_indices, approx.block_operators
+    else:
+        groups = exact._layer_groups()
+        approx_blocks = [approx._block(g) for g in groups]
+    names = exact.param_names or [str(i) for i in range(len(exact.param_shapes))]
+    rows = []
+    for indices, approx_block in zip(groups, approx_blocks):
+        exact_block = exact._block(indices)
+        row = {"name": " + ".join(names[i] for i in indices), "size": exact_block.shape[0]}
+        if _fits(exact_block.shape[0], exact.dtype, exact.device):
+            A, E = approx_block.to_dense(), exact_block.to_dense()
+            row.update(_dense_metrics(A, E, k))
+            if isinstance(approx_block, LayerMatrixBlock):
+                order = _kron_permutation(approx_block)
+                d_out = approx_block.d_out
+                row["optimal_kronecker_rel_frobenius"] = optimal_kronecker_rel_frobenius(
+                    E[order][:, order], d_out, exact_block.shape[0] // d_out
+                )
+        else:
+            value, error = frobenius_estimate(approx_block, exact_block, num_probes)
+            row.update({"frobenius_difference": value, "frobenius_difference_stderr": error})
+        rows.append(row)
+    n = exact.shape[0]
+    if _fits(n, exact.dtype, exact.device):
+        overall = {"size": n, **_dense_metrics(approx.to_dense(), exact.to_dense(), k)}
+    else:
+        value, error = frobenius_estimate(approx, exact, num_probes)
+        overall = {"size": n, "frobenius_difference": value, "frobenius_difference_stderr": error}
+    return ComparisonReport(overall, rows, type(approx).__name__, type(exact).__name__)
+
+
+__all__ = [
+    "ComparisonReport",
+    "DenseTooLargeError",
+    "compare",
+    "frobenius_estimate",
+    "optimal_kronecker_rel_frobenius",
+]

@@ -1,0 +1,57 @@
+"""A curvature object held as a dense symmetric matrix (small blocks, references)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.operators.base import CurvatureOperator
+
+
+class DenseOperator(CurvatureOperator):
+    """A dense symmetric (n, n) matrix over parameter tensors of the given shapes."""
+
+    def __init__(self, matrix: Tensor, param_shapes, param_names=None):
+        super().__init__(param_shapes, matrix.dtype, matrix.device, param_names)
+        if matrix.shape != self.shape:
+            raise ValueError(f"matrix of shape {tuple(matrix.shape)} does not fit the shapes {param_shapes}")
+        self.matrix = matrix
+        self._eigen = None
+
+    def _matmat(self, Vs):
+        return self.flat_to_list(self.matrix @ self.list_to_flat(Vs))
+
+    def to_dense(self, max_bytes=None) -> Tensor:  # noqa: D102
+        return self.matrix
+
+    def eigen(self) -> tuple[Tensor, Tensor]:
+        """Cached ``torch.linalg.eigh`` of the matrix."""
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh(self.matrix)
+        return self._eigen
+
+    def eigvalsh(self) -> Tensor:
+        """Eigenvalues, ascending."""
+        return self.eigen()[0]
+
+    def trace(self) -> Tensor:
+        """The trace."""
+        return self.matrix.trace()
+
+    def frobenius_norm(self) -> Tensor:
+        """‖C‖_F."""
+        return self.matrix.norm()
+
+    def inverse(self, damping: float = 0.0) -> DenseOperator:
+        """(C + damping·I)⁻¹ from the eigendecomposition, a new operator."""
+        if damping < 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        values, vectors = self.eigen()
+        shifted = values + damping
+        if bool((shifted <= 0).any()):
+            raise ValueError("the damped block is singular or indefinite: increase damping")
+        return DenseOperator((vectors / shifted) @ vectors.T, self.param_shapes, self.param_names)
+
+    def solve(self, v, damping: float = 0.0, tol=None, maxiter=None):
+        """(C + damping·I)⁻¹ v exactly."""
+        return self.inverse(damping) @ v

@@ -1,0 +1,174 @@
+r"""Diagonal curvature: exact diagonals and Hutchinson estimates, and BlockDiagonal.
+
+Exact diagonal of the GGN / Fisher / MC Fisher / empirical Fisher for layers in the
+Kronecker registry: diag(B) = c Σ_{v,n} (Σ_r g_{v,n,r} ã_{n,r}ᵀ)² (the squared
+per-example gradient of each backpropagated vector; as BackPACK's
+``DiagGGNExact``), from one pass over the data. Any other operator: the diagonal
+from products with unit vectors (n products, batched), or Hutchinson's estimate
+diag(C) ≈ 1/S Σ_s z_s ⊙ C z_s with Rademacher z (Bekas et al. 2007).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.errors import UnsupportedError
+from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.dense import DenseOperator
+from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
+from curvlab.structured.block_diagonal import BlockDiagonalOperator
+from curvlab.structured.statistics import find_layers, layer_statistics, squared_gradient_moments
+
+
+class Diagonal(CurvatureOperator):
+    """diag(d) as a curvature object, from an operator's exact or estimated diagonal.
+
+    Args:
+        C: Any curvature object.
+        method: ``"exact"`` or ``"hutchinson"``.
+        num_probes: Probes for Hutchinson.
+        seed: Seed of the probes (drawn on the CPU).
+
+    Attributes:
+        diagonal: The flat diagonal ``(n,)``.
+        standard_error: Per-entry standard error for Hutchinson, else ``None``.
+        method_used: ``"layerwise"`` (one data pass), ``"products"`` or ``"hutchinson"``.
+    """
+
+    def __init__(self, C: CurvatureOperator, method: str = "exact", num_probes: int = 100, seed: int = 0):
+        if method not in ("exact", "hutchinson"):
+            raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+        super().__init__(C.param_shapes, C.dtype, C.device, C.param_names)
+        self.standard_error = None
+        if method == "hutchinson":
+            self.diagonal, self.standard_error = _hutchinson(C, num_probes, seed)
+            self.method_used = "hutchinson"
+            return
+        layerwise = _layerwise_diagonal(C)
+        if layerwise is not None:
+            self.diagonal, self.method_used = layerwise, "layerwise"
+        else:
+            self.diagonal, self.method_used = _diagonal_by_products(C), "products"
+
+    def _matmat(self, Vs):
+        return self.flat_to_list(self.diagonal.unsqueeze(1) * self.list_to_flat(Vs))
+
+    def to_dense(self, max_bytes=None) -> Tensor:  # noqa: D102
+        return torch.diag(self.diagonal)
+
+    def eigvalsh(self) -> Tensor:
+        """The diagonal, sorted."""
+        return self.diagonal.sort().values
+
+    def trace(self) -> Tensor:
+        """Sum of the diagonal."""
+        return self.diagonal.sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """‖d‖₂."""
+        return self.diagonal.norm()
+
+    def inverse(self, damping: float = 0.0) -> Diagonal:
+        """diag(1/(d + damping)), a new ``Diagonal``."""
+        shifted = self.diagonal + damping
+        if bool((shifted <= 0).any()):
+            raise ValueError("the damped diagonal has entries ≤ 0: increase damping")
+        inverse = object.__new__(Diagonal)
+        CurvatureOperator.__init__(inverse, self.param_shapes, self.dtype, self.device, self.param_names)
+        inverse.diagonal, inverse.standard_error, inverse.method_used = 1.0 / shifted, None, self.method_used
+        return inverse
+
+    def solve(self, v, damping: float = 0.0, tol=None, maxiter=None):
+        """(diag(d) + damping·I)⁻¹ v."""
+        return self.inverse(damping) @ v
+
+
+def _flavour(C: CurvatureOperator):
+    if type(C) is GGN or (type(C) is Fisher and C.mc_samples is None):
+        return "type-2", 1, 0
+    if type(C) is Fisher:
+        return "mc", C.mc_samples, C.seed
+    if type(C) is EmpiricalFisher:
+        return "empirical", 1, 0
+    return None
+
+
+def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
+    """Exact diagonal from one statistics pass, or None if C or its layers don't allow it."""
+    flavour = _flavour(C)
+    if flavour is None:
+        return None
+    try:
+        layers = find_layers(C.problem)
+    except UnsupportedError:
+        return None
+    problem = C.problem
+    moments = {}
+    for _, inputs, grads in layer_statistics(problem, layers, *flavour):
+        for layer in layers:
+            m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
+            moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
+    parts: list[Tensor | None] = [None] * len(problem.params)
+    for layer in layers:
+        m = moments[layer.name] * problem.reduction_factor
+        if layer.weight is not None:
+            weight_columns = m.shape[1] - (1 if layer.bias is not None else 0)
+            parts[layer.weight] = m[:, :weight_columns].reshape(problem.params[layer.weight].shape)
+        if layer.bias is not None:
+            parts[layer.bias] = m[:, -1].reshape(problem.params[layer.bias].shape)
+    return torch.cat([p.flatten() for p in parts])
+
+
+def _diagonal_by_products(C: CurvatureOperator, chunk: int = 256) -> Tensor:
+    n = C.shape[0]
+    pieces = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        E = torch.zeros(n, stop - start, dtype=C.dtype, device=C.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+        pieces.append((C @ E)[torch.arange(start, stop), torch.arange(stop - start)])
+    return torch.cat(pieces)
+
+
+def _hutchinson(C: CurvatureOperator, num_probes: int, seed: int) -> tuple[Tensor, Tensor]:
+    if num_probes < 2:
+        raise ValueError(f"Hutchinson needs at least 2 probes for a standard error, got {num_probes}")
+    generator = torch.Generator().manual_seed(seed)
+    n = C.shape[0]
+    total = torch.zeros(n, dtype=C.dtype, device=C.device)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, num_probes, C.max_columns):
+        k = min(C.max_columns, num_probes - start)
+        Z = (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(C.device, C.dtype)
+        samples = Z * (C @ Z)
+        total += samples.sum(1)
+        total_sq += (samples**2).sum(1)
+    mean = total / num_probes
+    variance = (total_sq / num_probes - mean**2).clamp_min(0) * num_probes / (num_probes - 1)
+    return mean, (variance / num_probes).sqrt()
+
+
+class BlockDiagonal(BlockDiagonalOperator):
+    """Exact diagonal blocks of any operator, held densely; inverse per block.
+
+    Args:
+        C: Any curvature object that provides ``blocks`` (all exact operators do).
+        by: ``"layer"`` (a module's tensors together) or ``"parameter"``.
+        max_bytes: Limit for each dense block (default: free memory).
+    """
+
+    def __init__(self, C: CurvatureOperator, by: str = "layer", max_bytes: int | None = None):
+        if by == "layer":
+            groups = C._layer_groups()
+        elif by == "parameter":
+            groups = [[i] for i in range(len(C.param_shapes))]
+        else:
+            raise ValueError(f"by must be 'parameter' or 'layer', got {by!r}")
+        names = C.param_names or [None] * len(C.param_shapes)
+        blocks = []
+        for indices in groups:
+            dense = C._block(indices).to_dense(max_bytes=max_bytes)
+            shapes = [C.param_shapes[i] for i in indices]
+            blocks.append((indices, DenseOperator(dense, shapes, [names[i] for i in indices])))
+        super().__init__(blocks, C.param_shapes, C.dtype, C.device, C.param_names)

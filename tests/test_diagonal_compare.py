@@ -1,0 +1,149 @@
+"""Diagonal, BlockDiagonal and compare against dense linear algebra."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import curvlab as cl
+from curvlab import reference
+from curvlab.compare import frobenius_estimate, optimal_kronecker_rel_frobenius
+from tests.helpers import assert_close_rel
+from tests.test_kfac import LOSSES, MODELS, _problem
+
+F64 = torch.float64
+OPERATORS = {
+    "ggn": (cl.GGN, reference.ggn),
+    "fisher": (cl.Fisher, reference.fisher),
+    "ef": (cl.EmpiricalFisher, reference.empirical_fisher),
+    "hessian": (cl.Hessian, reference.hessian_matrix),
+}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("kind", list(OPERATORS))
+def test_exact_diagonal(model_name, loss_name, kind):
+    problem = _problem(model_name, loss_name)
+    operator_class, reference_fn = OPERATORS[kind]
+    diagonal = cl.Diagonal(operator_class(problem))
+    assert diagonal.method_used == ("products" if kind == "hessian" else "layerwise")
+    assert_close_rel(diagonal.diagonal, torch.diagonal(reference_fn(problem)), 1e-10, "diagonal")
+
+
+def test_mc_fisher_diagonal_uses_the_same_samples():
+    problem = _problem("conv2d", "ce")
+    fisher = cl.Fisher(problem, mc_samples=3, seed=4)
+    assert_close_rel(cl.Diagonal(fisher).diagonal, torch.diagonal(fisher.to_dense()), 1e-10, "MC diagonal")
+
+
+def test_diagonal_ggn_matches_backpack():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    problem = _problem("mlp", "ce", batch_sizes=(6,))
+    ours = cl.Diagonal(cl.GGN(problem)).diagonal
+    model = backpack.extend(copy.deepcopy(problem.model))  # BackPACK leaves hooks on what it extends
+    loss_fn = backpack.extend(torch.nn.CrossEntropyLoss())
+    X, y = problem.data[0]
+    with backpack.backpack(DiagGGNExact()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss_fn(model(X), y).backward()
+    theirs = torch.cat([p.diag_ggn_exact.flatten() for p in model.parameters()])
+    assert_close_rel(ours, theirs, 1e-10, "vs BackPACK DiagGGNExact")
+
+
+def test_hutchinson_diagonal_is_unbiased_with_honest_errors():
+    problem = _problem("mlp", "mse")
+    ggn = cl.GGN(problem)
+    exact = torch.diagonal(reference.ggn(problem))
+    estimate = cl.Diagonal(ggn, method="hutchinson", num_probes=400, seed=0)
+    z = (estimate.diagonal - exact) / estimate.standard_error.clamp_min(1e-300)
+    assert z.abs().max() < 5, f"largest standardized error {z.abs().max():.2f}"
+    more = cl.Diagonal(ggn, method="hutchinson", num_probes=1600, seed=1)
+    assert more.standard_error.mean() < 0.6 * estimate.standard_error.mean()
+
+
+def test_diagonal_inverse_and_solve():
+    diagonal = cl.Diagonal(cl.GGN(_problem("mlp", "bce")))
+    b = torch.randn(diagonal.shape[0], dtype=F64)
+    assert_close_rel(diagonal.solve(b, damping=0.1), b / (diagonal.diagonal + 0.1), 1e-13, "solve")
+    assert_close_rel(cl.eigvalsh(diagonal), diagonal.diagonal.sort().values, 0, "eigenvalues")
+
+
+@pytest.mark.parametrize("by", ["layer", "parameter"])
+def test_block_diagonal_of_exact_operators(by):
+    problem = _problem("conv2d", "mse")
+    hessian = cl.Hessian(problem)
+    block_diagonal = cl.BlockDiagonal(hessian, by=by)
+    dense = reference.hessian_matrix(problem)
+    offsets = hessian.block_offsets()
+    expected = torch.zeros_like(dense)
+    for indices in block_diagonal.block_indices:
+        index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+        expected[index.unsqueeze(1), index] = dense[index][:, index]
+    assert_close_rel(block_diagonal.to_dense(), expected, 1e-10, "block diagonal")
+    shift = -torch.linalg.eigvalsh(expected)[0].item() + 0.5
+    inverse = block_diagonal.inverse(shift)
+    eye = torch.eye(len(dense), dtype=F64)
+    assert_close_rel(inverse.to_dense(), torch.linalg.inv(expected + shift * eye), 1e-9, "inverse per block")
+
+
+def test_compare_metrics_by_hand():
+    problem = _problem("mlp", "ce")
+    ggn, ef = cl.GGN(problem), cl.EmpiricalFisher(problem)
+    report = cl.compare(ef, ggn, k=3)
+    A, E = ef.to_dense(), ggn.to_dense()
+    assert report.overall["rel_frobenius"] == pytest.approx(((A - E).norm() / E.norm()).item(), rel=1e-10)
+    spectral = torch.linalg.eigvalsh(A - E).abs().max() / torch.linalg.eigvalsh(E).abs().max()
+    assert report.overall["rel_spectral"] == pytest.approx(spectral.item(), rel=1e-10)
+    eig_A, eig_E = torch.linalg.eigvalsh(A).flip(0)[:3], torch.linalg.eigvalsh(E).flip(0)[:3]
+    assert report.overall["topk_eigenvalue_rel_error"] == pytest.approx(
+        ((eig_A - eig_E).abs() / eig_E).tolist()
+    )
+    assert 0.0 <= report.overall["topk_subspace_overlap"] <= 1.0
+    assert len(report.blocks) == 2
+    assert set(report.to_dict()) == {"approx", "exact", "overall", "blocks"}
+    assert "rel_frob" in str(report)
+
+
+def test_compare_single_example_kfac_is_exact_per_block():
+    problem = _problem("mlp", "mse", batch_sizes=(1,))
+    report = cl.compare(cl.KFAC(problem), cl.GGN(problem))
+    for row in report.blocks:
+        assert row["rel_frobenius"] < 1e-12
+        assert row["topk_subspace_overlap"] > 1 - 1e-8 or row["size"] > 10
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "conv2d"])
+def test_optimal_kronecker_bound_is_below_kfac(model_name):
+    problem = _problem(model_name, "ce")
+    report = cl.compare(cl.KFAC(problem), cl.GGN(problem))
+    for row in report.blocks:
+        assert row["optimal_kronecker_rel_frobenius"] <= row["rel_frobenius"] + 1e-12
+
+
+def test_optimal_kronecker_bound_is_zero_for_a_kronecker_product():
+    X, Y = torch.randn(3, 3, dtype=F64), torch.randn(4, 4, dtype=F64)
+    assert optimal_kronecker_rel_frobenius(torch.kron(X @ X.T, Y @ Y.T), 3, 4) < 1e-14
+    kfac = cl.KFAC(_problem("mlp", "bce"))
+    report = cl.compare(kfac, cl.BlockDiagonal(kfac))  # exact = KFAC's own Kronecker blocks, held densely
+    for row in report.blocks:
+        assert row["optimal_kronecker_rel_frobenius"] < 1e-7
+        assert row["rel_frobenius"] < 1e-12
+
+
+def test_matrix_free_frobenius_estimate():
+    problem = _problem("mlp", "ce")
+    ggn, ef = cl.GGN(problem), cl.EmpiricalFisher(problem)
+    exact = (ef.to_dense() - ggn.to_dense()).norm().item()
+    value, error = frobenius_estimate(ef, ggn, num_probes=400, seed=0)
+    assert abs(value - exact) < 4 * error + 1e-12, f"{value} ± {error} vs {exact}"
+
+
+def test_compare_rejects_different_parameters():
+    problem = _problem("mlp", "ce")
+    other = cl.Problem(problem.model, problem.loss_fn, problem.data, params=problem.params[:2])
+    with pytest.raises(ValueError, match="different parameters"):
+        cl.compare(cl.GGN(other), cl.GGN(problem))
