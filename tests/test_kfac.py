@@ -1,6 +1,7 @@
 """KFAC against the exact GGN where it is provably exact, against curvlinops, and its structure."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -311,3 +312,40 @@ def test_pi_damping_is_the_factored_inverse():
     )
     inverse = block.inverse(damping, pi_damping=True)
     assert_close_rel(inverse.to_dense(), torch.linalg.inv(damped.to_dense()), 1e-10, "pi-damped inverse")
+
+
+@pytest.mark.parametrize("other", ["exact", "diagonal"])
+@pytest.mark.parametrize("kind", [cl.KFAC, cl.EKFAC])
+def test_other_structure_for_unsupported_layers(other, kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3).double(), _Scale(), nn.Tanh(), nn.Linear(3, 2).double())
+    problem = cl.Problem(model, nn.MSELoss(), (torch.randn(5, 4, dtype=F64), torch.randn(5, 2, dtype=F64)))
+    approx = kind(problem, other_structure=other)
+    ggn = reference.ggn(problem)
+    index = torch.arange(15, 18)  # the three gains of _Scale
+    expected = ggn[index][:, index] if other == "exact" else torch.diag(torch.diagonal(ggn)[index])
+    assert_close_rel(approx.to_dense()[index][:, index], expected, 1e-12, other)
+    subset = [problem.params[i] for i in (0, 1, 3, 4)]
+    plain = kind(cl.Problem(model, nn.MSELoss(), problem.data, params=subset))
+    keep = torch.cat([torch.arange(0, 15), torch.arange(18, 26)])
+    assert_close_rel(approx.to_dense()[keep][:, keep], plain.to_dense(), 1e-12, "Kronecker blocks unchanged")
+
+
+def test_type2_matches_backpack_kflr():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import KFLR
+
+    problem = _problem("mlp", "ce", batch_sizes=(6,))
+    ours = cl.KFAC(problem, separate_weight_and_bias=True)
+    model = backpack.extend(copy.deepcopy(problem.model))  # BackPACK leaves hooks on what it extends
+    X, y = problem.data[0]
+    with backpack.backpack(KFLR()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        backpack.extend(nn.CrossEntropyLoss())(model(X), y).backward()
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    weight_blocks = [b for b in ours.blocks() if len(b.param_shapes[0]) == 2]
+    assert len(weights) == len(weight_blocks) == 2
+    for weight, block in zip(weights, weight_blocks):
+        G, A = weight.kflr
+        assert_close_rel(block.G, G, 1e-10, "G vs BackPACK KFLR")
+        assert_close_rel(block.A, A, 1e-10, "A vs BackPACK KFLR")

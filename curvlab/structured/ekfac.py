@@ -26,8 +26,8 @@ class EKFAC(KFAC):
 
     def __init__(self, problem, **options):
         super().__init__(problem, **options)
-        kfac_blocks = list(self.block_operators)
-        bases = [block.eigenbasis_form() for block in kfac_blocks]
+        kronecker_blocks = self.block_operators[: len(self.block_sources)]  # others: other_structure
+        bases = [block.eigenbasis_form() for block in kronecker_blocks]
         D = [torch.zeros_like(basis.D) for basis in bases]
         for _, inputs, grads in self._statistics():
             for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
@@ -39,7 +39,7 @@ class EKFAC(KFAC):
             basis.D = moments * c
         BlockDiagonalOperator.__init__(
             self,
-            list(zip(self.block_indices, bases)),
+            list(zip(self.block_indices, bases + self.block_operators[len(bases) :])),
             self.param_shapes,
             self.dtype,
             self.device,

@@ -47,6 +47,10 @@ class KFAC(BlockDiagonalOperator):
         separate_weight_and_bias: Give weight and bias separate blocks G ⊗ A_W
             and G ⊗ 1 instead of folding the bias into A.
         max_vectors: Backpropagated vectors per batched backward pass (memory).
+        other_structure: ``None`` (default): a parameter of a module without a
+            Kronecker rule is an error. ``"exact"``: such parameters get the exact
+            dense block of the same matrix (GGN for type-2, MC Fisher, empirical
+            Fisher), one block per module; ``"diagonal"``: its exact diagonal.
     """
 
     def __init__(
@@ -58,7 +62,10 @@ class KFAC(BlockDiagonalOperator):
         kfac_approx: str = "expand",
         separate_weight_and_bias: bool = False,
         max_vectors: int = 64,
+        other_structure: str | None = None,
     ):
+        if other_structure not in (None, "exact", "diagonal"):
+            raise ValueError(f"other_structure must be None, 'exact' or 'diagonal', got {other_structure!r}")
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         if kfac_approx not in KFAC_APPROX:
@@ -72,7 +79,9 @@ class KFAC(BlockDiagonalOperator):
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
         self.max_vectors = max_vectors
-        self.layers = find_layers(problem)
+        self.other_structure = other_structure
+        self.unsupported: list[int] = []
+        self.layers = find_layers(problem, self.unsupported if other_structure else None)
         self.factors = self._collect_factors()
         blocks = []
         self.block_sources: list[tuple[Layer, slice]] = []  # (layer, columns of ã) per block
@@ -81,9 +90,37 @@ class KFAC(BlockDiagonalOperator):
             for indices, block, columns in self._blocks_of(layer, A, G):
                 blocks.append((indices, block))
                 self.block_sources.append((layer, columns))
+        blocks.extend(self._other_blocks())
         super().__init__(
             blocks, [p.shape for p in problem.params], problem.dtype, problem.device, problem.param_names
         )
+
+    def _exact_operator(self, problem: Problem):
+        """The exact matrix this flavour approximates, over ``problem``'s parameters."""
+        from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
+
+        if self.fisher_type == "type-2":
+            return GGN(problem)
+        if self.fisher_type == "empirical":
+            return EmpiricalFisher(problem)
+        return Fisher(problem, mc_samples=self.mc_samples, seed=self.seed)
+
+    def _other_blocks(self):
+        """Blocks for parameters of modules without a Kronecker rule (``other_structure``)."""
+        if not self.unsupported:
+            return []
+        from curvlab.structured.diagonal import BlockDiagonal, Diagonal
+
+        exact = self._exact_operator(
+            self.problem.restrict([self.problem.params[i] for i in self.unsupported])
+        )
+        if self.other_structure == "diagonal":
+            return [(list(self.unsupported), Diagonal(exact))]
+        other = BlockDiagonal(exact, by="layer")
+        return [
+            ([self.unsupported[j] for j in indices], block)
+            for indices, block in zip(other.block_indices, other.block_operators)
+        ]
 
     def _statistics(self):
         return layer_statistics(

@@ -90,8 +90,8 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
         supported = ", ".join(cls.__name__ for cls in REGISTRY)
         raise UnsupportedError(
             f"module {name!r} ({type(module).__name__}) has parameters but no Kronecker rule; "
-            f"supported layers: {supported}. Leave its parameters out of the problem's params "
-            "to approximate the others"
+            f"supported layers: {supported}. Pass other_structure='exact' or 'diagonal' to give "
+            "its parameters an exact block or diagonal, or leave them out of the problem's params"
         )
     rule.check(module, name)
     return rule

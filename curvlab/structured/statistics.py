@@ -51,8 +51,14 @@ class Layer:
     bias: int | None
 
 
-def find_layers(problem: Problem) -> list[Layer]:
-    """Group the problem's parameters by module; error on unsupported modules."""
+def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[Layer]:
+    """Group the problem's parameters by module; error on unsupported modules.
+
+    Args:
+        problem: The problem.
+        unsupported: If given, indices of parameters of modules without a rule are
+            appended to it instead of raising.
+    """
     index_of = {id(p): i for i, p in enumerate(problem.params)}
     layers = []
     for name, module in problem.model.named_modules():
@@ -61,7 +67,13 @@ def find_layers(problem: Problem) -> list[Layer]:
         }
         if not owned:
             continue
-        rule = rule_for(module, name)
+        try:
+            rule = rule_for(module, name)
+        except UnsupportedError:
+            if unsupported is None:
+                raise
+            unsupported.extend(owned.values())
+            continue
         unknown = set(owned) - {"weight", "bias"}
         if unknown:
             raise UnsupportedError(
