@@ -13,6 +13,7 @@ from curvlab.errors import (
     UnsupportedError,
 )
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
+from curvlab.operators.dense import DenseOperator
 from curvlab.problem import Problem
 from curvlab.spectra import eigvalsh
 from curvlab.structured import (
@@ -41,6 +42,7 @@ __all__ = [
     "CurvatureOperator",
     "CurvlabError",
     "DataError",
+    "DenseOperator",
     "DenseTooLargeError",
     "EmpiricalFisher",
     "Fisher",

@@ -1,6 +1,7 @@
 """Diagonal, BlockDiagonal and compare against dense linear algebra."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -147,3 +148,18 @@ def test_compare_rejects_different_parameters():
     other = cl.Problem(problem.model, problem.loss_fn, problem.data, params=problem.params[:2])
     with pytest.raises(ValueError, match="different parameters"):
         cl.compare(cl.GGN(other), cl.GGN(problem))
+
+
+def test_partial_eigensolver_agrees_with_full(monkeypatch):
+    compare_module = importlib.import_module("curvlab.compare")  # the name curvlab.compare is the function
+
+    problem = _problem("conv2d", "ce")
+    kfac, ggn = cl.KFAC(problem), cl.GGN(problem)
+    full = cl.compare(kfac, ggn, k=4)
+    monkeypatch.setattr(compare_module, "FULL_EIGH_LIMIT", 5)
+    partial = cl.compare(kfac, ggn, k=4)
+    for key in ("rel_spectral", "topk_subspace_overlap"):
+        assert partial.overall[key] == pytest.approx(full.overall[key], rel=1e-8)
+    assert partial.overall["topk_eigenvalues_exact"] == pytest.approx(
+        full.overall["topk_eigenvalues_exact"], rel=1e-10
+    )
