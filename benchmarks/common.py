@@ -83,3 +83,27 @@ def run_child(script: str, args: list[str], timeout: float) -> dict:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["?"]
         return {"error": tail[0][:120]}
     return json.loads(lines[-1])
+
+
+def print_table(rows: dict, width: int = 16) -> None:
+    """Print measurements keyed ``(quantity, library)``: seconds, ratio to the gradient and to the best peer.
+
+    ``rows`` must hold ``("gradient", "torch")``; a row with ``"error"`` prints the error.
+    """
+    header = ("quantity", "library", "seconds", "x gradient", "x best peer", "peak MB")
+    print(f"{{:<{width}}}{{:<12}}{{:>10}}{{:>12}}{{:>13}}{{:>10}}".format(*header))
+    gradient = rows["gradient", "torch"].get("seconds", float("nan"))
+    for (quantity, library), row in rows.items():
+        if "error" in row:
+            print(f"{quantity:<{width}}{library:<12}  {row['error']}")
+            continue
+        peers = [
+            r["seconds"]
+            for (q, lib), r in rows.items()
+            if q == quantity and lib not in ("curvlab", "torch") and "seconds" in r
+        ]
+        versus = f"{row['seconds'] / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
+        ratio, megabytes = row["seconds"] / gradient, row["peak_bytes"] / 2**20
+        print(
+            f"{quantity:<{width}}{library:<12}{row['seconds']:>10.4f}{ratio:>12.2f}{versus}{megabytes:>10.1f}"
+        )

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_problem, median_seconds, peak_bytes_of, run_child  # noqa: E402
+from common import build_problem, median_seconds, peak_bytes_of, print_table, run_child  # noqa: E402
 
 import curvlab as cl  # noqa: E402
 
@@ -111,8 +111,6 @@ def main() -> None:
     print(f"threads={args.threads} device={args.device} torch={torch.__version__}")
     for problem_name in args.problems:
         print(f"\n{problem_name}")
-        header = ("quantity", "library", "seconds", "x gradient", "x best peer", "peak MB")
-        print("{:<11}{:<12}{:>10}{:>12}{:>13}{:>10}".format(*header))
         rows = {}
         for quantity in QUANTITIES:
             for library in IMPLEMENTATIONS[quantity]:
@@ -129,24 +127,7 @@ def main() -> None:
                     ],
                     args.timeout,
                 )
-        gradient_seconds = rows["gradient", "torch"]["seconds"]
-        for (quantity, library), row in rows.items():
-            if "error" in row:
-                print(f"{quantity:<11}{library:<12}  {row['error']}")
-                continue
-            peers = [
-                r["seconds"]
-                for (q, lib), r in rows.items()
-                if q == quantity and lib not in ("curvlab", "torch") and "seconds" in r
-            ]
-            versus_peer = (
-                f"{row['seconds'] / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
-            )
-            ratio = row["seconds"] / gradient_seconds
-            print(
-                f"{quantity:<11}{library:<12}{row['seconds']:>10.4f}{ratio:>12.2f}"
-                f"{versus_peer}{row['peak_bytes'] / 2**20:>10.1f}"
-            )
+        print_table(rows, width=11)
         results[problem_name] = {f"{q}/{lib}": r for (q, lib), r in rows.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_problem, median_seconds, peak_bytes_of, run_child  # noqa: E402
+from common import build_problem, median_seconds, peak_bytes_of, print_table, run_child  # noqa: E402
 
 import curvlab as cl  # noqa: E402
 
@@ -107,32 +107,13 @@ def main():
     print(f"threads={args.threads} torch={torch.__version__} (timeout {args.timeout:.0f} s per measurement)")
     for problem_name in args.problems:
         print(f"\n{problem_name}")
-        print(
-            "{:<16}{:<12}{:>10}{:>12}{:>13}{:>10}".format(
-                "quantity", "library", "seconds", "x gradient", "x best peer", "peak MB"
-            )
-        )
         rows = {
             (q, lib): run_child(
                 __file__, [problem_name, q, lib, "--threads", str(args.threads)], args.timeout
             )
             for q, lib in MEASUREMENTS
         }
-        gradient = rows["gradient", "torch"]["seconds"]
-        for (quantity, library), row in rows.items():
-            if "error" in row:
-                print(f"{quantity:<16}{library:<12}  {row['error']}")
-                continue
-            peers = [
-                r["seconds"]
-                for (q, lib), r in rows.items()
-                if q == quantity and lib not in ("curvlab", "torch") and "seconds" in r
-            ]
-            versus = f"{row['seconds'] / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
-            ratio, megabytes = row["seconds"] / gradient, row["peak_bytes"] / 2**20
-            print(
-                f"{quantity:<16}{library:<12}{row['seconds']:>10.3f}{ratio:>12.2f}{versus}{megabytes:>10.1f}"
-            )
+        print_table(rows)
         results[problem_name] = {f"{q}/{lib}": r for (q, lib), r in rows.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
