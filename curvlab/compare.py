@@ -27,7 +27,6 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from curvlab.errors import DenseTooLargeError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.memory import available_bytes
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
@@ -214,7 +213,6 @@ def compare(
 
 __all__ = [
     "ComparisonReport",
-    "DenseTooLargeError",
     "compare",
     "frobenius_estimate",
     "optimal_kronecker_rel_frobenius",
