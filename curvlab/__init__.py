@@ -1,7 +1,9 @@
 """curvlab: curvature analysis for PyTorch.
 
 Exact Hessian, GGN, Fisher and empirical Fisher as matrix-free operators that
-share one interface (``C @ v``, ``to_dense``, ``blocks``, ``to_scipy``, ``solve``).
+share one interface (``C @ v``, ``to_dense``, ``blocks``, ``to_scipy``, ``solve``),
+their structured approximations (KFAC, EKFAC, ACP, block-diagonal, diagonal),
+spectra and diagnostics of any of them, comparisons, HDF5 storage and plots.
 """
 
 from curvlab.compare import ComparisonReport, compare
@@ -15,7 +17,16 @@ from curvlab.errors import (
 from curvlab.operators import GGN, CurvatureOperator, EmpiricalFisher, Fisher, Hessian
 from curvlab.operators.dense import DenseOperator
 from curvlab.problem import Problem
-from curvlab.spectra import eigvalsh
+from curvlab.spectra import (
+    condition_number,
+    curvature_along_gradient,
+    eigvalsh,
+    learning_rate,
+    negative_eigenvalue_share,
+    spectral_density,
+    top_eigen,
+    trace,
+)
 from curvlab.structured import (
     ACP,
     EKFAC,
@@ -54,4 +65,11 @@ __all__ = [
     "compare",
     "ComparisonReport",
     "eigvalsh",
+    "top_eigen",
+    "trace",
+    "spectral_density",
+    "condition_number",
+    "negative_eigenvalue_share",
+    "curvature_along_gradient",
+    "learning_rate",
 ]

@@ -185,6 +185,17 @@ class Problem:
             total = sum(self.batch_loss(self.params, X, y) for X, y in self.batches())
         return total * self.reduction_factor
 
+    def gradient(self) -> Tensor:
+        """∇_θ R over all batches, flat ``(n,)`` in parameter order (the model is not touched)."""
+        total = [torch.zeros_like(p) for p in self.params]
+        for X, y in self.batches():
+            params = [p.detach().requires_grad_(True) for p in self.params]
+            grads = torch.autograd.grad(self.batch_loss(params, X, y), params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g)
+        return torch.cat([t.reshape(-1) for t in total]) * self.reduction_factor
+
     def restrict(self, params: Sequence[Tensor]) -> Problem:
         """The same problem with curvature taken over ``params`` only (a block)."""
         clone = object.__new__(Problem)

@@ -58,13 +58,75 @@ class Hessian(ProblemOperator):
 
     Reverse-over-reverse: the batch gradient is built with a graph, then pulled
     back along the k vectors in one batched pass (``is_grads_batched``).
+
+    Args:
+        problem: The problem.
+        cache_graph: Keep the gradient's graph between products, so repeated
+            products (Lanczos, traces, CG) only pay the second backward pass
+            (about 1.3 gradients instead of 2–3). ``None`` (default): cache when the
+            data is a single in-memory batch, where the graph is no larger than one
+            product's peak memory. The cache is rebuilt whenever a parameter,
+            buffer or the data is modified in place (an optimizer step), and
+            dropped by ``clear_cache()``.
     """
+
+    def __init__(self, problem: Problem, cache_graph: bool | None = None):
+        super().__init__(problem)
+        self.cache_graph = cache_graph
+        self._cache = None
+
+    def _options(self):
+        return {"cache_graph": self.cache_graph}
+
+    def clear_cache(self) -> None:
+        """Free the cached gradient graph."""
+        self._cache = None
+
+    def _caching(self) -> bool:
+        if self.cache_graph is None:
+            return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
+        return bool(self.cache_graph)
+
+    def _state_key(self) -> tuple:
+        """Identity and in-place version of everything the gradient depends on."""
+        tensors = [*self.problem.params, *self.problem.model.buffers()]
+        tensors += [t for batch in self.problem.data for t in batch]
+        return tuple((id(t), t._version) for t in tensors)
+
+    def _gradient_graphs(self):
+        """Per batch: (leaf parameters, gradient with graph, connected indices)."""
+        graphs = []
+        for X, y in self.problem.batches():
+            params = [p.detach().requires_grad_(True) for p in self.problem.params]
+            loss = self.problem.batch_loss(params, X, y)
+            gradient = torch.autograd.grad(loss, params, create_graph=True)
+            connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+            graphs.append((params, gradient, connected))
+        return graphs
+
+    def _matmat(self, Vs):
+        if not self._caching():
+            return super()._matmat(Vs)
+        key = self._state_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the stale graph before building the new one
+            self._cache = (key, self._gradient_graphs())
+        total = None
+        for graph in self._cache[1]:
+            part = self._pull_back(*graph, Vs, retain_graph=True)
+            total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
+        return [t.mul_(self.problem.reduction_factor) for t in total]
 
     def _batch_matmat(self, X, y, index, Vs):
         params = [p.detach().requires_grad_(True) for p in self.problem.params]
         loss = self.problem.batch_loss(params, X, y)
         gradient = torch.autograd.grad(loss, params, create_graph=True)
         connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+        return self._pull_back(params, gradient, connected, Vs, retain_graph=False)
+
+    @staticmethod
+    def _pull_back(params, gradient, connected, Vs, retain_graph: bool) -> list[Tensor]:
+        """(∂g/∂θ)ᵀ V for the k columns of V: one batched backward pass."""
         results = [torch.zeros_like(V) for V in Vs]
         if not connected:  # the gradient does not depend on θ: H = 0
             return results
@@ -75,6 +137,7 @@ class Hessian(ProblemOperator):
             [Vs[i][0] if single else Vs[i] for i in connected],
             is_grads_batched=not single,
             allow_unused=True,
+            retain_graph=retain_graph,
         )
         for i, product in enumerate(products):
             if product is not None:

@@ -1,0 +1,296 @@
+"""Spectra: Lanczos top-k, traces, SLQ densities and diagnostics against dense linear algebra."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab import reference
+from tests.cases import CASES
+from tests.helpers import assert_close_rel
+
+SPECTRA_CASES = [
+    c for c in CASES if c.name in ("mlp_tanh_mse_mean", "mlp_relu_ce_mean_3batches", "conv2d_ce_mean")
+]
+
+
+def _dense_operator(eigenvalues: torch.Tensor, seed: int = 0) -> cl.DenseOperator:
+    generator = torch.Generator().manual_seed(seed)
+    n = eigenvalues.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return cl.DenseOperator((Q * eigenvalues) @ Q.T, [(n,)])
+
+
+@pytest.fixture(params=SPECTRA_CASES, ids=lambda c: c.name)
+def spectra_problem(request):
+    return request.param.build(torch.float64)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_eigen_hessian_matches_eigvalsh(spectra_problem, which, k):
+    H = cl.Hessian(spectra_problem)
+    exact = torch.linalg.eigvalsh(reference.hessian_matrix(spectra_problem))
+    key = {"largest": -exact, "smallest": exact, "magnitude": -exact.abs()}[which]
+    expected = exact[torch.argsort(key)[:k]]
+    result = cl.top_eigen(H, k, which, progress=False)
+    assert result.converged
+    assert_close_rel(result.values, expected, 1e-8, f"top-{k} {which}")
+    assert (result.residuals <= 1e-6 * exact.abs().max()).all()
+    H_dense = reference.hessian_matrix(spectra_problem)
+    true_residuals = (H_dense @ result.vectors - result.vectors * result.values).norm(dim=0)
+    assert_close_rel(result.residuals, true_residuals, 1e-6, "reported residuals")
+    assert_close_rel(
+        result.vectors.T @ result.vectors, torch.eye(k, dtype=torch.float64), 1e-10, "orthonormal"
+    )
+
+
+def test_top_eigen_unpacks_to_values_and_vectors(spectra_problem):
+    G = cl.GGN(spectra_problem)
+    values, vectors = cl.top_eigen(G, 2, progress=False)
+    assert values.shape == (2,) and vectors.shape == (G.shape[0], 2)
+
+
+@pytest.mark.parametrize("basis_size", [6, 12])
+def test_top_eigen_thick_restart_finds_clustered_eigenvalues(basis_size):
+    eigenvalues = torch.cat(
+        [
+            torch.linspace(0, 1, 196, dtype=torch.float64),
+            torch.tensor([1.5, 1.51, 1.52, 3.0], dtype=torch.float64),
+        ]
+    )
+    D = _dense_operator(eigenvalues)
+    result = cl.top_eigen(D, 4, basis_size=basis_size, tol=1e-9, progress=False)
+    assert result.converged
+    assert result.num_matvecs > basis_size  # it did restart
+    assert_close_rel(result.values, torch.tensor([3.0, 1.52, 1.51, 1.5], dtype=torch.float64), 1e-12)
+
+
+def test_top_eigen_is_reproducible_and_seed_dependent():
+    D = _dense_operator(torch.linspace(-1, 2, 120, dtype=torch.float64))
+    first = cl.top_eigen(D, 2, seed=3, progress=False)
+    again = cl.top_eigen(D, 2, seed=3, progress=False)
+    other = cl.top_eigen(D, 2, seed=4, progress=False)
+    assert torch.equal(first.values, again.values) and torch.equal(first.vectors, again.vectors)
+    assert not torch.equal(first.vectors, other.vectors)
+
+
+def test_top_eigen_of_a_low_rank_matrix_exhausts_the_krylov_space():
+    eigenvalues = torch.zeros(50, dtype=torch.float64)
+    eigenvalues[:3] = torch.tensor([2.0, 1.0, 0.5])
+    result = cl.top_eigen(_dense_operator(eigenvalues), 3, progress=False)
+    assert_close_rel(result.values, eigenvalues[:3], 1e-12)
+
+
+def test_top_eigen_warns_when_not_converged():
+    D = _dense_operator(torch.linspace(0, 1, 300, dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        result = cl.top_eigen(D, 1, max_matvecs=5, tol=1e-12, progress=False)
+    assert not result.converged
+
+
+def test_top_eigen_rejects_bad_arguments():
+    D = _dense_operator(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="which"):
+        cl.top_eigen(D, 1, "biggest")
+    with pytest.raises(ValueError, match="between 1 and n"):
+        cl.top_eigen(D, 6)
+
+
+def test_top_eigen_on_kfac_finds_its_distinct_top_eigenvalues():
+    # Kronecker products repeat eigenvalues; single-vector Lanczos finds each
+    # distinct eigenvalue once (documented), so compare with the distinct ones.
+    problem = CASES[0].build(torch.float64)
+    K = cl.KFAC(problem)
+    exact = cl.eigvalsh(K).flip(0)
+    distinct = [exact[0]]
+    for value in exact[1:]:
+        if distinct[-1] - value > 1e-8 * exact[0]:
+            distinct.append(value)
+    result = cl.top_eigen(K, 3, progress=False)
+    assert_close_rel(result.values, torch.stack(distinct[:3]), 1e-8)
+
+
+# ------------------------------------------------------------------ traces
+def test_exact_trace_matches_dense(spectra_problem):
+    G = cl.GGN(spectra_problem)
+    estimate = cl.trace(G, "exact")
+    assert estimate.value == pytest.approx(reference.ggn(spectra_problem).trace().item(), rel=1e-10)
+    assert estimate.standard_error == 0.0
+    K = cl.KFAC(spectra_problem)
+    assert cl.trace(K, "exact").value == pytest.approx(K.to_dense().trace().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_estimate_within_its_standard_error(spectra_problem, method):
+    G = cl.GGN(spectra_problem)
+    exact = reference.ggn(spectra_problem).trace().item()
+    estimate = cl.trace(G, method, num_matvecs=60, seed=0, progress=False)
+    assert estimate.num_matvecs == 60
+    assert abs(estimate.value - exact) <= 4 * estimate.standard_error + 1e-10 * abs(exact)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_standard_error_is_calibrated(method):
+    D = _dense_operator(1.0 / torch.arange(1, 101, dtype=torch.float64))
+    exact = D.trace().item()
+    z = torch.tensor(
+        [(lambda t: (t.value - exact) / t.standard_error)(cl.trace(D, method, 30, seed=s)) for s in range(60)]
+    )
+    assert (z.abs() < 2).double().mean() >= 0.8, z
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_is_reproducible(method):
+    D = _dense_operator(torch.linspace(0, 1, 80, dtype=torch.float64))
+    assert cl.trace(D, method, 30, seed=2).value == cl.trace(D, method, 30, seed=2).value
+    assert cl.trace(D, method, 30, seed=2).value != cl.trace(D, method, 30, seed=3).value
+
+
+def test_hutchpp_has_lower_variance_than_hutchinson_at_equal_matvecs():
+    # A decaying spectrum, where the sketch of Hutch++ captures the dominant part.
+    D = _dense_operator(1.0 / torch.arange(1, 201, dtype=torch.float64) ** 2)
+    exact = D.trace().item()
+    errors = {
+        method: torch.tensor([cl.trace(D, method, 30, seed=s).value - exact for s in range(40)])
+        for method in ("hutchinson", "hutch++")
+    }
+    mse = {method: (e**2).mean().item() for method, e in errors.items()}
+    assert mse["hutch++"] < 0.2 * mse["hutchinson"], mse
+
+
+def test_trace_rejects_too_few_matvecs():
+    D = _dense_operator(torch.ones(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="hutch\\+\\+ needs"):
+        cl.trace(D, "hutch++", 5)
+    with pytest.raises(ValueError, match="method"):
+        cl.trace(D, "girard")
+
+
+# ------------------------------------------------------------------ spectral density
+def test_slq_density_integrates_to_one_and_is_nonnegative(spectra_problem):
+    density = cl.spectral_density(cl.Hessian(spectra_problem), num_probes=8, lanczos_steps=20, progress=False)
+    assert (density.density >= 0).all()
+    assert torch.trapezoid(density.density, density.grid).item() == pytest.approx(1.0, abs=1e-6)
+    assert_close_rel(density.weights.sum(1), torch.ones(8, dtype=torch.float64), 1e-12, "weights")
+
+
+def test_slq_quadrature_reproduces_probe_moments_exactly():
+    # Gauss quadrature with m nodes is exact for vᵀ C^p v, p ≤ 2m − 1, for the probe v.
+    D = _dense_operator(torch.linspace(-1, 3, 60, dtype=torch.float64))
+    M = D.to_dense()
+    density = cl.spectral_density(D, num_probes=1, lanczos_steps=6, seed=7, progress=False)
+    signs = torch.randint(0, 2, (1, 60), generator=torch.Generator().manual_seed(7), dtype=torch.int8)
+    v = (2 * signs - 1).double().squeeze(0)
+    for power in range(0, 12):
+        expected = (v @ torch.linalg.matrix_power(M, power) @ v).item() / 60
+        assert density.moment(power) == pytest.approx(expected, rel=1e-9, abs=1e-12), power
+
+
+def test_slq_moments_match_trace_moments(spectra_problem):
+    G = reference.ggn(spectra_problem)
+    n = G.shape[0]
+    density = cl.spectral_density(
+        cl.GGN(spectra_problem), num_probes=200, lanczos_steps=10, seed=0, progress=False
+    )
+    for power in (1, 2):
+        exact = torch.linalg.matrix_power(G, power).trace().item() / n
+        # Rademacher quadratic forms: relative spread well under 1/√(probes) · 3 here.
+        assert density.moment(power) == pytest.approx(exact, rel=0.25), power
+
+
+def test_slq_with_full_steps_recovers_the_eigenvalues():
+    eigenvalues = torch.tensor([0.0, 0.0, 1.0, 2.0, 2.0, 5.0], dtype=torch.float64)
+    density = cl.spectral_density(_dense_operator(eigenvalues), num_probes=4, lanczos_steps=6, progress=False)
+    nodes = density.nodes[density.weights > 1e-12]
+    for node in nodes:
+        assert (eigenvalues - node).abs().min() < 1e-10
+
+
+def test_slq_is_reproducible():
+    D = _dense_operator(torch.linspace(0, 1, 40, dtype=torch.float64))
+    a = cl.spectral_density(D, num_probes=3, lanczos_steps=5, seed=1, progress=False)
+    b = cl.spectral_density(D, num_probes=3, lanczos_steps=5, seed=1, probes_per_pass=1, progress=False)
+    assert_close_rel(a.density, b.density, 1e-12, "density does not depend on batching of probes")
+
+
+# ------------------------------------------------------------------ diagnostics
+def test_condition_number_exact_uses_the_rank_cutoff(spectra_problem):
+    G = cl.GGN(spectra_problem)
+    eigenvalues = torch.linalg.eigvalsh(reference.ggn(spectra_problem))
+    result = cl.condition_number(G, rtol=1e-6, method="exact")
+    above = eigenvalues[eigenvalues > 1e-6 * eigenvalues[-1]]
+    assert result.rank == len(above)
+    assert result.value == pytest.approx((eigenvalues[-1] / above[0]).item(), rel=1e-8)
+
+
+def test_condition_number_by_lanczos_matches_exact_for_a_definite_matrix():
+    D = _dense_operator(torch.logspace(-2, 1, 150, dtype=torch.float64))
+    exact = cl.condition_number(D, method="exact")
+    lanczos = cl.condition_number(D, method="lanczos", progress=False, tol=1e-8, basis_size=60)
+    assert lanczos.value == pytest.approx(exact.value, rel=1e-6) and exact.value == pytest.approx(
+        1000, rel=1e-10
+    )
+
+
+def test_condition_number_of_a_singular_matrix_by_lanczos_is_infinite():
+    eigenvalues = torch.cat(
+        [torch.zeros(20, dtype=torch.float64), torch.linspace(1, 2, 30, dtype=torch.float64)]
+    )
+    result = cl.condition_number(_dense_operator(eigenvalues), method="lanczos", progress=False)
+    assert math.isinf(result.value)
+    assert cl.condition_number(_dense_operator(eigenvalues), method="exact").value == pytest.approx(2.0)
+
+
+def test_negative_eigenvalue_share(spectra_problem):
+    H = cl.Hessian(spectra_problem)
+    eigenvalues = torch.linalg.eigvalsh(reference.hessian_matrix(spectra_problem))
+    expected = (eigenvalues < -1e-8 * eigenvalues.abs().max()).double().mean().item()
+    assert cl.negative_eigenvalue_share(H, method="exact") == pytest.approx(expected)
+    estimate = cl.negative_eigenvalue_share(H, method="slq", num_probes=100, lanczos_steps=30, progress=False)
+    assert estimate == pytest.approx(expected, abs=0.08)
+
+
+def test_curvature_along_the_gradient(spectra_problem):
+    H = cl.Hessian(spectra_problem)
+    g = spectra_problem.gradient()
+    H_dense = reference.hessian_matrix(spectra_problem)
+    result = cl.curvature_along_gradient(H)
+    gHg = (g @ H_dense @ g).item()
+    assert result.g_dot_g == pytest.approx((g @ g).item(), rel=1e-12)
+    assert result.g_C_g == pytest.approx(gHg, rel=1e-10)
+    if gHg > 0:
+        assert result.best_step == pytest.approx((g @ g).item() / gHg, rel=1e-10)
+        assert result.predicted_decrease == pytest.approx((g @ g).item() ** 2 / (2 * gHg), rel=1e-10)
+
+
+def test_problem_gradient_matches_autograd_on_the_risk(spectra_problem):
+    problem = spectra_problem
+    total = sum(problem.batch_loss(problem.params, X, y) for X, y in problem.batches())
+    grads = torch.autograd.grad(total * problem.reduction_factor, problem.params)
+    assert_close_rel(problem.gradient(), torch.cat([g.reshape(-1) for g in grads]), 1e-12, "gradient")
+
+
+def test_learning_rate_is_inverse_top_eigenvalue(spectra_problem):
+    G = cl.GGN(spectra_problem)
+    lambda_max = torch.linalg.eigvalsh(reference.ggn(spectra_problem))[-1].item()
+    assert cl.learning_rate(G, progress=False) == pytest.approx(1 / lambda_max, rel=1e-8)
+
+
+# ------------------------------------------------------------------ Hessian graph cache
+def test_cached_hessian_follows_in_place_parameter_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    problem = cl.Problem(model, nn.MSELoss(), data)
+    cached = cl.Hessian(problem)
+    assert cached._caching()
+    v = torch.randn(cached.shape[0], dtype=torch.float64)
+    before = cached @ v
+    assert_close_rel(cached @ v, before, 1e-14, "cache reused")
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    assert_close_rel(cached @ v, cl.Hessian(problem, cache_graph=False) @ v, 1e-12, "after the update")
+    assert_close_rel(cached @ v, reference.hessian_matrix(problem) @ v, 1e-10, "reference")
