@@ -27,6 +27,7 @@ from curvlab.spectra import (
     top_eigen,
     trace,
 )
+from curvlab.storage import Store, StoreError
 from curvlab.structured import (
     ACP,
     EKFAC,
@@ -60,6 +61,8 @@ __all__ = [
     "Hessian",
     "NotPositiveDefiniteError",
     "Problem",
+    "Store",
+    "StoreError",
     "UnsupportedError",
     "__version__",
     "compare",

@@ -1,0 +1,465 @@
+r"""HDF5 store of curvature results: a versioned schema, atomic appends, validated reads.
+
+Schema (version 1), readable with plain h5py::
+
+    /                      attrs: format="curvlab", schema_version=1, created, curvlab_version
+    /records/00000000      one group per record, numbered in write order
+        attrs: kind, name, step (-1: none), created, curvature, method,
+               settings (JSON), provenance (JSON)
+        datasets, by kind:
+          eigenvalues       values (n,)
+          top_eigen         values (k,), residuals (k,), [vectors (n, k)]
+          spectral_density  grid (g,), density (g,), nodes (p, m), weights (p, m)
+          trace             value (), standard_error ()
+          scalars           one 0-d dataset per named scalar
+          dense_block       matrix (n, n)
+          kfac_factors      <layer>/A (a, a), <layer>/G (g, g) subgroups
+          comparison        overall/ and blocks/000.../: scalar metrics as attrs,
+                            list metrics as datasets; attrs approx, exact
+
+Every record carries provenance: curvature kind and options, method and its
+settings, seed, dtype, device, parameter count, model, loss and reduction, data
+set name and size, training step, curvlab/torch/h5py versions and the time.
+
+Nothing is lost on a crash: an append copies the file, writes the new records
+into the copy, flushes it to disk and atomically renames it over the original
+(``os.replace``). A killed writer leaves the previous file untouched (and at
+worst a stray hidden ``.*.tmp`` file, removed by the next append). Appends are
+serialised by a lock file, so several processes may append to one file.
+Cost: one copy of the file per append; group a checkpoint's records with
+``Store.transaction()`` to pay it once. Only arrays, numbers and JSON strings are
+written: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from curvlab.errors import CurvlabError
+
+FORMAT = "curvlab"
+SCHEMA_VERSION = 1
+
+REQUIRED = {
+    "eigenvalues": {"values": 1},
+    "top_eigen": {"values": 1, "residuals": 1},
+    "spectral_density": {"grid": 1, "density": 1, "nodes": 2, "weights": 2},
+    "trace": {"value": 0, "standard_error": 0},
+    "scalars": {},
+    "dense_block": {"matrix": 2},
+    "kfac_factors": {},
+    "comparison": {},
+}
+KINDS = tuple(REQUIRED)
+
+# Options that describe how a curvature object was built (where present).
+_CURVATURE_OPTIONS = (
+    "fisher_type",
+    "mc_samples",
+    "seed",
+    "kfac_approx",
+    "separate_weight_and_bias",
+    "alpha",
+    "method_used",
+    "by",
+    "cache_graph",
+)
+
+
+class StoreError(CurvlabError):
+    """A file that is not a valid curvlab store, or a record that cannot be stored."""
+
+
+@dataclass
+class Record:
+    """One stored result.
+
+    Attributes:
+        kind: One of ``KINDS``.
+        name: A label, e.g. ``"hessian"`` or ``"kfac_vs_ggn"``.
+        step: Training step, or ``None``.
+        data: Arrays (and for ``comparison``/``kfac_factors`` nested dicts).
+        settings: The method's settings (JSON-serialisable).
+        provenance: Where the result came from (JSON-serialisable).
+        index: Position in the file (set when read).
+    """
+
+    kind: str
+    name: str
+    step: int | None = None
+    data: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    index: int | None = None
+
+    @property
+    def method(self) -> str:
+        """The method that produced it (from the settings)."""
+        return str(self.settings.get("method", ""))
+
+
+# ---------------------------------------------------------------- provenance
+def _jsonable(value):
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.generic, Tensor)) and np.ndim(value) == 0:
+        return _jsonable(value.item())
+    return str(value)
+
+
+def describe_curvature(C) -> dict:
+    """Kind and construction options of a curvature object (for provenance)."""
+    description = {"kind": type(C).__name__, "num_params": int(C.shape[0])}
+    for option in _CURVATURE_OPTIONS:
+        if hasattr(C, option):
+            description[option] = _jsonable(getattr(C, option))
+    description["dtype"] = str(C.dtype)
+    description["device"] = str(C.device)
+    return description
+
+
+def provenance(curvature=None, problem=None, dataset: str | None = None, **extra) -> dict:
+    """Provenance of a result: curvature, problem, data, versions, time, and ``extra``."""
+    from curvlab import __version__
+
+    problem = problem if problem is not None else getattr(curvature, "problem", None)
+    record = {
+        "curvlab_version": __version__,
+        "torch_version": torch.__version__,
+        "h5py_version": h5py.__version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if curvature is not None:
+        record["curvature"] = describe_curvature(curvature)
+    if problem is not None:
+        record.update(
+            model=str(problem.model),
+            loss=problem.loss_rule.name,
+            reduction=problem.loss_rule.reduction,
+            num_examples=problem.num_examples,
+            num_batches=problem.num_batches,
+            num_params=problem.num_params,
+            dtype=str(problem.dtype),
+            device=str(problem.device),
+        )
+    if dataset is not None:
+        record["dataset"] = dataset
+    record.update({k: _jsonable(v) for k, v in extra.items()})
+    return record
+
+
+# ---------------------------------------------------------------- results → records
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def to_record(name: str, result, step: int | None = None, settings: dict | None = None, **provenance_options):
+    """A ``Record`` from a curvlab result (see the module docstring for the kinds).
+
+    Args:
+        name: The record's label.
+        result: A 1-d tensor (eigenvalues), 2-d tensor (dense block), ``EigenResult``,
+            ``SpectralDensity``, ``TraceEstimate``, ``ComparisonReport``, ``KFAC``
+            (its factors), a dataclass of numbers or a dict of numbers (scalars).
+        step: Training step.
+        settings: The method's settings, e.g. ``{"method": "lanczos", "tol": 1e-6}``.
+        **provenance_options: Passed to ``provenance`` (curvature, problem, dataset, ...).
+    """
+    from curvlab.compare import ComparisonReport
+    from curvlab.spectra import EigenResult, SpectralDensity, TraceEstimate
+    from curvlab.structured.kfac import KFAC
+
+    settings = dict(settings or {})
+    if isinstance(result, Tensor) and result.dim() == 1:
+        kind, data = "eigenvalues", {"values": _numpy(result)}
+        settings.setdefault("method", "exact")
+    elif isinstance(result, Tensor) and result.dim() == 2:
+        kind, data = "dense_block", {"matrix": _numpy(result)}
+    elif isinstance(result, EigenResult):
+        kind = "top_eigen"
+        data = {"values": _numpy(result.values), "residuals": _numpy(result.residuals)}
+        if settings.pop("save_vectors", False):
+            data["vectors"] = _numpy(result.vectors)
+        settings.setdefault("method", "lanczos")
+        settings.update(num_matvecs=result.num_matvecs, converged=result.converged)
+    elif isinstance(result, SpectralDensity):
+        kind = "spectral_density"
+        data = {k: _numpy(getattr(result, k)) for k in ("grid", "density", "nodes", "weights")}
+        settings.setdefault("method", "slq")
+        settings.update(
+            sigma=result.sigma,
+            num_probes=result.num_probes,
+            lanczos_steps=result.lanczos_steps,
+            seed=result.seed,
+            num_params=result.num_params,
+        )
+    elif isinstance(result, TraceEstimate):
+        kind = "trace"
+        data = {"value": np.float64(result.value), "standard_error": np.float64(result.standard_error)}
+        settings.update(method=result.method, num_matvecs=result.num_matvecs, seed=result.seed)
+    elif isinstance(result, ComparisonReport):
+        kind, data = "comparison", result.to_dict()
+    elif isinstance(result, KFAC):
+        kind = "kfac_factors"
+        data = {layer: {"A": _numpy(A), "G": _numpy(G)} for layer, (A, G) in result.factors.items()}
+        provenance_options.setdefault("curvature", result)
+    elif dataclasses.is_dataclass(result) or isinstance(result, dict):
+        values = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+        kind = "scalars"
+        data = {}
+        for key, value in values.items():
+            if isinstance(value, str):
+                settings[key] = value
+            elif value is not None:
+                data[key] = np.float64(float(value))
+    else:
+        raise StoreError(f"cannot store a {type(result).__name__}; see curvlab.storage for the kinds")
+    return Record(kind, name, step, data, _jsonable(settings), provenance(**provenance_options))
+
+
+# ---------------------------------------------------------------- writing
+def _write_tree(group: h5py.Group, tree: dict) -> None:
+    """Nested dicts → subgroups; scalars/strings → attrs; arrays/lists → datasets."""
+    for key, value in tree.items():
+        key = str(key).replace("/", "|")
+        if isinstance(value, dict):
+            _write_tree(group.create_group(key), value)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            rows = group.create_group(key)
+            for i, row in enumerate(value):
+                _write_tree(rows.create_group(f"{i:03d}"), row)
+        elif isinstance(value, (np.ndarray, np.generic, Tensor)):
+            group.create_dataset(key, data=_numpy(value))
+        elif isinstance(value, (str, bool, int, float)):
+            group.attrs[key] = value
+        elif value is None:
+            continue
+        else:
+            group.create_dataset(key, data=_numpy(value))
+
+
+def _write_record(records: h5py.Group, index: int, record: Record) -> None:
+    group = records.create_group(f"{index:08d}")
+    group.attrs["kind"] = record.kind
+    group.attrs["name"] = record.name
+    group.attrs["step"] = -1 if record.step is None else int(record.step)
+    group.attrs["created"] = record.provenance.get("time", "")
+    group.attrs["curvature"] = record.provenance.get("curvature", {}).get("kind", "")
+    group.attrs["method"] = record.method
+    group.attrs["settings"] = json.dumps(_jsonable(record.settings))
+    group.attrs["provenance"] = json.dumps(_jsonable(record.provenance))
+    _write_tree(group, record.data)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """An HDF5 file of curvature records: ``save`` appends, ``records`` reads.
+
+    Args:
+        path: The ``.h5`` file (created on the first save).
+
+    Example:
+        >>> store = Store("run.h5")                                   # doctest: +SKIP
+        >>> store.save("hessian", cl.top_eigen(H, 5), step=100, curvature=H)  # doctest: +SKIP
+        >>> [r.name for r in store.records(kind="top_eigen")]         # doctest: +SKIP
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._pending: list[Record] | None = None
+
+    # ---------------------------------------------------------------- append
+    def save(
+        self, name: str, result, step: int | None = None, settings: dict | None = None, **provenance_options
+    ):
+        """Append one result (see ``to_record`` for what can be stored)."""
+        self.append(to_record(name, result, step, settings, **provenance_options))
+
+    def append(self, *records: Record) -> None:
+        """Append records atomically (all or none)."""
+        for record in records:
+            if record.kind not in KINDS:
+                raise StoreError(f"unknown record kind {record.kind!r}; known: {KINDS}")
+        if self._pending is not None:
+            self._pending.extend(records)
+            return
+        self._commit(list(records))
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group saves into one atomic append (e.g. everything of one checkpoint)."""
+        if self._pending is not None:
+            raise StoreError("transactions do not nest")
+        self._pending = []
+        try:
+            yield self
+            pending, self._pending = self._pending, None
+            if pending:
+                self._commit(pending)
+        finally:
+            self._pending = None
+
+    def _commit(self, records: list[Record]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for stray in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stray.unlink(missing_ok=True)  # left by a writer that was killed
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            try:
+                if self.path.exists():
+                    _validate_header(self.path)
+                    shutil.copyfile(self.path, temporary)
+                with h5py.File(temporary, "a") as f:
+                    if "format" not in f.attrs:
+                        from curvlab import __version__
+
+                        f.attrs["format"] = FORMAT
+                        f.attrs["schema_version"] = SCHEMA_VERSION
+                        f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+                        f.attrs["curvlab_version"] = __version__
+                        f.create_group("records")
+                    group = f["records"]
+                    start = len(group)
+                    for offset, record in enumerate(records):
+                        _write_record(group, start + offset, record)
+                _fsync(temporary)
+                os.replace(temporary, self.path)
+                _fsync(self.path.parent)
+            finally:
+                temporary.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- read
+    def records(self, kind: str | None = None, name: str | None = None) -> list[Record]:
+        """All records (validated), optionally only of one kind and/or name, in write order."""
+        return [
+            r
+            for r in read(self.path)
+            if (kind is None or r.kind == kind) and (name is None or r.name == name)
+        ]
+
+    def __len__(self) -> int:
+        return len(read(self.path)) if self.path.exists() else 0
+
+
+# ---------------------------------------------------------------- reading and validation
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise StoreError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {error}") from error
+
+
+def _check_header(f: h5py.File, path: Path) -> None:
+    if f.attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a curvlab file (no format='curvlab' attribute)")
+    version = int(f.attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written with schema version {version} by a newer curvlab; "
+            f"this curvlab reads versions ≤ {SCHEMA_VERSION}: upgrade curvlab"
+        )
+    if version < 1:
+        raise StoreError(f"{path}: invalid schema_version {version}")
+    if "records" not in f:
+        raise StoreError(f"{path}: missing /records group")
+
+
+def _validate_header(path: Path) -> None:
+    with _open(path) as f:
+        _check_header(f, path)
+
+
+def _read_tree(group: h5py.Group) -> dict:
+    tree = {
+        key: (value.decode() if isinstance(value, bytes) else value) for key, value in group.attrs.items()
+    }
+    for key, item in group.items():
+        tree[key] = _read_tree(item) if isinstance(item, h5py.Group) else item[()]
+    return tree
+
+
+def _read_record(group: h5py.Group, path: Path) -> Record:
+    where = f"{path}: record {group.name}"
+    for attribute in ("kind", "name", "step", "settings", "provenance"):
+        if attribute not in group.attrs:
+            raise StoreError(f"{where}: missing attribute {attribute!r}")
+    kind = group.attrs["kind"]
+    if kind not in KINDS:
+        raise StoreError(f"{where}: unknown kind {kind!r}")
+    for dataset, ndim in REQUIRED[kind].items():
+        if dataset not in group or not isinstance(group[dataset], h5py.Dataset):
+            raise StoreError(f"{where}: kind {kind!r} needs dataset {dataset!r}")
+        if group[dataset].ndim != ndim:
+            raise StoreError(f"{where}: dataset {dataset!r} has {group[dataset].ndim} dims, expected {ndim}")
+    try:
+        settings = json.loads(group.attrs["settings"])
+        origin = json.loads(group.attrs["provenance"])
+    except (json.JSONDecodeError, TypeError) as error:
+        raise StoreError(f"{where}: invalid JSON in settings/provenance: {error}") from error
+    data = {k: v for k, v in _read_tree(group).items() if k not in group.attrs}
+    if kind == "comparison":
+        data = _read_tree(group)
+        for key in ("kind", "name", "step", "created", "curvature", "method", "settings", "provenance"):
+            data.pop(key, None)
+        data["blocks"] = [data["blocks"][k] for k in sorted(data.get("blocks", {}))]
+    step = int(group.attrs["step"])
+    return Record(
+        kind,
+        str(group.attrs["name"]),
+        None if step < 0 else step,
+        data,
+        settings,
+        origin,
+        int(group.name.rsplit("/", 1)[1]),
+    )
+
+
+def read(path) -> list[Record]:
+    """All records of a store file, validated.
+
+    Raises:
+        StoreError: for a missing, foreign, truncated or newer-version file, or a
+            malformed record (naming it).
+    """
+    path = Path(path)
+    with _open(path) as f:
+        _check_header(f, path)
+        try:
+            return [_read_record(f["records"][key], path) for key in sorted(f["records"])]
+        except (OSError, KeyError) as error:
+            raise StoreError(f"{path}: corrupt record data: {error}") from error
