@@ -1,121 +1,213 @@
-"""The ``curvlab`` command.
+"""The ``curvlab`` command: ``analyze`` (the main job), ``show`` and ``plot`` of its files.
 
-``curvlab analyze`` trains a small MLP on the embedded digits data and reports
-the four exact curvature matrices (Hessian, GGN, Fisher, empirical Fisher).
+``curvlab analyze`` trains a small MLP on the embedded digits data (or MNIST IDX
+files / an ``.npz`` the user has) and analyses its curvature at checkpoints:
+exact Hessian, GGN, Fisher and empirical Fisher, KFAC, EKFAC, ACP and diagonal
+approximations, spectra, diagnostics and comparisons, written to one HDF5 file
+with figures (PNG) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 import curvlab as cl
-from curvlab.data import load_digits
+from curvlab import plot
+from curvlab.analysis import SUMMARY_HEADER, Settings, train_and_analyse
+from curvlab.data import load_digits, load_mnist_idx, load_npz
 from curvlab.models import mlp
+from curvlab.storage import StoreError, read
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _batches(X, y, batch_size):
-    return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, X.shape[0], batch_size)]
-
-
-def train(model: nn.Module, X, y, steps: int, lr: float, batch_size: int, seed: int, progress: bool):
-    """Plain minibatch SGD with momentum on cross-entropy; returns the final training loss."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(steps), desc="training", disable=None if progress else True, leave=False)
-    for _ in bar:
-        index = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
-        optimizer.zero_grad()
-        loss = loss_fn(model(X[index]), y[index])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss {loss.item()}; lower --lr")
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        return loss_fn(model(X), y).item()
-
-
-def summarize(name: str, matrix: torch.Tensor) -> dict:
-    """Size, trace, Frobenius norm and extreme eigenvalues of a dense symmetric matrix."""
-    eigenvalues = torch.linalg.eigvalsh(matrix)
-    return {
-        "matrix": name,
-        "size": matrix.shape[0],
-        "trace": matrix.trace().item(),
-        "frobenius": matrix.norm().item(),
-        "lambda_max": eigenvalues[-1].item(),
-        "lambda_min": eigenvalues[0].item(),
-    }
+def _load_data(args, dtype):
+    """(train, test) pairs and the data set's name, from the flags."""
+    if args.mnist_images or args.mnist_labels:
+        if not (args.mnist_images and args.mnist_labels):
+            raise SystemExit("curvlab: --mnist-images and --mnist-labels go together")
+        X, y = load_mnist_idx(args.mnist_images, args.mnist_labels, dtype=dtype)
+        name = f"MNIST IDX {Path(args.mnist_images).name}"
+    elif args.npz:
+        X, y = load_npz(args.npz, dtype=dtype)
+        name = f"npz {Path(args.npz).name}"
+    else:
+        return (*load_digits(dtype=dtype, seed=args.seed), "digits (scikit-learn)")
+    X = X.reshape(X.shape[0], -1)
+    if args.examples:
+        X, y = X[: args.examples], y[: args.examples]
+    split = max(1, int(0.8 * X.shape[0]))
+    return (X[:split], y[:split]), (X[split:], y[split:]), name
 
 
 def analyze(args) -> int:
-    """Train, then build and summarise the four exact matrices."""
+    """Train with checkpoints; analyse each; write HDF5 and figures; print a summary."""
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
-    (X, y), (X_test, y_test) = load_digits(dtype=dtype, seed=args.seed)
-    X, y, X_test, y_test = X.to(device), y.to(device), X_test.to(device), y_test.to(device)
-    sizes = [X.shape[1], *args.hidden, 10]
+    (X, y), (X_test, y_test), dataset = _load_data(args, dtype)
+    if args.examples and dataset.startswith("digits"):
+        X, y = X[: args.examples], y[: args.examples]
+    X, y = X.to(device), y.to(device)
+    classes = int(y.max().item()) + 1
+    sizes = [X.shape[1], *args.hidden, classes]
     model = mlp(sizes, args.activation).to(device, dtype)
-    start = time.perf_counter()
-    train_loss = train(model, X, y, args.steps, args.lr, args.batch_size, args.seed, not args.no_progress)
-    with torch.no_grad():
-        accuracy = (model(X_test).argmax(1) == y_test).float().mean().item()
-    print(f"model   MLP {'-'.join(map(str, sizes))} ({args.activation}), {args.steps} SGD steps")
-    print(f"data    digits: {X.shape[0]} train / {X_test.shape[0]} test examples")
-    print(
-        f"trained loss {train_loss:.4f}, test accuracy {accuracy:.3f} ({time.perf_counter() - start:.1f} s)"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "analysis.h5"
+    if path.exists():
+        path.unlink()  # a fresh run; earlier results are replaced
+    store = cl.Store(path)
+    settings = Settings(
+        steps=args.steps,
+        checkpoints=args.checkpoints,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        k=args.k,
+        exact_limit=args.exact_limit,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+        dataset=dataset,
     )
-
-    problem = cl.Problem(model, nn.CrossEntropyLoss(), _batches(X, y, args.batch_size))
-    print(f"problem {problem.describe()}")
-    operators = {
-        "Hessian": cl.Hessian(problem),
-        "GGN": cl.GGN(problem),
-        "Fisher": cl.Fisher(problem),
-        "EmpiricalFisher": cl.EmpiricalFisher(problem),
-    }
-    dense = {}
-    rows = []
-    for name, operator in tqdm(
-        operators.items(), desc="curvature", disable=True if args.no_progress else None, leave=False
-    ):
-        dense[name] = operator.to_dense()
-        rows.append(summarize(name, dense[name]))
-    print(f"\n{'matrix':<16}{'size':>8}{'trace':>14}{'frobenius':>14}{'lambda_max':>14}{'lambda_min':>14}")
-    for row in rows:
-        print(
-            f"{row['matrix']:<16}{row['size']:>8}{row['trace']:>14.6g}{row['frobenius']:>14.6g}"
-            f"{row['lambda_max']:>14.6g}{row['lambda_min']:>14.6g}"
-        )
-    gap = ((dense["Fisher"] - dense["GGN"]).norm() / dense["GGN"].norm()).item()
-    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    start = time.perf_counter()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model   MLP {'-'.join(map(str, sizes))} ({args.activation}), {n} parameters, {dtype}, {device}")
+    print(f"data    {dataset}: {X.shape[0]} training examples (curvature over all of them)")
+    mode = "exact eigendecompositions" if n <= args.exact_limit else "Lanczos top-k, Hutch++ traces, SLQ"
+    print(f"spectra {mode}; {args.steps} SGD steps (lr {args.lr}), {args.checkpoints} checkpoints\n")
+    print(SUMMARY_HEADER)
+    summaries = train_and_analyse(model, (X, y), store, settings)
+    with torch.no_grad():
+        accuracy = (model(X_test.to(device)).argmax(1) == y_test.to(device)).double().mean().item()
+    last = summaries[-1]
+    print(f"\ntest accuracy {accuracy:.3f}")
+    print("\napproximation A against the exact GGN G at the last checkpoint:")
+    print(f"  {'':<22}{'‖A − G‖_F/‖G‖_F':>18}{'up to scale':>14}")
+    for key, value in last.items():
+        if key.endswith(" rel_frobenius"):
+            label = key.removesuffix(" rel_frobenius")
+            print(f"  {label:<22}{value:>18.4f}{last[label + ' scaled']:>14.4f}")
+    figures = plot.plot_store(path, out / "figures")
+    gap = _fisher_ggn_gap(path)
+    tolerance = 1e-8 if dtype == torch.float64 else 1e-3
     status = "OK" if gap <= tolerance else "MISMATCH"
-    print(f"\ncheck   ‖Fisher − GGN‖_F / ‖GGN‖_F = {gap:.2e} ({status}, tolerance {tolerance:.0e})")
+    print(f"\ncheck   |λ(Fisher) − λ(GGN)| / λmax(GGN) = {gap:.1e} ({status}, tolerance {tolerance:.0e})")
+    print(f"wrote   {path} ({len(read(path))} records) and {len(figures)} figures in {out / 'figures'}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0 if status == "OK" else 1
+
+
+def _fisher_ggn_gap(path) -> float:
+    """The exact Fisher equals the GGN for these losses: compare their stored spectra."""
+    records = read(path)
+    spectra = {}
+    for kind in ("eigenvalues", "top_eigen"):
+        for name in ("fisher", "ggn"):
+            chosen = [r for r in records if r.kind == kind and r.name == name]
+            if chosen:
+                spectra.setdefault(kind, {})[name] = torch.as_tensor(chosen[-1].data["values"])
+    kind = "eigenvalues" if len(spectra.get("eigenvalues", {})) == 2 else "top_eigen"
+    fisher, ggn = spectra[kind]["fisher"], spectra[kind]["ggn"]
+    return ((fisher - ggn).abs().max() / ggn.abs().max()).item()
+
+
+def show(args) -> int:
+    """Summarise a store file: header, then one line per record."""
+    try:
+        records = read(args.file)
+    except StoreError as error:
+        print(f"curvlab: {error}", file=sys.stderr)
+        return 2
+    import h5py
+
+    with h5py.File(args.file, "r") as f:
+        header = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    print(
+        f"{args.file}: {header.get('format')} schema {header.get('schema_version')}, "
+        f"written by curvlab {header.get('curvlab_version')}, created {header.get('created')}"
+    )
+    steps = sorted({r.step for r in records if r.step is not None})
+    print(f"{len(records)} records, steps {steps}")
+    if records and records[0].provenance.get("model"):
+        origin = records[0].provenance
+        model = " ".join(origin["model"].split())
+        print(f"model   {model[:100]}{'…' if len(model) > 100 else ''}")
+        print(
+            f"problem {origin.get('loss')}(reduction={origin.get('reduction')!r}), "
+            f"{origin.get('num_examples')} examples, {origin.get('num_params')} parameters, "
+            f"{origin.get('dtype')}, {origin.get('device')}, data: {origin.get('dataset', '?')}"
+        )
+    print(f"\n{'#':>4} {'step':>6}  {'kind':<17}{'name':<28}summary")
+    for r in records:
+        print(
+            f"{r.index:>4} {'' if r.step is None else r.step:>6}  {r.kind:<17}{r.name[:27]:<28}{_describe(r)}"
+        )
+    return 0
+
+
+def _describe(r) -> str:
+    data = r.data
+    if r.kind == "eigenvalues":
+        values = data["values"]
+        return f"n={len(values)}, λ ∈ [{values.min():.4g}, {values.max():.4g}]"
+    if r.kind == "top_eigen":
+        return (
+            f"top {len(data['values'])}: {data['values'][0]:.6g} … (residual ≤ {data['residuals'].max():.1e})"
+        )
+    if r.kind == "trace":
+        return f"{float(data['value']):.6g} ± {float(data['standard_error']):.2g} ({r.method})"
+    if r.kind == "spectral_density":
+        return f"SLQ, {r.settings.get('num_probes')} probes × {r.settings.get('lanczos_steps')} steps"
+    if r.kind == "comparison":
+        return f"rel_frobenius {data['overall'].get('rel_frobenius', float('nan')):.4g}"
+    if r.kind == "scalars":
+        return ", ".join(f"{k}={float(v):.4g}" for k, v in data.items())
+    if r.kind == "dense_block":
+        return f"{data['matrix'].shape[0]}×{data['matrix'].shape[1]}"
+    return json.dumps(sorted(data))[:60]
+
+
+def plot_command(args) -> int:
+    """Redraw the figures of a store file."""
+    try:
+        figures = plot.plot_store(args.file, args.out or Path(args.file).parent / "figures")
+    except StoreError as error:
+        print(f"curvlab: {error}", file=sys.stderr)
+        return 2
+    for figure in figures:
+        print(figure)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvlab`` command."""
     parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("analyze", help="train a small MLP on digits and analyse its curvature")
+    run = commands.add_parser("analyze", help="train a small MLP and analyse its curvature at checkpoints")
     run.add_argument("--hidden", type=int, nargs="+", default=[16], help="hidden layer widths")
     run.add_argument("--activation", default="tanh", help="tanh, relu, sigmoid, gelu or elu")
-    run.add_argument("--steps", type=int, default=300, help="SGD steps before the analysis")
-    run.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    run.add_argument("--steps", type=int, default=300, help="SGD steps")
+    run.add_argument(
+        "--checkpoints", type=int, default=4, help="analyses, evenly spaced from step 0 to the last"
+    )
+    run.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     run.add_argument("--batch-size", type=int, default=256, help="minibatch size (training and curvature)")
+    run.add_argument("--k", type=int, default=10, help="top eigenpairs per matrix and in comparisons")
+    run.add_argument(
+        "--exact-limit", type=int, default=3000, help="largest parameter count for exact eigendecompositions"
+    )
+    run.add_argument("--examples", type=int, default=None, help="use only the first N training examples")
+    run.add_argument("--mnist-images", help="MNIST-format IDX image file (instead of digits)")
+    run.add_argument("--mnist-labels", help="MNIST-format IDX label file")
+    run.add_argument("--npz", help="an .npz with arrays X and y (instead of digits)")
+    run.add_argument("--out", default="curvlab-output", help="output folder (HDF5 file and figures)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
@@ -123,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bars (they are off anyway without a terminal)"
     )
     run.set_defaults(handler=analyze)
+    show_parser = commands.add_parser("show", help="summarise a curvlab HDF5 file")
+    show_parser.add_argument("file")
+    show_parser.set_defaults(handler=show)
+    plot_parser = commands.add_parser("plot", help="redraw the figures of a curvlab HDF5 file")
+    plot_parser.add_argument("file")
+    plot_parser.add_argument("--out", help="figure folder (default: figures/ beside the file)")
+    plot_parser.set_defaults(handler=plot_command)
     return parser
 
 

@@ -5,6 +5,8 @@ overall, for dense-able matrices A (approximation) and E (exact):
 
 * ``rel_frobenius`` = ‖A − E‖_F / ‖E‖_F,
 * ``rel_spectral`` = ‖A − E‖₂ / ‖E‖₂,
+* ``rel_frobenius_scaled`` = min_{s ≥ 0} ‖sA − E‖_F / ‖E‖_F (the error up to a scale,
+  which a learning rate absorbs),
 * ``topk_eigenvalue_rel_error``: |λ_i(A) − λ_i(E)| / |λ_i(E)| for the k largest,
 * ``topk_subspace_overlap`` = ‖U_Aᵀ U_E‖_F² / k for the top-k eigenvectors (1 = same
   subspace, 0 = orthogonal),
@@ -96,11 +98,27 @@ def _dense_metrics(A: Tensor, E: Tensor, k: int) -> dict:
     return {
         "rel_frobenius": difference.norm().item() / E_norm if E_norm > 0 else float("nan"),
         "rel_spectral": spectral_difference / spectral_E if spectral_E > 0 else float("nan"),
+        "rel_frobenius_scaled": _scaled_rel_frobenius(A, E),
         "topk_eigenvalues_exact": top_E.tolist(),
         "topk_eigenvalues_approx": top_A.tolist(),
         "topk_eigenvalue_rel_error": ((top_A - top_E).abs() / top_E.abs().clamp_min(1e-300)).tolist(),
         "topk_subspace_overlap": (U_A.T @ U_E).pow(2).sum().item() / k,
     }
+
+
+def _scaled_rel_frobenius(A: Tensor, E: Tensor) -> float:
+    """min_{s ≥ 0} ‖sA − E‖_F / ‖E‖_F: the error up to a global scale.
+
+    A preconditioner's scale is absorbed by the learning rate (ACP's α, for one),
+    so this is its fair distance; s* = max(⟨A, E⟩ / ‖A‖², 0) and the error is
+    √(1 − ⟨A, E⟩² / (‖A‖² ‖E‖²)) when ⟨A, E⟩ > 0.
+    """
+    inner, A_sq, E_sq = (A * E).sum().item(), A.pow(2).sum().item(), E.pow(2).sum().item()
+    if E_sq == 0:
+        return float("nan")
+    if A_sq == 0 or inner <= 0:
+        return 1.0
+    return max(1.0 - inner * inner / (A_sq * E_sq), 0.0) ** 0.5
 
 
 def optimal_kronecker_rel_frobenius(E_kron_order: Tensor, d_out: int, d_A: int) -> float:

@@ -10,15 +10,75 @@ import torch
 from curvlab import cli
 from curvlab.data import load_digits, load_mnist_idx, load_npz, read_idx
 from curvlab.errors import DataError
+from curvlab.storage import read
 
 
-def test_analyze_runs_and_checks_fisher_equals_ggn(capsys):
-    code = cli.main(["analyze", "--steps", "20", "--hidden", "4", "--no-progress"])
-    out = capsys.readouterr().out
+def _analyze(tmp_path, *extra):
+    out = tmp_path / "out"
+    code = cli.main(
+        ["analyze", "--steps", "20", "--checkpoints", "2", "--hidden", "4", "--k", "3", "--no-progress"]
+        + ["--examples", "300", "--out", str(out), *extra]
+    )
+    return code, out
+
+
+def test_analyze_writes_hdf5_and_figures(tmp_path, capsys):
+    code, out = _analyze(tmp_path)
+    text = capsys.readouterr().out
     assert code == 0
-    for name in ("Hessian", "GGN", "Fisher", "EmpiricalFisher"):
-        assert name in out
-    assert "OK" in out and "310" in out  # 64·4 + 4 + 4·10 + 10 parameters
+    assert "OK" in text and "310 parameters" in text  # 64·4 + 4 + 4·10 + 10
+    records = read(out / "analysis.h5")
+    assert {r.step for r in records} == {0, 20}
+    names = {r.name for r in records}
+    for name in ("hessian", "ggn", "fisher", "empirical_fisher"):
+        assert name in names
+        assert {r.kind for r in records if r.name == name} >= {
+            "eigenvalues",
+            "top_eigen",
+            "trace",
+            "spectral_density",
+        }
+    compared = {r.data["approx"] for r in records if r.kind == "comparison"}
+    assert compared >= {"KFAC", "KFAC (MC)", "EKFAC", "ACP", "diagonal", "empirical Fisher", "GGN"}
+    for figure in (
+        "densities.png",
+        "approximation_errors_ggn.png",
+        "spectrum_hessian.png",
+        "top_eigen_hessian.png",
+    ):
+        assert (out / "figures" / figure).stat().st_size > 10_000, figure
+    first = records[0].provenance
+    assert first["dataset"] == "digits (scikit-learn)" and first["num_examples"] == 300
+
+
+def test_analyze_matrix_free_path(tmp_path, capsys):
+    code, out = _analyze(tmp_path, "--exact-limit", "100")
+    assert code == 0
+    assert "Lanczos top-k" in capsys.readouterr().out
+    kinds = {r.kind for r in read(out / "analysis.h5")}
+    assert "eigenvalues" not in kinds and {"top_eigen", "trace", "spectral_density"} <= kinds
+
+
+def test_analyze_on_an_npz_file(tmp_path, capsys):
+    generator = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=generator.normal(size=(60, 6)), y=generator.integers(0, 3, 60))
+    code, out = _analyze(tmp_path, "--npz", str(tmp_path / "d.npz"))
+    assert code == 0
+    assert "6-4-3" in capsys.readouterr().out
+    assert read(out / "analysis.h5")[0].provenance["dataset"] == "npz d.npz"
+
+
+def test_show_and_plot_commands(tmp_path, capsys):
+    _, out = _analyze(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["show", str(out / "analysis.h5")]) == 0
+    text = capsys.readouterr().out
+    assert "schema 1" in text and "top_eigen" in text and "MLP" not in text and "Sequential" in text
+    assert cli.main(["plot", str(out / "analysis.h5"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "densities.png").exists()
+    (tmp_path / "bad.h5").write_text("not hdf5")
+    assert cli.main(["show", str(tmp_path / "bad.h5")]) == 2
+    assert "not a readable HDF5" in capsys.readouterr().err
 
 
 def test_digits_are_real_and_split():

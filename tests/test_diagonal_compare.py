@@ -163,3 +163,14 @@ def test_partial_eigensolver_agrees_with_full(monkeypatch):
     assert partial.overall["topk_eigenvalues_exact"] == pytest.approx(
         full.overall["topk_eigenvalues_exact"], rel=1e-10
     )
+
+
+def test_scaled_error_ignores_a_global_scale():
+    problem = _problem("mlp", "ce")
+    ggn = cl.GGN(problem)
+    scaled = cl.DenseOperator(3.0 * ggn.to_dense(), ggn.param_shapes, ggn.param_names)
+    report = cl.compare(scaled, ggn, k=2)
+    assert report.overall["rel_frobenius"] == pytest.approx(2.0, rel=1e-10)
+    assert report.overall["rel_frobenius_scaled"] == pytest.approx(0.0, abs=1e-6)
+    ef = cl.compare(cl.EmpiricalFisher(problem), ggn, k=2).overall
+    assert ef["rel_frobenius_scaled"] <= ef["rel_frobenius"] + 1e-12

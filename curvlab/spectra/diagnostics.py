@@ -16,6 +16,7 @@ r"""Scalar diagnostics built on the spectra: conditioning, saddles, curvature al
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,8 @@ class ConditionNumber:
         cutoff: rtol · λ_max.
         rank: Eigenvalues above the cutoff (exact method only, else ``None``).
         method: ``"exact"`` or ``"lanczos"``.
+        converged: Whether Lanczos converged on λ_min. If not, its Ritz value is
+            still ≥ the true λ_min (interlacing), so ``value`` is a lower bound.
     """
 
     value: float
@@ -55,6 +58,7 @@ class ConditionNumber:
     cutoff: float
     rank: int | None
     method: str
+    converged: bool = True
 
 
 def condition_number(C, rtol: float | None = None, method: str = "auto", **lanczos) -> ConditionNumber:
@@ -81,15 +85,18 @@ def condition_number(C, rtol: float | None = None, method: str = "auto", **lancz
         above = values[values > cutoff]
         lambda_min = above[0].item() if len(above) else math.nan
         value = lambda_max / lambda_min if len(above) > 1 else math.inf
-        return ConditionNumber(value, lambda_max, lambda_min, cutoff, len(above), "exact")
+        return ConditionNumber(value, lambda_max, lambda_min, cutoff, len(above), "exact", True)
     lambda_max = top_eigen(C, 1, "largest", **lanczos).values[0].item()
-    smallest = top_eigen(C, 1, "smallest", **lanczos).values[0].item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported through `converged`
+        bottom = top_eigen(C, 1, "smallest", **lanczos)
+    smallest = bottom.values[0].item()
     # Lanczos resolves eigenvalues only to about its tolerance times ‖C‖: below
     # that an eigenvalue cannot be told from zero.
     tol = lanczos.get("tol") or (1e-6 if C.dtype == torch.float64 else 1e-4)
     cutoff = max(rtol, tol) * lambda_max
     value = lambda_max / smallest if smallest > cutoff else math.inf
-    return ConditionNumber(value, lambda_max, smallest, cutoff, None, "lanczos")
+    return ConditionNumber(value, lambda_max, smallest, cutoff, None, "lanczos", bottom.converged)
 
 
 def negative_eigenvalue_share(C, rtol: float = 1e-8, method: str = "auto", **slq) -> float:
