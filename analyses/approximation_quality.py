@@ -5,7 +5,7 @@ KFAC (type-2 and MC), EKFAC, ACP, the exact block-diagonal, the exact diagonal a
 the empirical Fisher with the exact GGN (``cl.compare``): relative Frobenius and
 spectral errors per layer, top-k subspace overlap, and for Kronecker blocks the
 error of the best single Kronecker product. Prints the tables, writes the reports
-as JSON and a figure of the errors per layer and method.
+to HDF5 and a figure of the errors per layer and method.
 
     python analyses/approximation_quality.py [--out outputs/approximation_quality]
 """
@@ -13,20 +13,17 @@ as JSON and a figure of the errors per layer and method.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import curvlab as cl  # noqa: E402
-from curvlab.data import load_digits  # noqa: E402
-from curvlab.models import mlp  # noqa: E402
+import curvlab as cl
+from curvlab import plot
+from curvlab.data import load_digits
+from curvlab.models import mlp
 
 
 def small_cnn_for_digits() -> nn.Sequential:
@@ -80,48 +77,18 @@ def analyse(name, model, data, k):
     return problem, reports
 
 
-def plot(results, path):
-    """Grouped bars: relative Frobenius error per layer (and overall) for each method."""
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
-    for ax, (name, reports) in zip(axes[0], results.items()):
-        methods = list(reports)
-        layers = [
-            row["name"].split(" + ")[0].rsplit(".", 1)[0] for row in next(iter(reports.values())).blocks
-        ]
-        groups = [*layers, "overall"]
-        width = 0.8 / len(methods)
-        for j, method in enumerate(methods):
-            report = reports[method]
-            values = [row["rel_frobenius"] for row in report.blocks] + [report.overall["rel_frobenius"]]
-            positions = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(groups))]
-            bars = ax.bar(positions, values, width, label=method)
-            for x, value in zip(positions, values):
-                if value < 1e-12:  # exact: invisible on a log axis
-                    ax.annotate(
-                        "0",
-                        (x, 0),
-                        xycoords=("data", "axes fraction"),
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                        color=bars.patches[0].get_facecolor(),
-                    )
-            if method == "KFAC":
-                bound = [row.get("optimal_kronecker_rel_frobenius", float("nan")) for row in report.blocks]
-                ax.scatter(positions[:-1], bound, marker="_", s=200, color="black", zorder=3)
-        ax.set_xticks(range(len(groups)), [f"layer {g}" if g != "overall" else g for g in groups])
-        ax.set_ylabel("‖A − G‖_F / ‖G‖_F")
-        ax.set_yscale("log")
-        ax.set_title(f"{name}: error vs exact GGN (— best Kronecker product)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+def figure(results, path):
+    """Grouped bars: relative Frobenius error per layer (and overall) for each method and model."""
+    fig = Figure(figsize=(7.5 * len(results), 4.4), layout="constrained")
+    for ax, (name, reports) in zip(fig.subplots(1, len(results), squeeze=False)[0], results.items()):
+        plot.approximation_errors(
+            reports, ax=ax, title=f"{name}: error vs exact GGN (— best Kronecker product)"
+        )
+    plot.save(fig, path)
 
 
 def main():
-    """Train both models, compare the approximations, write tables, JSON and the figure."""
+    """Train both models, compare the approximations, write tables, HDF5 and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/approximation_quality")
     parser.add_argument("--steps", type=int, default=300)
@@ -145,15 +112,16 @@ def main():
         problem, reports = analyse(name, model, curvature_data, args.k)
         results[name] = reports
         print(f"({problem.describe()})")
-    (out / "reports.json").write_text(
-        json.dumps(
-            {name: {m: r.to_dict() for m, r in reports.items()} for name, reports in results.items()},
-            indent=1,
-        )
-    )
-    figure = out / "approximation_errors.png"
-    plot(results, figure)
-    print(f"\nwrote {out / 'reports.json'} and {figure} ({time.perf_counter() - start:.0f} s)")
+    path = out / "approximation_quality.h5"
+    path.unlink(missing_ok=True)
+    store = cl.Store(path)
+    with store.transaction():
+        for name, reports in results.items():
+            for method, report in reports.items():
+                store.save(f"{name}: {method}", report, dataset="digits", model=name)
+    figure_path = out / "approximation_errors.png"
+    figure(results, figure_path)
+    print(f"\nwrote {path} and {figure_path} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

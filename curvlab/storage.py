@@ -12,6 +12,7 @@ Schema (version 1), readable with plain h5py::
           spectral_density  grid (g,), density (g,), nodes (p, m), weights (p, m)
           trace             value (), standard_error ()
           scalars           one 0-d dataset per named scalar
+          arrays            one dataset per named array (e.g. an analysis' table)
           dense_block       matrix (n, n)
           kfac_factors      <layer>/A (a, a), <layer>/G (g, g) subgroups
           comparison        overall/ and blocks/000.../: scalar metrics as attrs,
@@ -60,6 +61,7 @@ REQUIRED = {
     "spectral_density": {"grid": 1, "density": 1, "nodes": 2, "weights": 2},
     "trace": {"value": 0, "standard_error": 0},
     "scalars": {},
+    "arrays": {},
     "dense_block": {"matrix": 2},
     "kfac_factors": {},
     "comparison": {},
@@ -184,7 +186,8 @@ def to_record(name: str, result, step: int | None = None, settings: dict | None 
         name: The record's label.
         result: A 1-d tensor (eigenvalues), 2-d tensor (dense block), ``EigenResult``,
             ``SpectralDensity``, ``TraceEstimate``, ``ComparisonReport``, ``KFAC``
-            (its factors), a dataclass of numbers or a dict of numbers (scalars).
+            (its factors), a dataclass of numbers or a dict of numbers (scalars),
+            or a dict holding arrays (arrays).
         step: Training step.
         settings: The method's settings, e.g. ``{"method": "lanczos", "tol": 1e-6}``.
         **provenance_options: Passed to ``provenance`` (curvature, problem, dataset, ...).
@@ -227,6 +230,9 @@ def to_record(name: str, result, step: int | None = None, settings: dict | None 
         kind = "kfac_factors"
         data = {layer: {"A": _numpy(A), "G": _numpy(G)} for layer, (A, G) in result.factors.items()}
         provenance_options.setdefault("curvature", result)
+    elif isinstance(result, dict) and any(np.ndim(_numpy(v)) > 0 for v in result.values()):
+        kind = "arrays"
+        data = {str(key): _numpy(value) for key, value in result.items()}
     elif dataclasses.is_dataclass(result) or isinstance(result, dict):
         values = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
         kind = "scalars"

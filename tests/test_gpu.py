@@ -42,3 +42,33 @@ def test_float32_on_cuda():
     case = GPU_CASES[0]
     dense = cl.GGN(case.build(torch.float32, device="cuda")).to_dense()
     assert_close_rel(dense.double().cpu(), cl.GGN(case.build(torch.float64)).to_dense(), 1e-5, "float32 cuda")
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_cuda_spectra_match_cpu(case):
+    cpu = cl.Hessian(case.build(torch.float64))
+    cuda = cl.Hessian(case.build(torch.float64, device="cuda"))
+    top_cpu, top_cuda = cl.top_eigen(cpu, 3, progress=False), cl.top_eigen(cuda, 3, progress=False)
+    assert top_cuda.vectors.is_cuda
+    assert_close_rel(top_cuda.values.cpu(), top_cpu.values, 1e-8, "top eigenvalues")
+    exact = torch.linalg.eigvalsh(cpu.to_dense())
+    assert_close_rel(cl.eigvalsh(cuda).cpu(), exact, 1e-10, "eigvalsh on the device")
+    for method in ("hutchinson", "hutch++"):
+        a, b = cl.trace(cpu, method, 30, seed=1), cl.trace(cuda, method, 30, seed=1)
+        assert b.value == pytest.approx(a.value, rel=1e-10), method  # same probes on both devices
+    d_cpu = cl.spectral_density(cpu, 4, 10, seed=2, progress=False)
+    d_cuda = cl.spectral_density(cuda, 4, 10, seed=2, progress=False)
+    assert d_cuda.density.is_cuda
+    assert_close_rel(d_cuda.density.cpu(), d_cpu.density, 1e-8, "SLQ density")
+
+
+def test_cuda_analyze_job(tmp_path):
+    from curvlab import cli
+    from curvlab.storage import read
+
+    code = cli.main(
+        ["analyze", "--steps", "10", "--checkpoints", "2", "--hidden", "4", "--k", "3", "--no-progress"]
+        + ["--examples", "200", "--device", "cuda", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    assert read(tmp_path / "analysis.h5")[0].provenance["device"].startswith("cuda")

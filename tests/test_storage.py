@@ -215,3 +215,12 @@ def test_killed_writer_leaves_a_valid_file(tmp_path, delay):
     Store(path).save("after", torch.ones(3))  # appending goes on; stray temporaries are cleaned
     assert read(path)[-1].name == "after"
     assert not list(tmp_path.glob(".run.h5.*.tmp"))
+
+
+def test_arrays_and_scalars_records(tmp_path):
+    store = Store(tmp_path / "run.h5")
+    store.save("table", {"kappa": np.array([10.0, 100.0]), "iterations": np.array([5, 50])})
+    store.save("numbers", {"a": 1.5, "b": 2})
+    table, numbers = store.records()
+    assert table.kind == "arrays" and table.data["iterations"].tolist() == [5, 50]
+    assert numbers.kind == "scalars" and float(numbers.data["a"]) == 1.5

@@ -74,10 +74,17 @@ class Diagonal(CurvatureOperator):
         shifted = self.diagonal + damping
         if bool((shifted <= 0).any()):
             raise ValueError("the damped diagonal has entries ≤ 0: increase damping")
-        inverse = object.__new__(Diagonal)
-        CurvatureOperator.__init__(inverse, self.param_shapes, self.dtype, self.device, self.param_names)
-        inverse.diagonal, inverse.standard_error, inverse.method_used = 1.0 / shifted, None, self.method_used
-        return inverse
+        return Diagonal.from_tensor(1.0 / shifted, self.param_shapes, self.param_names, self.method_used)
+
+    @classmethod
+    def from_tensor(
+        cls, diagonal: Tensor, param_shapes, param_names=None, method_used: str = "given"
+    ) -> Diagonal:
+        """diag(d) from a flat ``(n,)`` tensor (e.g. a stored or averaged diagonal)."""
+        operator = object.__new__(cls)
+        CurvatureOperator.__init__(operator, param_shapes, diagonal.dtype, diagonal.device, param_names)
+        operator.diagonal, operator.standard_error, operator.method_used = diagonal, None, method_used
+        return operator
 
     def solve(self, v, damping: float = 0.0, tol=None, maxiter=None):
         """(diag(d) + damping·I)⁻¹ v."""

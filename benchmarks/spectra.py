@@ -1,0 +1,203 @@
+"""Spectra benchmark: top-1/top-10 Hessian eigenvalues, a 100-probe trace and an SLQ density.
+
+curvlab (``cl.top_eigen``, ``cl.trace``, ``cl.spectral_density``) against PyHessian
+(power iteration / Hutchinson / SLQ) and SciPy ``eigsh`` on a curvlinops
+``HessianLinearOperator`` (curvlinops' own ``hutchinson_trace`` and
+``lanczos_approximate_spectrum`` for the trace and the density), on the deep
+autoencoder and the small CNN (batch 256, float32), and the SLQ density on an MLP
+64-128-128-10. Every measurement runs in its own process with the same thread
+count. Eigenvalues are compared with a converged reference (curvlab Lanczos at a
+relative residual of 1e-5); each row reports the time, the value(s), their
+relative error against the reference and, where the method gives vectors, the
+relative residual ‖Hv − λv‖ / |λ|.
+
+    python benchmarks/spectra.py [--threads 2] [--problems autoencoder cnn mlp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import build_problem, run_child  # noqa: E402
+
+import curvlab as cl  # noqa: E402
+from curvlab.models import mlp  # noqa: E402
+
+TASKS = ("top1", "top10", "trace100", "density")
+LIBRARIES = ("curvlab", "pyhessian", "curvlinops")
+
+
+def _mlp_problem(batch_size: int = 256, seed: int = 0):
+    torch.manual_seed(seed)
+    model = mlp([64, 128, 128, 10], "tanh")
+    return model, nn.CrossEntropyLoss(), (torch.randn(batch_size, 64), torch.randint(0, 10, (batch_size,)))
+
+
+def _patch_torch_eig() -> None:
+    """PyHessian 0.1's density calls ``torch.eig`` (removed from PyTorch): an equivalent for symmetric T."""
+
+    def eig(T, eigenvectors=False):
+        values, vectors = torch.linalg.eigh(T)
+        return torch.stack([values, torch.zeros_like(values)], 1), vectors
+
+    torch.eig = eig
+
+
+def _relative_residuals(hessian: cl.Hessian, values, vectors) -> list[float]:
+    V = torch.as_tensor(np.asarray(vectors), dtype=torch.float32).reshape(hessian.shape[0], -1)
+    lam = torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    return ((hessian @ V - V * lam).norm(dim=0) / lam.abs()).tolist()
+
+
+def _flat(vectors) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in vectors])
+
+
+def measure(problem_name: str, task: str, library: str) -> dict:
+    """Time one (problem, task, library); values and residuals alongside."""
+    model, loss_fn, (X, y) = _mlp_problem() if problem_name == "mlp" else build_problem(problem_name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    problem = cl.Problem(model, loss_fn, (X, y))
+    hessian = cl.Hessian(problem)
+    k = 10 if task == "top10" else 1
+    result: dict = {}
+    start = time.perf_counter()
+    if library == "curvlab":
+        if task in ("top1", "top10"):
+            top = cl.top_eigen(hessian, k, tol=1e-4, progress=False)
+            result.update(values=top.values.tolist(), matvecs=top.num_matvecs)
+            vectors = top.vectors
+        elif task == "trace100":
+            estimate = cl.trace(hessian, "hutch++", 100, progress=False)
+            result.update(value=estimate.value, standard_error=estimate.standard_error)
+        else:
+            density = cl.spectral_density(hessian, num_probes=1, lanczos_steps=100, progress=False)
+            result.update(mean_eigenvalue=density.moment(1))
+    elif library == "pyhessian":
+        from pyhessian import hessian as PyHessian
+
+        _patch_torch_eig()
+        analyzer = PyHessian(model, loss_fn, data=(X, y), cuda=False)
+        if task in ("top1", "top10"):
+            values, vectors = analyzer.eigenvalues(top_n=k)
+            vectors = torch.stack([_flat(v) for v in vectors], 1)
+            result.update(values=[float(v) for v in values])
+        elif task == "trace100":
+            values = analyzer.trace(maxIter=100, tol=-1.0)  # tol < 0: all 100 probes
+            result.update(
+                value=float(np.mean(values)), standard_error=float(np.std(values) / np.sqrt(len(values)))
+            )
+        else:
+            eigen_list, weight_list = analyzer.density(iter=100, n_v=1)
+            result.update(mean_eigenvalue=float(np.sum(np.array(eigen_list) * np.array(weight_list))))
+    elif library == "curvlinops":
+        import curvlinops
+        import scipy.sparse.linalg
+
+        operator = curvlinops.HessianLinearOperator(
+            model, loss_fn, params, [(X, y)], check_deterministic=False
+        )
+        if task in ("top1", "top10"):
+            values, vectors = scipy.sparse.linalg.eigsh(operator.to_scipy(), k=k, which="LA", tol=1e-4)
+            order = np.argsort(values)[::-1]
+            values, vectors = values[order], torch.as_tensor(vectors[:, order].copy())
+            result.update(values=values.tolist())
+        elif task == "trace100":
+            result.update(value=float(curvlinops.hutchinson_trace(operator, 100)))
+        else:
+            grid, density = curvlinops.lanczos_approximate_spectrum(operator, ncv=100, num_repeats=1)
+            result.update(points=len(grid))
+    else:
+        raise ValueError(library)
+    result["seconds"] = time.perf_counter() - start
+    if task in ("top1", "top10"):
+        result["rel_residuals"] = _relative_residuals(hessian, result["values"], vectors)
+    return result
+
+
+def reference(problem_name: str) -> dict:
+    """Converged top-10 eigenvalues (relative residual ≤ 1e-5, ten times the tolerance benchmarked)."""
+    model, loss_fn, data = _mlp_problem() if problem_name == "mlp" else build_problem(problem_name)
+    hessian = cl.Hessian(cl.Problem(model, loss_fn, data))
+    top = cl.top_eigen(hessian, 10, tol=1e-5, basis_size=40, max_matvecs=2000, progress=False)
+    return {"values": top.values.tolist(), "rel_residuals": top.relative_residuals.tolist()}
+
+
+def child(args) -> None:
+    """One measurement in a fresh process; prints a JSON line."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    problem_name, task, library = args.child
+    if task == "reference":
+        print(json.dumps(reference(problem_name)))
+        return
+    print(json.dumps(measure(problem_name, task, library)))
+
+
+def _row(task: str, library: str, row: dict, ref: list[float]) -> str:
+    if "error" in row:
+        return f"{task:<10}{library:<12}{row['error']}"
+    text = f"{task:<10}{library:<12}{row['seconds']:>9.2f} s"
+    if "values" in row:
+        k = len(row["values"])
+        errors = [abs(v - r) / abs(r) for v, r in zip(row["values"], ref[:k])]
+        text += f"   λ1 {row['values'][0]:.5f}   max rel. error {max(errors):.1e}"
+        text += f"   max rel. residual {max(row['rel_residuals']):.1e}"
+        if "matvecs" in row:
+            text += f"   ({row['matvecs']} products)"
+    elif "value" in row:
+        error = f" ± {row['standard_error']:.3g}" if "standard_error" in row else ""
+        text += f"   trace {row['value']:.5g}{error}"
+    elif "mean_eigenvalue" in row:
+        text += f"   mean eigenvalue {row['mean_eigenvalue']:.4g}"
+    return text
+
+
+def main() -> None:
+    """Run every measurement and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--problems", nargs="+", default=["autoencoder", "cnn", "mlp"])
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES))
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = {}
+    print(f"threads={args.threads} torch={torch.__version__}")
+    for problem_name in args.problems:
+        options = ["--threads", str(args.threads)]
+        tasks = ("density",) if problem_name == "mlp" else TASKS
+        ref = run_child(__file__, [problem_name, "reference", "curvlab", *options], args.timeout * 3)
+        ref_values = ref.get("values", [float("nan")] * 10)
+        print(f"\n{problem_name}: reference top eigenvalues {[round(v, 5) for v in ref_values[:3]]} …")
+        rows = {}
+        for task in tasks:
+            for library in args.libraries:
+                rows[task, library] = run_child(
+                    __file__, [problem_name, task, library, *options], args.timeout
+                )
+                print(_row(task, library, rows[task, library], ref_values), flush=True)
+        results[problem_name] = {"reference": ref, **{f"{t}/{lib}": r for (t, lib), r in rows.items()}}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""A learning rate set by the curvature: 1/λ_max (thesis §3.1.2, LeCun et al. 1993)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvlab.operators.exact import GGN, Hessian
+from curvlab.problem import Problem
+from curvlab.spectra.diagnostics import learning_rate
+
+
+def curvature_learning_rate(
+    model: nn.Module, loss_fn: nn.Module, batch, curvature: str = "hessian", **lanczos
+) -> float:
+    """1 / λ_max of the Hessian (or GGN) on ``batch``, by Lanczos (``cl.top_eigen``).
+
+    Use it to set SGD's step: ``torch.optim.SGD(model.parameters(), lr=curvature_learning_rate(...))``.
+    """
+    classes = {"hessian": Hessian, "ggn": GGN}
+    if curvature not in classes:
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    lanczos.setdefault("progress", False)
+    return learning_rate(classes[curvature](Problem(model, loss_fn, tuple(batch))), **lanczos)

@@ -1,0 +1,137 @@
+"""Curvature state of an optimizer: running averages, snapshots for ``state_dict``, restore.
+
+An optimizer's curvature is one of the library's structured objects: a
+``BlockDiagonalOperator`` of ``KroneckerBlock`` / ``EigenbasisBlock`` /
+``DenseOperator`` blocks (KFAC, EKFAC, ACP, BlockDiagonal) or a ``Diagonal``.
+Snapshots hold only tensors and plain metadata, so they travel in
+``Optimizer.state_dict()`` (and ``torch.save``) and rebuild an equal object.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.dense import DenseOperator
+from curvlab.structured.block_diagonal import BlockDiagonalOperator
+from curvlab.structured.diagonal import Diagonal
+from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock
+
+_FIELDS = {KroneckerBlock: ("G", "A"), EigenbasisBlock: ("Q_G", "Q_A", "D"), DenseOperator: ("matrix",)}
+
+
+def _block_tensors(block) -> dict[str, Tensor]:
+    for kind, fields in _FIELDS.items():
+        if type(block) is kind:
+            return {field: getattr(block, field) for field in fields}
+    if isinstance(block, Diagonal):
+        return {"diagonal": block.diagonal}
+    raise TypeError(f"cannot snapshot a {type(block).__name__} block")
+
+
+def is_snapshotable(C: CurvatureOperator) -> bool:
+    """Whether ``snapshot`` supports ``C``."""
+    try:
+        snapshot(C)
+    except TypeError:
+        return False
+    return True
+
+
+def snapshot(C: CurvatureOperator) -> dict:
+    """Tensors and metadata that rebuild ``C`` (see ``restore``)."""
+    if isinstance(C, Diagonal):
+        return {"type": "Diagonal", "diagonal": C.diagonal.clone()}
+    if not isinstance(C, BlockDiagonalOperator):
+        raise TypeError(f"cannot snapshot a {type(C).__name__}")
+    blocks = []
+    for indices, block in zip(C.block_indices, C.block_operators):
+        blocks.append(
+            {
+                "type": type(block).__name__,
+                "indices": list(indices),
+                "bias_folded": getattr(block, "bias_folded", False),
+                **{name: t.clone() for name, t in _block_tensors(block).items()},
+            }
+        )
+    return {"type": "BlockDiagonal", "blocks": blocks}
+
+
+def restore(state: dict, param_shapes, param_names, dtype, device) -> CurvatureOperator:
+    """The curvature object of a ``snapshot`` (on ``device``, in ``dtype``)."""
+    shapes = [torch.Size(s) for s in param_shapes]
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device, dtype)
+
+    if state["type"] == "Diagonal":
+        return Diagonal.from_tensor(move(state["diagonal"]), shapes, param_names)
+    blocks = []
+    for entry in state["blocks"]:
+        indices = entry["indices"]
+        sub_shapes = [shapes[i] for i in indices]
+        sub_names = [param_names[i] for i in indices] if param_names else None
+        kind = entry["type"]
+        if kind == "KroneckerBlock":
+            block = KroneckerBlock(
+                move(entry["G"]), move(entry["A"]), sub_shapes, entry["bias_folded"], sub_names
+            )
+        elif kind == "EigenbasisBlock":
+            block = EigenbasisBlock(
+                move(entry["Q_G"]),
+                move(entry["Q_A"]),
+                move(entry["D"]),
+                sub_shapes,
+                entry["bias_folded"],
+                sub_names,
+            )
+        elif kind == "DenseOperator":
+            block = DenseOperator(move(entry["matrix"]), sub_shapes, sub_names)
+        elif kind == "Diagonal":
+            block = Diagonal.from_tensor(move(entry["diagonal"]), sub_shapes, sub_names)
+        else:
+            raise ValueError(f"unknown block type {kind!r} in an optimizer state")
+        blocks.append((indices, block))
+    return BlockDiagonalOperator(blocks, shapes, dtype, device, param_names)
+
+
+def running_average(old: CurvatureOperator | None, new: CurvatureOperator, decay: float) -> CurvatureOperator:
+    """The running average decay · old + (1 − decay) · new, factor by factor (KFAC: A and G).
+
+    Kronecker factors, dense blocks and diagonals are averaged; eigenbasis
+    blocks (EKFAC) are not averaged (their bases change), the new ones are taken.
+    Without an ``old`` of the same structure, ``new`` is returned.
+    """
+    if old is None or decay == 0.0:
+        return new
+    try:
+        before, after = snapshot(old), snapshot(new)
+    except TypeError:
+        return new
+    if before["type"] != after["type"]:
+        return new
+    if after["type"] == "Diagonal":
+        after["diagonal"] = decay * before["diagonal"] + (1 - decay) * after["diagonal"]
+    else:
+        if [b["indices"] for b in before["blocks"]] != [b["indices"] for b in after["blocks"]]:
+            return new
+        for b_old, b_new in zip(before["blocks"], after["blocks"]):
+            if b_old["type"] != b_new["type"] or b_new["type"] == "EigenbasisBlock":
+                continue
+            for field in ("G", "A", "matrix", "diagonal"):
+                if field in b_new:
+                    b_new[field] = decay * b_old[field] + (1 - decay) * b_new[field]
+    return restore(after, new.param_shapes, new.param_names, new.dtype, new.device)
+
+
+def all_finite(C: CurvatureOperator) -> bool:
+    """Whether every stored tensor of a structured curvature is finite (True if unknown)."""
+    try:
+        state = snapshot(C)
+    except TypeError:
+        return True
+    tensors = [state["diagonal"]] if state["type"] == "Diagonal" else []
+    for block in state.get("blocks", []):
+        tensors += [v for v in block.values() if isinstance(v, Tensor)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

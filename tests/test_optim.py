@@ -1,0 +1,304 @@
+"""Optimizers: exactness where provable, thesis formulas by hand, amortisation, safety, state."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab import optim
+from curvlab.errors import CurvlabError
+
+
+def _regression(n=40, d=3, out=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    Y = torch.randn(n, out, generator=generator, dtype=torch.float64)
+    torch.manual_seed(seed)
+    return nn.Linear(d, out).double(), nn.MSELoss(), (X, Y)
+
+
+def _least_squares(model, X, Y):
+    design = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+    solution = torch.linalg.lstsq(design, Y).solution  # (d + 1, out)
+    return solution[:-1].T, solution[-1]
+
+
+def _closure(model, loss_fn, batch, optimizer):
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher"])
+def test_newton_and_natural_gradient_solve_least_squares_in_one_step(curvature):
+    model, loss_fn, batch = _regression()
+    opt = optim.Newton(model, loss_fn, curvature=curvature, lr=1.0, damping=0.0)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    weight, bias = _least_squares(model, *batch)
+    torch.testing.assert_close(model.weight.detach(), weight, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.bias.detach(), bias, rtol=1e-10, atol=1e-10)
+
+
+def test_kfac_on_one_linear_layer_with_mse_is_the_exact_natural_gradient():
+    model, loss_fn, batch = _regression()
+    reference = copy.deepcopy(model)
+    kfac = optim.KFAC(model, loss_fn, fisher_type="type-2", lr=0.5, damping=1e-3, ema_decay=0.0)
+    kfac.step(_closure(model, loss_fn, batch, kfac), batch=batch)
+    natural = optim.Newton(reference, loss_fn, curvature="fisher", lr=0.5, damping=1e-3)
+    natural.step(_closure(reference, loss_fn, batch, natural), batch=batch)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def _mlp_problem(seed=0, n=32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return model, nn.CrossEntropyLoss(), (X, y)
+
+
+def _hooks(model, loss_fn, batch):
+    """Per-layer inputs h_n and δ_n = ∂(Σ ℓ)/∂a_n by plain autograd (independent of curvlab)."""
+    inputs, outputs = {}, {}
+
+    def record(name):
+        def hook(module, args, output):
+            inputs[name], outputs[name] = args[0], output
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record(k)) for k, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+    for handle in handles:
+        handle.remove()
+    deltas = torch.autograd.grad(loss, [outputs[k] for k in outputs])
+    return inputs, dict(zip(outputs, deltas))
+
+
+def test_acp_update_matches_equations_6_3_3_and_6_3_4():
+    model, loss_fn, batch = _mlp_problem()
+    alpha, damping, lr = 0.7, 1e-3, 0.1
+    before = copy.deepcopy(model)
+    inputs, deltas = _hooks(before, loss_fn, batch)
+    n = batch[0].shape[0]
+    opt = optim.ACP(model, loss_fn, alpha=alpha, lr=lr, damping=damping)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    for name in ("0", "2"):
+        h, delta = inputs[name], deltas[name]
+        mean = h.mean(0)
+        # The ACP block αI ⊗ A with A the uncentered second moment of [h; 1]: by the Schur complement its
+        # inverse gives eq. 6.3.3-6.3.4 with C the covariance; Tikhonov λ acts on the whole A (§6.4.2).
+        augmented = torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], 1)
+        A = augmented.T @ augmented / n
+        gradient = torch.cat([delta.T @ h, delta.sum(0, keepdim=True).T], 1) / n  # c Σ δ ãᵀ
+        step = gradient @ torch.linalg.inv(alpha * A + damping * torch.eye(A.shape[0], dtype=A.dtype))
+        layer, old = dict(model.named_modules())[name], dict(before.named_modules())[name]
+        torch.testing.assert_close(layer.weight - old.weight, -lr * step[:, :-1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(layer.bias - old.bias, -lr * step[:, -1], rtol=1e-9, atol=1e-12)
+        # Without damping this is exactly the thesis' centered form:
+        covariance = (h - mean).T @ (h - mean) / n
+        dW = (delta.T @ (h - mean) / n) @ torch.linalg.inv(covariance) / alpha
+        db = delta.sum(0) / n / alpha - dW @ mean
+        exact = torch.linalg.inv(alpha * A)
+        torch.testing.assert_close(gradient @ exact, torch.cat([dW, db[:, None]], 1), rtol=1e-8, atol=1e-10)
+
+
+def test_centered_sgd_matches_algorithm_2():
+    model, loss_fn, batch = _mlp_problem()
+    before = copy.deepcopy(model)
+    inputs, deltas = _hooks(before, loss_fn, batch)
+    n, lr = batch[0].shape[0], 0.3
+    opt = optim.CenteredSGD(model, loss_fn, lr=lr)
+    opt.step(batch=batch)
+    for name in ("0", "2"):
+        h, delta = inputs[name], deltas[name]
+        layer, old = dict(model.named_modules())[name], dict(before.named_modules())[name]
+        expected_W = old.weight - lr * delta.T @ (h - h.mean(0)) / n
+        expected_b = old.bias - lr * delta.sum(0) / n
+        torch.testing.assert_close(layer.weight, expected_W, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.bias, expected_b, rtol=1e-10, atol=1e-12)
+
+
+def test_amortisation_counts():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, curvature_every=3, inverse_every=2)
+    for _ in range(7):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert opt.counts["curvature"] == 3  # steps 0, 3, 6
+    # inverses: after each new curvature (0, 3, 6) and at every 2nd step (2, 4) in between
+    assert opt.counts["inverse"] == 5
+    assert isinstance(opt.curvature, cl.BlockDiagonalOperator)
+
+
+def test_curvature_is_a_regular_curvature_object():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, fisher_type="type-2", lr=0.1, ema_decay=0.0)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    problem = cl.Problem(model, loss_fn, batch)
+    report = cl.compare(opt.curvature, cl.GGN(problem), k=2)
+    assert 0 <= report.overall["rel_frobenius"] < 1
+    assert cl.top_eigen(opt.curvature, 1, progress=False).values[0] > 0
+
+
+def test_parameter_groups_have_their_own_learning_rates():
+    model, loss_fn, batch = _mlp_problem()
+    twin = copy.deepcopy(model)
+    groups = [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters(), "lr": 0.1}]
+    opt = optim.DiagonalGGN(model, loss_fn, groups, lr=1.0, damping=1e-2)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert torch.equal(model[0].weight, twin[0].weight)
+    assert not torch.equal(model[2].weight, twin[2].weight)
+
+
+def test_step_returns_the_closure_loss_and_requires_a_batch():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.EKFAC(model, loss_fn, lr=0.1)
+    loss = opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert loss.item() == pytest.approx(
+        nn.functional.cross_entropy(copy.deepcopy(model)(batch[0]), batch[1]).item(), rel=0.5
+    )
+    with pytest.raises(ValueError, match="batch"):
+        opt.step(_closure(model, loss_fn, batch, opt))
+
+
+def test_nan_loss_skips_the_step_and_raises_damping():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=1e-3)
+    before = [p.clone() for p in model.parameters()]
+    bad = (batch[0].clone(), batch[1])
+    bad[0][0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(_closure(model, loss_fn, bad, opt), batch=bad)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.damping == pytest.approx(1e-2)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)  # goes on normally
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_inverse_is_retried_with_more_damping():
+    model, loss_fn, batch = _regression()
+    opt = optim.Newton(model, loss_fn, curvature="hessian", damping=0.0)
+    model.weight.data.zero_()
+    batch = (torch.zeros_like(batch[0]), batch[1])  # H is singular: the undamped inverse fails
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert opt.damping > 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unrecoverable_inverse_is_a_clear_error():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.Newton(model, loss_fn, curvature="hessian", damping=0.0)
+    opt.make_inverse = lambda C, damping: (_ for _ in ()).throw(torch.linalg.LinAlgError("boom"))
+    with pytest.raises(CurvlabError, match="could not be inverted"):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+
+
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC", "ACP", "DiagonalGGN", "HessianFree"])
+def test_state_dict_round_trip_is_bit_identical(name):
+    options = {"lr": 0.1, "momentum": 0.9, "curvature_every": 2, "damping_policy": "levenberg-marquardt"}
+    model, loss_fn, batch = _mlp_problem()
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (batch[0] + 0.1 * torch.randn(batch[0].shape, generator=generator, dtype=torch.float64), batch[1])
+        for _ in range(6)
+    ]
+
+    def run(model, opt, chunk):
+        for b in chunk:
+            opt.step(_closure(model, loss_fn, b, opt), batch=b)
+
+    straight = getattr(optim, name)(model, loss_fn, **options)
+    resumed_model = copy.deepcopy(model)
+    run(model, straight, batches)
+    first = getattr(optim, name)(resumed_model, loss_fn, **options)
+    run(resumed_model, first, batches[:3])
+    saved_model = copy.deepcopy(resumed_model.state_dict())
+    saved = copy.deepcopy(first.state_dict())
+    fresh_model = copy.deepcopy(resumed_model)
+    fresh_model.load_state_dict(saved_model)
+    second = getattr(optim, name)(fresh_model, loss_fn, **options)
+    second.load_state_dict(saved)
+    run(fresh_model, second, batches[3:])
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q), name
+    assert second.damping == straight.damping
+
+
+def test_momentum_buffers_are_in_the_state_dict():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, momentum=0.9)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    state = opt.state_dict()
+    assert len(state["state"]) == 4 and "momentum_buffer" in state["state"][0]
+    assert state["curvlab"]["curvature"]["type"] == "BlockDiagonal"
+
+
+def test_curvature_learning_rate_is_inverse_top_hessian_eigenvalue():
+    model, loss_fn, batch = _mlp_problem()
+    lr = optim.curvature_learning_rate(model, loss_fn, batch)
+    H = cl.Hessian(cl.Problem(model, loss_fn, batch)).to_dense()
+    assert lr == pytest.approx(1 / torch.linalg.eigvalsh(H)[-1].item(), rel=1e-6)
+
+
+# ------------------------------------------------------------ second order beats tuned SGD
+def _ill_conditioned_regression(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, 2, 6, dtype=torch.float64)  # input scales 1 … 100: κ(H) ~ 10⁴
+    X = torch.randn(64, 6, generator=generator, dtype=torch.float64) * scales
+    W = torch.randn(2, 6, generator=generator, dtype=torch.float64) / scales
+    Y = X @ W.T + 0.01 * torch.randn(64, 2, generator=generator, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 2)).double()
+    return model, nn.MSELoss(), (X, Y)
+
+
+def _steps_to_target(make_opt, target, max_steps=300, second_order=True):
+    model, loss_fn, batch = _ill_conditioned_regression()
+    opt = make_opt(model, loss_fn)
+    for step in range(1, max_steps + 1):
+        closure = _closure(model, loss_fn, batch, opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if second_order:
+                opt.step(closure, batch=batch)
+            else:
+                opt.step(closure)
+        with torch.no_grad():
+            loss = loss_fn(model(batch[0]), batch[1]).item()
+        if loss <= target:
+            return step
+    return max_steps + 1
+
+
+def test_second_order_optimizers_beat_tuned_sgd_on_an_ill_conditioned_problem():
+    target = 2e-4  # noise floor ≈ 1e-4
+    sgd_steps = min(
+        _steps_to_target(
+            lambda m, lf, lr=lr: torch.optim.SGD(m.parameters(), lr=lr), target, second_order=False
+        )
+        for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    )
+    factories = {
+        "Newton": lambda m, lf, lr: optim.Newton(m, lf, lr=lr),
+        "HessianFree": lambda m, lf, lr: optim.HessianFree(m, lf, lr=lr, damping=1e-4, cg_iterations=20),
+        "KFAC": lambda m, lf, lr: optim.KFAC(m, lf, fisher_type="type-2", lr=lr, damping=1e-4, ema_decay=0.0),
+        "EKFAC": lambda m, lf, lr: optim.EKFAC(
+            m, lf, fisher_type="type-2", lr=lr, damping=1e-4, ema_decay=0.0
+        ),
+        "ACP": lambda m, lf, lr: optim.ACP(m, lf, alpha=1.0, lr=lr, damping=1e-4),
+    }
+    for name, factory in factories.items():
+        steps = min(
+            _steps_to_target(lambda m, lf, lr=lr: factory(m, lf, lr), target) for lr in (0.1, 0.3, 1.0)
+        )
+        assert steps < sgd_steps, f"{name}: {steps} steps, tuned SGD {sgd_steps}"
