@@ -299,6 +299,7 @@ def test_second_order_optimizers_beat_tuned_sgd_on_an_ill_conditioned_problem():
     }
     for name, factory in factories.items():
         steps = min(
-            _steps_to_target(lambda m, lf, lr=lr: factory(m, lf, lr), target) for lr in (0.1, 0.3, 1.0)
+            _steps_to_target(lambda m, lf, lr=lr, factory=factory: factory(m, lf, lr), target)
+            for lr in (0.1, 0.3, 1.0)
         )
         assert steps < sgd_steps, f"{name}: {steps} steps, tuned SGD {sgd_steps}"
