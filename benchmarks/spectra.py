@@ -72,6 +72,8 @@ def measure(problem_name: str, task: str, library: str) -> dict:
     hessian = cl.Hessian(problem)
     k = 10 if task == "top10" else 1
     result: dict = {}
+    # The same warm-up for every library: one gradient (allocator, autograd engine, kernels).
+    torch.autograd.grad(loss_fn(model(X), y), params)
     start = time.perf_counter()
     if library == "curvlab":
         if task in ("top1", "top10"):

@@ -152,7 +152,8 @@ def evolution(records, quantity: str = "top_eigen", learning_rate: float | None 
     ax.set_xlabel("training step")
     ax.set_yscale("log")
     if chosen:
-        ax.set_title(f"{chosen[0].name}: {quantity.replace('_', ' ')} during training")
+        label = {"top_eigen": "top eigenvalues", "trace": "trace"}[quantity]
+        ax.set_title(f"{chosen[0].name}: {label} during training")
     ax.legend(fontsize=8)
     return fig
 

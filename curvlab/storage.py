@@ -194,7 +194,9 @@ def to_record(name: str, result, step: int | None = None, settings: dict | None 
     """
     from curvlab.compare import ComparisonReport
     from curvlab.spectra import EigenResult, SpectralDensity, TraceEstimate
+    from curvlab.structured.block_diagonal import BlockDiagonalOperator
     from curvlab.structured.kfac import KFAC
+    from curvlab.structured.kronecker import KroneckerBlock
 
     settings = dict(settings or {})
     if isinstance(result, Tensor) and result.dim() == 1:
@@ -226,9 +228,18 @@ def to_record(name: str, result, step: int | None = None, settings: dict | None 
         settings.update(method=result.method, num_matvecs=result.num_matvecs, seed=result.seed)
     elif isinstance(result, ComparisonReport):
         kind, data = "comparison", result.to_dict()
-    elif isinstance(result, KFAC):
+    elif isinstance(result, KFAC) and type(result) is KFAC:
         kind = "kfac_factors"
         data = {layer: {"A": _numpy(A), "G": _numpy(G)} for layer, (A, G) in result.factors.items()}
+        provenance_options.setdefault("curvature", result)
+    elif isinstance(result, BlockDiagonalOperator) and all(
+        isinstance(b, KroneckerBlock) for b in result.block_operators
+    ):  # e.g. an optimizer's running-average KFAC or ACP: factors per block
+        kind = "kfac_factors"
+        data = {
+            " + ".join(block.param_names or [str(i)]): {"A": _numpy(block.A), "G": _numpy(block.G)}
+            for i, block in enumerate(result.block_operators)
+        }
         provenance_options.setdefault("curvature", result)
     elif isinstance(result, dict) and any(np.ndim(_numpy(v)) > 0 for v in result.values()):
         kind = "arrays"

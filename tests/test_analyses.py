@@ -25,6 +25,16 @@ RUNS = {
     ],
     "fisher_vs_empirical_fisher": ["--grid", "4", "--steps", "3"],
     "ill_conditioning": ["--kappas", "10", "30", "--dim", "8"],
+    "optimizer_benchmark": [
+        "--task",
+        "classifier",
+        "--methods",
+        "SGD",
+        "KFAC",
+        "ACP (fixed α)",
+        "CenteredSGD",
+    ]
+    + ["--budget", "2", "--tune-seconds", "0.2", "--seconds", "0.4", "--curvature-every", "3"],
 }
 
 

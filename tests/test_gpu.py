@@ -72,3 +72,33 @@ def test_cuda_analyze_job(tmp_path):
     )
     assert code == 0
     assert read(tmp_path / "analysis.h5")[0].provenance["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC", "ACP", "DiagonalGGN", "HessianFree", "Newton"])
+def test_cuda_optimizers_step_like_on_cpu(name):
+    import copy
+
+    from torch import nn
+
+    from curvlab import optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    results = []
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        batch = (X.to(device), y.to(device))
+        opt = getattr(optim, name)(m, nn.CrossEntropyLoss(), lr=0.1, damping=1e-2)
+
+        def closure(m=m, opt=opt, batch=batch):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure, batch=batch)
+        results.append([p.detach().cpu() for p in m.parameters()])
+    for p, q in zip(*results):
+        assert_close_rel(q, p, 1e-8, name)

@@ -303,3 +303,16 @@ def test_second_order_optimizers_beat_tuned_sgd_on_an_ill_conditioned_problem():
             for lr in (0.1, 0.3, 1.0)
         )
         assert steps < sgd_steps, f"{name}: {steps} steps, tuned SGD {sgd_steps}"
+
+
+def test_optimizer_curvature_can_be_stored(tmp_path):
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, ema_decay=0.5)
+    for _ in range(2):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    store = cl.Store(tmp_path / "run.h5")
+    store.save("optimizer KFAC", opt.curvature, step=2)
+    store.save("optimizer KFAC", cl.eigvalsh(opt.curvature), step=2)
+    factors = store.records(kind="kfac_factors")[0].data
+    assert set(factors) == {"0.weight + 0.bias", "2.weight + 2.bias"}
+    assert factors["0.weight + 0.bias"]["A"].shape == (5, 5)

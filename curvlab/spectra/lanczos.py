@@ -242,28 +242,31 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     n, dtype, device, matvec = _as_matvec(C)
     p = V0.shape[1]
     m = min(steps, n)
-    Q = torch.zeros(m, n, p, dtype=dtype, device=device)
+    # Basis stored probe-major, (p, m, n): each probe's basis is one contiguous
+    # (m, n) matrix, so reorthogonalization is two batched GEMVs without copies.
+    Q = torch.zeros(p, m, n, dtype=dtype, device=device)
     alpha = torch.zeros(p, m, dtype=dtype, device=device)
     beta = torch.zeros(p, m, dtype=dtype, device=device)
     lengths = torch.full((p,), m, dtype=torch.long, device=device)
     active = torch.ones(p, dtype=torch.bool, device=device)
-    Q[0] = V0 / V0.norm(dim=0)
+    Q[:, 0] = (V0 / V0.norm(dim=0)).T
     for j in range(m):
-        W = matvec(Q[j])
-        alpha[:, j] = (Q[j] * W).sum(0)
-        # Full reorthogonalization of every column against its own basis, twice.
+        W = matvec(Q[:, j].T).T.contiguous()  # (p, n)
+        alpha[:, j] = (Q[:, j] * W).sum(1)
+        # Full reorthogonalization of every probe against its own basis, twice.
+        basis = Q[:, : j + 1]
         for _ in range(2):
-            coefficients = torch.einsum("jnp,np->jp", Q[: j + 1], W)
-            W = W - torch.einsum("jnp,jp->np", Q[: j + 1], coefficients)
+            coefficients = torch.bmm(basis, W.unsqueeze(2))  # (p, j + 1, 1)
+            W = W - torch.bmm(basis.transpose(1, 2), coefficients).squeeze(2)
         if j + 1 == m:
             break
-        norms = W.norm(dim=0)
+        norms = W.norm(dim=1)
         scale = torch.cat([alpha[:, : j + 1], beta[:, :j]], 1).abs().amax(1)
         breakdown = active & (norms <= 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300))
         lengths = torch.where(breakdown, j + 1, lengths)
         active &= ~breakdown
         beta[:, j] = torch.where(active, norms, torch.zeros_like(norms))
-        Q[j + 1] = torch.where(active, W / norms.clamp_min(1e-300), torch.zeros_like(W))
+        Q[:, j + 1] = torch.where(active[:, None], W / norms.clamp_min(1e-300)[:, None], torch.zeros_like(W))
     return alpha, beta[:, : m - 1], lengths
 
 

@@ -15,6 +15,15 @@ from torch import Tensor
 from curvlab.operators.base import CurvatureOperator
 
 
+def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, retried in float64 when LAPACK fails to converge (ill-conditioned float32)."""
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.linalg.eigh(M.double())
+        return values.to(M.dtype), vectors.to(M.dtype)
+
+
 class LayerMatrixBlock(CurvatureOperator):
     """A block over one layer's weight [and folded bias], acting on M = [W b]."""
 
@@ -78,8 +87,16 @@ class KroneckerBlock(LayerMatrixBlock):
         self.G = G
         self.A = A
         self._eigen = None
+        # ACP's output side is α I: products then skip a d_out × d_out GEMM.
+        scalar = G[0, 0]
+        is_scaled_identity = bool(
+            torch.equal(G, scalar * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+        )
+        self._G_scalar = scalar.item() if is_scaled_identity else None
 
     def _apply_matrix(self, M):
+        if self._G_scalar is not None:
+            return (M @ self.A) * self._G_scalar
         return self.G @ M @ self.A
 
     def _block(self, indices):
@@ -93,8 +110,8 @@ class KroneckerBlock(LayerMatrixBlock):
     def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Cached eigendecompositions ``(λ_G, Q_G, λ_A, Q_A)`` of the factors."""
         if self._eigen is None:
-            lam_G, Q_G = torch.linalg.eigh(self.G)
-            lam_A, Q_A = torch.linalg.eigh(self.A)
+            lam_G, Q_G = symmetric_eigh(self.G)
+            lam_A, Q_A = symmetric_eigh(self.A)
             self._eigen = (lam_G, Q_G, lam_A, Q_A)
         return self._eigen
 
@@ -133,6 +150,15 @@ class KroneckerBlock(LayerMatrixBlock):
         """
         if damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if not pi_damping and self._G_scalar is not None and self._G_scalar > 0:
+            # (cI ⊗ A + λI)⁻¹ = I ⊗ (cA + λI)⁻¹: one Kronecker factor, one GEMM per product.
+            lam_A, Q_A = self.eigen()[2:]
+            shifted = self._G_scalar * lam_A + damping
+            if bool((shifted <= 0).any()):
+                raise ValueError("the damped block is singular or indefinite: increase damping")
+            A_inv = (Q_A / shifted) @ Q_A.T
+            eye = torch.eye(self.G.shape[0], dtype=self.dtype, device=self.device)
+            return KroneckerBlock(eye, A_inv, self.param_shapes, self.bias_folded, self.param_names)
         if not pi_damping:
             return self.eigenbasis_form().inverse(damping)
         pi, root = self.pi(), damping**0.5

@@ -1,0 +1,303 @@
+"""The thesis' optimizer benchmark (§6.6): the deep autoencoder, every method tuned alike, loss vs time.
+
+Deep autoencoder 64-1000-500-250-30-250-500-1000-64 (sigmoid, squared error) on
+the embedded digits data (784-… on MNIST IDX files with ``--mnist-images``),
+minibatch 200, curvature refreshed every 100 updates. Methods: SGD, momentum,
+Nesterov, RMSProp, AdaGrad, Adam (torch.optim), SGD with momentum on a batch-norm
+variant, CenteredSGD, ACP (fixed and heuristic α), KFAC, EKFAC and HessianFree
+(curvlab.optim). Every method gets the same budget of the thesis' biased random
+search (Algorithm 1) over its hyperparameters, each trial a short run judged by
+its final training loss; the best setting then runs for a fixed wall-clock
+time. Training and test loss are recorded against wall-clock time (evaluation
+time excluded) and updates, stored in HDF5, drawn, and summarised in a table of
+the time each method needs to reach a target loss. ``--task classifier`` runs the
+ReLU classification MLP of §4.3 instead.
+
+    python analyses/optimizer_benchmark.py [--budget 6] [--tune-seconds 4] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+import curvlab as cl
+from curvlab import optim, plot, tune
+from curvlab.data import load_digits, load_mnist_idx
+
+
+def autoencoder(inputs: int, batch_norm: bool = False) -> nn.Sequential:
+    """The thesis' deep autoencoder (sigmoid), optionally with batch norm before each activation."""
+    sizes = [inputs, 1000, 500, 250, 30, 250, 500, 1000, inputs]
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if index < len(sizes) - 2:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(fan_out))
+            layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def classifier(inputs: int, classes: int) -> nn.Sequential:
+    """A ReLU MLP for classification (thesis §4.3)."""
+    return nn.Sequential(
+        nn.Linear(inputs, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, classes)
+    )
+
+
+LR = tune.LogUniform(1e-4, 3.0)
+DAMPING = tune.LogUniform(1e-5, 1.0)
+
+
+def methods(every: int) -> dict:
+    """Name → (factory(model, loss_fn, params) → optimizer, search space, batch-norm model?)."""
+    torch_opt = torch.optim
+    return {
+        "SGD": (lambda m, lf, p: torch_opt.SGD(m.parameters(), lr=p["lr"]), {"lr": LR}, False),
+        "momentum": (
+            lambda m, lf, p: torch_opt.SGD(m.parameters(), lr=p["lr"], momentum=p["momentum"]),
+            {"lr": LR, "momentum": tune.Uniform(0.5, 0.99)},
+            False,
+        ),
+        "Nesterov": (
+            lambda m, lf, p: torch_opt.SGD(m.parameters(), lr=p["lr"], momentum=p["momentum"], nesterov=True),
+            {"lr": LR, "momentum": tune.Uniform(0.5, 0.99)},
+            False,
+        ),
+        "RMSProp": (
+            lambda m, lf, p: torch_opt.RMSprop(m.parameters(), lr=p["lr"]),
+            {"lr": tune.LogUniform(1e-5, 1e-1)},
+            False,
+        ),
+        "AdaGrad": (
+            lambda m, lf, p: torch_opt.Adagrad(m.parameters(), lr=p["lr"]),
+            {"lr": tune.LogUniform(1e-4, 1.0)},
+            False,
+        ),
+        "Adam": (
+            lambda m, lf, p: torch_opt.Adam(m.parameters(), lr=p["lr"]),
+            {"lr": tune.LogUniform(1e-5, 1e-1)},
+            False,
+        ),
+        "SGD + batch norm": (
+            lambda m, lf, p: torch_opt.SGD(m.parameters(), lr=p["lr"], momentum=0.9),
+            {"lr": LR},
+            True,
+        ),
+        "CenteredSGD": (
+            lambda m, lf, p: optim.CenteredSGD(m, lf, lr=p["lr"], momentum=p["momentum"]),
+            {"lr": LR, "momentum": tune.Uniform(0.0, 0.99)},
+            False,
+        ),
+        "ACP (fixed α)": (
+            lambda m, lf, p: optim.ACP(
+                m, lf, alpha=p["alpha"], lr=p["lr"], damping=p["damping"], curvature_every=every
+            ),
+            {"lr": LR, "alpha": tune.LogUniform(1e-4, 10.0), "damping": DAMPING},
+            False,
+        ),
+        "ACP (heuristic α)": (
+            lambda m, lf, p: optim.ACP(m, lf, lr=p["lr"], damping=p["damping"], curvature_every=every),
+            {"lr": LR, "damping": DAMPING},
+            False,
+        ),
+        "KFAC": (
+            lambda m, lf, p: optim.KFAC(
+                m, lf, lr=p["lr"], damping=p["damping"], momentum=0.9, curvature_every=every
+            ),
+            {"lr": tune.LogUniform(1e-3, 1.0), "damping": DAMPING},
+            False,
+        ),
+        "EKFAC": (
+            lambda m, lf, p: optim.EKFAC(
+                m, lf, lr=p["lr"], damping=p["damping"], momentum=0.9, curvature_every=every
+            ),
+            {"lr": tune.LogUniform(1e-3, 1.0), "damping": DAMPING},
+            False,
+        ),
+        "HessianFree": (
+            lambda m, lf, p: optim.HessianFree(m, lf, lr=p["lr"], damping=p["damping"], cg_iterations=10),
+            {"lr": tune.LogUniform(0.1, 1.0), "damping": DAMPING},
+            False,
+        ),
+    }
+
+
+def train(make_model, make_opt, params, data, loss_fn, seconds, batch_size, seed, evaluations=30):
+    """Train for ``seconds`` of wall-clock (evaluations excluded); return the curves."""
+    (X, Y), (X_test, Y_test) = data
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_opt(model, loss_fn, params)
+    curvlab_step = isinstance(opt, (optim.CurvatureOptimizer, optim.CenteredSGD))
+    generator = torch.Generator().manual_seed(seed)
+    curve = {"seconds": [], "updates": [], "train": [], "test": []}
+    elapsed, updates, next_eval = 0.0, 0, 0.0
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            curve["seconds"].append(elapsed)
+            curve["updates"].append(updates)
+            curve["train"].append(loss_fn(model(X), Y).item())
+            curve["test"].append(loss_fn(model(X_test), Y_test).item())
+        model.train()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        while elapsed < seconds:
+            if elapsed >= next_eval:
+                evaluate()
+                next_eval += seconds / evaluations
+                if not math.isfinite(curve["train"][-1]):
+                    break
+            start = time.perf_counter()
+            index = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
+            batch = (X[index], Y[index])
+
+            def closure(batch=batch):
+                opt.zero_grad()
+                loss = loss_fn(model(batch[0]), batch[1])
+                loss.backward()
+                return loss
+
+            try:
+                opt.step(closure, batch=batch) if curvlab_step else opt.step(closure)
+            except cl.CurvlabError:
+                break
+            updates += 1
+            elapsed += time.perf_counter() - start
+    evaluate()
+    return curve
+
+
+def main():
+    """Tune every method alike, run the best settings, write HDF5, figures and the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/optimizer_benchmark")
+    parser.add_argument("--task", choices=["autoencoder", "classifier"], default="autoencoder")
+    parser.add_argument("--methods", nargs="+", help="a subset of the methods (default: all)")
+    parser.add_argument("--budget", type=int, default=6, help="biased-random-search trials per method")
+    parser.add_argument("--tune-seconds", type=float, default=4.0, help="wall-clock seconds per trial")
+    parser.add_argument("--seconds", type=float, default=30.0, help="wall-clock seconds of the final runs")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--curvature-every", type=int, default=100)
+    parser.add_argument("--mnist-images", help="MNIST IDX images (with --mnist-labels) instead of digits")
+    parser.add_argument("--mnist-labels")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mnist_images:
+        X_all, y_all = load_mnist_idx(args.mnist_images, args.mnist_labels)
+        split = int(0.85 * X_all.shape[0])
+        (X, y), (X_test, y_test) = (X_all[:split], y_all[:split]), (X_all[split:], y_all[split:])
+        dataset = "MNIST (user files)"
+    else:
+        (X, y), (X_test, y_test) = load_digits(seed=args.seed)
+        dataset = "digits (scikit-learn)"
+    inputs = X.shape[1]
+    if args.task == "autoencoder":
+        data, loss_fn = ((X, X), (X_test, X_test)), nn.MSELoss()
+        make = {False: lambda: autoencoder(inputs), True: lambda: autoencoder(inputs, batch_norm=True)}
+    else:
+        data, loss_fn = ((X, y), (X_test, y_test)), nn.CrossEntropyLoss()
+        make = {False: lambda: classifier(inputs, int(y.max()) + 1)}
+    table = methods(args.curvature_every)
+    chosen = args.methods or [m for m in table if args.task == "autoencoder" or not table[m][2]]
+    path = out / f"optimizer_benchmark_{args.task}.h5"
+    path.unlink(missing_ok=True)
+    store = cl.Store(path)
+    results = {}
+    print(
+        f"{args.task} on {dataset}: {X.shape[0]} training examples, batch {args.batch_size}, "
+        f"{args.budget} trials × {args.tune_seconds:g} s per method, final runs {args.seconds:g} s"
+    )
+    for name in chosen:
+        factory, space, batch_norm = table[name]
+
+        def objective(params, factory=factory, batch_norm=batch_norm):
+            curve = train(
+                make[batch_norm],
+                factory,
+                params,
+                data,
+                loss_fn,
+                args.tune_seconds,
+                args.batch_size,
+                args.seed,
+                4,
+            )
+            return curve["train"][-1]
+
+        search = tune.biased_random_search(objective, space, args.budget, seed=args.seed)
+        best, cost = search.best
+        curve = train(
+            make[batch_norm], factory, best, data, loss_fn, args.seconds, args.batch_size, args.seed
+        )
+        results[name] = curve
+        store.save(
+            name,
+            {k: np.asarray(v, dtype=float) for k, v in curve.items()},
+            settings={**best, "tuning_trials": len(search.history), "tuning_cost": cost},
+            dataset=dataset,
+            task=args.task,
+        )
+        print(
+            f"{name:<20} best {best}  final train {curve['train'][-1]:.5f}  test {curve['test'][-1]:.5f}  "
+            f"({curve['updates'][-1]} updates)",
+            flush=True,
+        )
+    finite = [c["train"][-1] for c in results.values() if math.isfinite(c["train"][-1])]
+    target = 1.1 * sorted(finite)[min(2, len(finite) - 1)] if finite else math.nan  # reached by ≥ 3 methods
+    print(f"\ntime to reach the training loss {target:.5f} (wall-clock s, evaluation excluded):")
+    reached = {}
+    for name, curve in results.items():
+        hits = [s for s, loss in zip(curve["seconds"], curve["train"]) if loss <= target]
+        reached[name] = hits[0] if hits else math.inf
+    for name in sorted(reached, key=reached.get):
+        value = reached[name]
+        print(f"  {name:<20}{'not reached' if math.isinf(value) else f'{value:8.1f} s'}")
+    winner = min(reached, key=reached.get)
+    print(
+        f"\nfastest to the target here: {winner}"
+        + ("" if math.isfinite(reached[winner]) else " (none reached it)")
+    )
+    store.save(
+        "time to target", {"target": np.float64(target), **{k: np.float64(v) for k, v in reached.items()}}
+    )
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for name, curve in results.items():
+        axes[0].plot(curve["seconds"], curve["train"], label=name)
+        axes[1].plot(curve["updates"], curve["train"], label=name)
+        axes[2].plot(curve["seconds"], curve["test"], label=name)
+    for ax, (xlabel, ylabel) in zip(
+        axes, [("wall-clock s", "training loss"), ("updates", "training loss"), ("wall-clock s", "test loss")]
+    ):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.axhline(target, color="black", ls=":", lw=0.8)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(
+        f"{args.task} on {dataset}: each method tuned by biased random search ({args.budget} trials)"
+    )
+    figure = plot.save(fig, out / f"optimizer_benchmark_{args.task}.png")
+    print(f"wrote {path} and {figure}")
+
+
+if __name__ == "__main__":
+    main()

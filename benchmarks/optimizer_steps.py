@@ -1,0 +1,102 @@
+"""Per-step wall time of the optimizers relative to SGD and Adam, amortised over 100 steps.
+
+Deep autoencoder 784-1000-500-250-30-250-500-1000-784 (sigmoid, MSE, random
+data), minibatch 200. Each optimizer runs 100 steps (curvature and inverses
+refreshed every 100 steps for KFAC, EKFAC and ACP, so each run contains exactly
+one refresh), after 3 untimed warm-up steps; each in its own process.
+
+    python benchmarks/optimizer_steps.py [--threads 2] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import run_child  # noqa: E402
+
+from curvlab import optim  # noqa: E402
+from curvlab.models import deep_autoencoder  # noqa: E402
+
+OPTIMIZERS = {
+    "SGD": lambda m, lf, every: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    "Adam": lambda m, lf, every: torch.optim.Adam(m.parameters(), lr=1e-3),
+    "CenteredSGD": lambda m, lf, every: optim.CenteredSGD(m, lf, lr=0.1, momentum=0.9),
+    "ACP": lambda m, lf, every: optim.ACP(m, lf, lr=0.1, alpha=1.0, damping=1e-3, curvature_every=every),
+    "KFAC": lambda m, lf, every: optim.KFAC(m, lf, lr=0.1, damping=1e-3, curvature_every=every),
+    "KFAC (π-damping)": lambda m, lf, every: optim.KFAC(
+        m, lf, lr=0.1, damping=1e-3, curvature_every=every, pi_damping=True
+    ),
+    "EKFAC": lambda m, lf, every: optim.EKFAC(m, lf, lr=0.1, damping=1e-3, curvature_every=every),
+}
+
+
+def child(name: str, steps: int, threads: int) -> None:
+    """Time ``steps`` updates of one optimizer; print a JSON line."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, loss_fn = deep_autoencoder(784), nn.MSELoss()
+    X = torch.rand(steps + 3, 200, 784)
+    opt = OPTIMIZERS[name](model, loss_fn, steps)
+    curvlab_step = not isinstance(opt, (torch.optim.SGD, torch.optim.Adam))
+
+    def step(i):
+        batch = (X[i], X[i])
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        return opt.step(closure, batch=batch) if curvlab_step else opt.step(closure)
+
+    for i in range(3):  # warm-up (also builds a first curvature)
+        step(i)
+    if curvlab_step and hasattr(opt, "steps"):
+        opt.steps = 0  # the timed run starts with a refresh, as every 100th step does
+    start = time.perf_counter()
+    for i in range(steps):
+        step(3 + i)
+    seconds = (time.perf_counter() - start) / steps
+    print(json.dumps({"seconds": seconds}))
+
+
+def main() -> None:
+    """Run every optimizer and print seconds per step and ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.threads)
+        return
+    print(f"threads={args.threads} torch={torch.__version__}, {args.steps} steps, batch 200, 784-autoencoder")
+    rows = {}
+    for name in OPTIMIZERS:
+        options = [name, "--steps", str(args.steps), "--threads", str(args.threads)]
+        rows[name] = run_child(__file__, options, args.timeout)
+    sgd, adam = rows["SGD"].get("seconds", float("nan")), rows["Adam"].get("seconds", float("nan"))
+    print(f"{'optimizer':<20}{'s / step':>10}{'x SGD':>8}{'x Adam':>8}")
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"{name:<20}{row['error']}")
+            continue
+        print(f"{name:<20}{row['seconds']:>10.4f}{row['seconds'] / sgd:>8.2f}{row['seconds'] / adam:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
