@@ -8,6 +8,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
+from curvlab.spectra.trace import orthonormal_basis, rademacher
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
 
@@ -182,8 +183,7 @@ def test_slq_quadrature_reproduces_probe_moments_exactly():
     D = _dense_operator(torch.linspace(-1, 3, 60, dtype=torch.float64))
     M = D.to_dense()
     density = cl.spectral_density(D, num_probes=1, lanczos_steps=6, seed=7, progress=False)
-    signs = torch.randint(0, 2, (1, 60), generator=torch.Generator().manual_seed(7), dtype=torch.int8)
-    v = (2 * signs - 1).double().squeeze(0)
+    v = rademacher(60, 1, torch.Generator().manual_seed(7), torch.float64, "cpu").squeeze(1)
     for power in range(0, 12):
         expected = (v @ torch.linalg.matrix_power(M, power) @ v).item() / 60
         assert density.moment(power) == pytest.approx(expected, rel=1e-9, abs=1e-12), power
@@ -294,3 +294,20 @@ def test_cached_hessian_follows_in_place_parameter_updates():
         model[0].weight.add_(0.5)
     assert_close_rel(cached @ v, cl.Hessian(problem, cache_graph=False) @ v, 1e-12, "after the update")
     assert_close_rel(cached @ v, reference.hessian_matrix(problem) @ v, 1e-10, "reference")
+
+
+def test_rademacher_probes_are_balanced_signs_and_chunk_independent():
+    V = rademacher(1001, 6, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    assert set(V.unique().tolist()) == {-1.0, 1.0} and abs(V.mean().item()) < 0.05
+    first = rademacher(1001, 2, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    assert torch.equal(first, V[:, :2])
+
+
+def test_orthonormal_basis_spans_the_columns():
+    Y = torch.randn(500, 7, dtype=torch.float64) @ torch.diag(torch.logspace(0, 4, 7, dtype=torch.float64))
+    Q = orthonormal_basis(Y)
+    assert_close_rel(Q.T @ Q, torch.eye(7, dtype=torch.float64), 1e-12, "orthonormal")
+    assert_close_rel(Q @ (Q.T @ Y), Y, 1e-12, "same span")
+    rank_deficient = torch.cat([Y[:, :3], Y[:, :3]], 1)
+    Q = orthonormal_basis(rank_deficient)  # falls back to Householder QR
+    assert_close_rel(Q @ (Q.T @ rank_deficient), rank_deficient, 1e-10, "span")
