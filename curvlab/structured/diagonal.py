@@ -18,7 +18,8 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
-from curvlab.structured.statistics import find_layers, layer_statistics, squared_gradient_moments
+from curvlab.structured.sequential import statistics_pass
+from curvlab.structured.statistics import find_layers, squared_gradient_moments
 
 
 class Diagonal(CurvatureOperator):
@@ -112,9 +113,10 @@ def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
         return None
     problem = C.problem
     moments = {}
-    for _, inputs, grads in layer_statistics(problem, layers, *flavour):
+    for _, inputs, grads in statistics_pass(problem, layers, *flavour):
         for layer in layers:
-            m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
+            g, a = grads[layer.name], inputs[layer.name]
+            m = squared_gradient_moments(g, a) if isinstance(g, Tensor) else g.squared_moments(a)
             moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
     parts: list[Tensor | None] = [None] * len(problem.params)
     for layer in layers:

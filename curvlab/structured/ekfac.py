@@ -14,6 +14,7 @@ import torch
 
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kfac import KFAC
+from curvlab.structured.sequential import as_tensor
 from curvlab.structured.statistics import squared_gradient_moments
 
 
@@ -31,7 +32,7 @@ class EKFAC(KFAC):
         D = [torch.zeros_like(basis.D) for basis in bases]
         for _, inputs, grads in self._statistics():
             for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
-                g = grads[layer.name] @ basis.Q_G
+                g = as_tensor(grads[layer.name]) @ basis.Q_G
                 a = inputs[layer.name][..., columns] @ basis.Q_A
                 D[i] += squared_gradient_moments(g, a)
         c = problem.reduction_factor

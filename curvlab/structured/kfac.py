@@ -28,7 +28,8 @@ from torch import Tensor
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
-from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers, layer_statistics
+from curvlab.structured.sequential import statistics_pass
+from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -123,7 +124,7 @@ class KFAC(BlockDiagonalOperator):
         ]
 
     def _statistics(self):
-        return layer_statistics(
+        return statistics_pass(
             self.problem, self.layers, self.fisher_type, self.mc_samples, self.seed, self.max_vectors
         )
 
@@ -172,6 +173,8 @@ class KFAC(BlockDiagonalOperator):
 
     def _output_moment(self, g: Tensor) -> Tensor:
         """Σ over vectors and examples of the output-gradient second moment."""
+        if not isinstance(g, Tensor):  # the MLP pass (one location per example)
+            return g.gram()
         if self.kfac_approx == "reduce":
             g = g.sum(2)
         flat = g.reshape(-1, g.shape[-1])

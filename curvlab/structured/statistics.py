@@ -85,7 +85,10 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
 
 @contextlib.contextmanager
 def capture(layers: list[Layer]):
-    """Record each layer's input and output in a forward pass; hooks always removed."""
+    """Record each layer's input and output in a forward pass; hooks always removed.
+
+    The model computes on after each recorded layer from a copy of its output.
+    """
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
     handles = []
@@ -94,6 +97,10 @@ def capture(layers: list[Layer]):
         def hook(module, args, output):
             inputs[name] = args[0].detach()
             outputs[name] = output
+            # The model continues on a copy: an in-place activation (ReLU(inplace=True))
+            # would otherwise overwrite ``output`` and gradients would be taken w.r.t.
+            # the activated values, not the layer's output.
+            return output.clone()
 
         return hook
 

@@ -1,0 +1,163 @@
+"""The MLP statistics pass (manual backpropagation, compression) equals the autograd pass."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab.structured import sequential
+from curvlab.structured.sequential import sequential_statistics, statistics_pass, supports
+from curvlab.structured.statistics import find_layers, layer_statistics, squared_gradient_moments
+from tests.helpers import assert_close_rel
+
+LOSSES = {
+    "mse": (nn.MSELoss(), lambda N, C: torch.randn(N, C, dtype=torch.float64)),
+    "bce": (nn.BCEWithLogitsLoss(reduction="sum"), lambda N, C: torch.rand(N, C, dtype=torch.float64)),
+    "ce": (nn.CrossEntropyLoss(), lambda N, C: torch.randint(0, C, (N,))),
+}
+
+
+def _bottleneck_problem(loss_name: str, outputs: int = 24):
+    """A bottlenecked MLP (5-40-3-6-outputs): compression triggers at widths 3 and 6.
+
+    The third linear layer is frozen (not in the problem) and the first layer's bias
+    too, an in-place ReLU sits in the middle, and a Tanh follows the last layer.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 40),
+        nn.Sigmoid(),
+        nn.Linear(40, 3),
+        nn.ReLU(inplace=True),
+        nn.Linear(3, 6, bias=False),
+        nn.ELU(),
+        nn.Linear(6, outputs),
+        nn.Tanh(),
+    ).double()
+    loss_fn, target = LOSSES[loss_name]
+    X = torch.randn(13, 5, dtype=torch.float64)
+    y = target(13, outputs)
+    params = [p for name, p in model.named_parameters() if name not in ("4.weight", "0.bias")]
+    return cl.Problem(model, loss_fn, [(X[:7], y[:7]), (X[7:], y[7:])], params=params)
+
+
+def _sums(stream, layers):
+    """Per layer: Σ g gᵀ, the squared-gradient moments and Σ g gᵀ from ``tensor()``."""
+    gram, moments, from_tensor = {}, {}, {}
+    for _, inputs, grads in stream:
+        for layer in layers:
+            g, a = grads[layer.name], inputs[layer.name]
+            t = g if isinstance(g, torch.Tensor) else g.tensor()
+            flat = t.reshape(-1, t.shape[-1])
+            gram[layer.name] = gram.get(layer.name, 0) + (flat.T @ flat if g is t else g.gram())
+            m = squared_gradient_moments(g, a) if g is t else g.squared_moments(a)
+            moments[layer.name] = moments.get(layer.name, 0) + m
+            from_tensor[layer.name] = from_tensor.get(layer.name, 0) + flat.T @ flat
+    return gram, moments, from_tensor
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
+def test_mlp_pass_equals_autograd_pass(loss_name, fisher_type):
+    problem = _bottleneck_problem(loss_name)
+    layers = find_layers(problem)
+    assert supports(problem, layers)
+    expected = _sums(layer_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    actual = _sums(sequential_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    for what, exp, act in zip(("gram", "moments", "tensor gram"), expected, actual):
+        for name in exp:
+            assert_close_rel(act[name], exp[name], 1e-12, f"{what} of layer {name}")
+
+
+def test_compression_really_happens(monkeypatch):
+    """The 24 vectors per example reach the 3-wide layer as 3 (QR), not 24."""
+    problem = _bottleneck_problem("mse")
+    layers = find_layers(problem)
+    seen = {}
+    for _, _, grads in sequential_statistics(problem, layers, "type-2"):
+        seen = {name: g for name, g in grads.items()}
+        break
+    assert isinstance(seen["6"], sequential.ScaledRows)  # next to the output: kept factored
+    assert seen["2"].tensor().shape[0] == 3  # compressed at the bottleneck
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_structured_objects_agree_with_the_autograd_pass(loss_name, monkeypatch):
+    """KFAC, EKFAC and the exact diagonal: same numbers with the MLP pass switched off."""
+    problem = _bottleneck_problem(loss_name)
+    fast = {
+        "kfac": cl.KFAC(problem).to_dense(),
+        "ekfac": cl.EKFAC(problem).to_dense(),
+        "diagonal": cl.Diagonal(cl.GGN(problem)).to_dense(),
+        "mc kfac": cl.KFAC(problem, fisher_type="mc", mc_samples=4, seed=3).to_dense(),
+    }
+    monkeypatch.setattr(sequential, "supports", lambda problem, layers: False)
+    slow = {
+        "kfac": cl.KFAC(problem).to_dense(),
+        "ekfac": cl.EKFAC(problem).to_dense(),
+        "diagonal": cl.Diagonal(cl.GGN(problem)).to_dense(),
+        "mc kfac": cl.KFAC(problem, fisher_type="mc", mc_samples=4, seed=3).to_dense(),
+    }
+    for name in fast:
+        assert_close_rel(fast[name], slow[name], 1e-12, name)
+    exact = cl.GGN(problem).to_dense()
+    assert_close_rel(fast["diagonal"].diagonal(), exact.diagonal(), 1e-12, "diagonal vs dense GGN")
+
+
+def test_float32_pass_matches_float64():
+    problem = _bottleneck_problem("mse")
+    K64 = cl.KFAC(problem).to_dense()
+    model32 = problem.model.float()
+    params = [p for name, p in model32.named_parameters() if name not in ("4.weight", "0.bias")]
+    data = [(X.float(), y.float()) for X, y in problem.data]
+    K32 = cl.KFAC(cl.Problem(model32, problem.loss_fn, data, params=params)).to_dense()
+    assert K32.dtype == torch.float32
+    assert_close_rel(K32.double(), K64, 1e-5, "float32 KFAC")
+
+
+def test_other_models_use_the_autograd_pass():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 3))
+    problem = cl.Problem(conv, nn.MSELoss(), (torch.randn(4, 1, 10), torch.randn(4, 3)))
+    layers = find_layers(problem)
+    assert not supports(problem, layers)
+    dropout = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    problem = cl.Problem(dropout, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+    assert not supports(problem, find_layers(problem))
+    sequence = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # (N, T, d) inputs
+    problem = cl.Problem(sequence, nn.MSELoss(), (torch.randn(4, 5, 3), torch.randn(4, 5, 2)))
+    stream = statistics_pass(problem, find_layers(problem), "type-2")
+    _, _, grads = next(iter(stream))
+    assert all(isinstance(g, torch.Tensor) for g in grads.values())
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+def test_in_place_activations_single_example_kfac_is_exact(model_kind, monkeypatch):
+    """Regression: an in-place ReLU after a layer must not change its output gradients.
+
+    On one example with one output, type-2 KFAC equals the exact GGN block of each
+    layer; both passes (the CNN and the switched-off MLP pass use autograd hooks).
+    """
+    torch.manual_seed(1)
+    if model_kind == "mlp":
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1)).double()
+        X = torch.randn(1, 3, dtype=torch.float64)
+        monkeypatch.setattr(sequential, "supports", lambda problem, layers: False)
+    else:
+        model = nn.Sequential(
+            nn.Conv1d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(6, 1)
+        ).double()
+        X = torch.randn(1, 1, 5, dtype=torch.float64)
+    first = model[0]
+    params = [first.weight, first.bias]
+    problem = cl.Problem(model, nn.MSELoss(), (X, torch.randn(1, 1, dtype=torch.float64)), params=params)
+    expected = cl.GGN(problem).to_dense()
+    actual = cl.KFAC(problem, kfac_approx="reduce" if model_kind == "cnn" else "expand").to_dense()
+    if model_kind == "mlp":
+        assert_close_rel(actual, expected, 1e-12, "KFAC vs GGN behind an in-place ReLU")
+    else:
+        # Conv weight sharing: KFAC is not exact, but the output gradients enter only
+        # through G; compare with the pass on the same model without in-place ReLU.
+        model[1] = nn.ReLU()
+        reference = cl.KFAC(problem, kfac_approx="reduce").to_dense()
+        assert_close_rel(actual, reference, 1e-12, "in-place vs out-of-place ReLU")
