@@ -316,3 +316,17 @@ def test_optimizer_curvature_can_be_stored(tmp_path):
     factors = store.records(kind="kfac_factors")[0].data
     assert set(factors) == {"0.weight + 0.bias", "2.weight + 2.bias"}
     assert factors["0.weight + 0.bias"]["A"].shape == (5, 5)
+
+
+def test_finiteness_check_is_exact():
+    """The sum-first check: overflowing finite sums are finite, any NaN/Inf entry is not."""
+    from curvlab.optim.base import _all_finite
+
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries, the sum overflows
+    assert _all_finite([big, torch.zeros(3)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not _all_finite([torch.zeros(2), t])
+    mixed = torch.tensor([float("inf"), -float("inf")])  # sum NaN
+    assert not _all_finite([mixed])

@@ -40,6 +40,22 @@ DAMPING_POLICIES = ("constant", "levenberg-marquardt")
 _INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
 
 
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry is finite.
+
+    One sum per tensor (any NaN/Inf entry makes the sum non-finite); the elementwise
+    check runs only where a sum is not finite (finite entries whose sum overflows).
+    """
+    for t in tensors:
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: preconditioned steps with a curvature object of the library.
 
@@ -104,8 +120,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The curvature estimate on one minibatch problem."""
         raise NotImplementedError
 
-    def direction(self, gradient: Tensor) -> Tensor:
-        """(C + λI)⁻¹ g with the cached inverse (structured curvature)."""
+    def direction(self, gradient: list[Tensor]) -> list[Tensor]:
+        """(C + λI)⁻¹ g with the cached inverse; g and the result are parameter-shaped lists."""
         return self._inverse @ gradient
 
     def make_inverse(self, C: CurvatureOperator, damping: float):
@@ -181,22 +197,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
-        if loss is not None and not bool(torch.isfinite(loss).all()):
+        if loss is not None and not _all_finite([loss]):
             self._skip(f"loss is {loss.item()}")
             return loss
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        gradient = torch.cat([g.reshape(-1) for g in grads])
-        if not bool(torch.isfinite(gradient).all()):
+        gradient = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if not _all_finite(gradient):
             self._skip("the gradient is not finite")
             return loss
-        decays = torch.cat(
-            [
-                torch.full((p.numel(),), group["weight_decay"], dtype=p.dtype, device=p.device)
-                for group in self.param_groups
-                for p in group["params"]
-            ]
-        )
-        gradient = gradient + decays * torch.cat([p.reshape(-1) for p in params])
+        decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
+        if any(decays):
+            gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
         if self.steps % self.curvature_every == 0:
             with torch.enable_grad():
                 fresh = self.build_curvature(self._problem(batch))
@@ -212,40 +222,39 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
             direction = self.direction(gradient)
-        if not bool(torch.isfinite(direction).all()):
+        if not _all_finite(direction):
             self._skip("the preconditioned direction is not finite")
             self.steps += 1
             return loss
-        updates, offset = [], 0
+        updates = []
         for group in self.param_groups:
             for p in group["params"]:
-                d = direction[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+                d = direction[len(updates)].reshape_as(p)
                 state = self.state[p]
                 if group["momentum"] > 0:
                     buffer = state.get("momentum_buffer")
                     buffer = d.clone() if buffer is None else buffer.mul_(group["momentum"]).add_(d)
                     state["momentum_buffer"] = buffer
                     d = buffer
-                updates.append(-group["lr"] * d)
-        step = torch.cat([u.reshape(-1) for u in updates])
-        if not bool(torch.isfinite(step).all()):
+                updates.append(d * -group["lr"])
+        if not _all_finite(updates):
             self._skip("the update is not finite")
             self.steps += 1
             return loss
         for p, u in zip(params, updates):
             p.add_(u)
         if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:
-            self._adapt_damping(closure, loss, gradient, step)
+            self._adapt_damping(closure, loss, gradient, updates)
         self.steps += 1
         return loss
 
-    def _adapt_damping(self, closure, loss: Tensor, gradient: Tensor, step: Tensor) -> None:
+    def _adapt_damping(self, closure, loss: Tensor, gradient: list[Tensor], step: list[Tensor]) -> None:
         """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs)."""
         with torch.enable_grad():
             new_loss = closure()
-        curvature_product = self.curvature @ step if self.curvature is not None else torch.zeros_like(step)
-        predicted = (gradient @ step + 0.5 * step @ curvature_product).item()
+        g, s = _flat(gradient), _flat(step)
+        curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
+        predicted = (g @ s + 0.5 * s @ curvature_product).item()
         actual = (new_loss - loss).item()
         rho = actual / predicted if predicted < 0 else -math.inf
         if rho > 0.75:

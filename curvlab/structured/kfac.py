@@ -29,7 +29,7 @@ from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
 from curvlab.structured.sequential import statistics_pass
-from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers
+from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers, gram
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -166,10 +166,9 @@ class KFAC(BlockDiagonalOperator):
     def _input_moment(self, a: Tensor) -> Tensor:
         """Σ_n over the batch of the input second moment (before dividing by N)."""
         if self.kfac_approx == "expand":
-            flat = a.reshape(-1, a.shape[-1])
-            return flat.T @ flat / a.shape[1]
-        mean = a.mean(1)
-        return mean.T @ mean
+            moment = gram(a.reshape(-1, a.shape[-1]))
+            return moment if a.shape[1] == 1 else moment / a.shape[1]
+        return gram(a.mean(1))
 
     def _output_moment(self, g: Tensor) -> Tensor:
         """Σ over vectors and examples of the output-gradient second moment."""
@@ -177,5 +176,4 @@ class KFAC(BlockDiagonalOperator):
             return g.gram()
         if self.kfac_approx == "reduce":
             g = g.sum(2)
-        flat = g.reshape(-1, g.shape[-1])
-        return flat.T @ flat
+        return gram(g.reshape(-1, g.shape[-1]))

@@ -24,6 +24,18 @@ def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
         return values.to(M.dtype), vectors.to(M.dtype)
 
 
+def _spd_inverse(M: Tensor, shift: float) -> Tensor:
+    """(M + shift·I)⁻¹ for symmetric positive (semi-)definite M, by Cholesky.
+
+    Raises ``ValueError`` when M + shift·I is not positive definite.
+    """
+    shifted = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        raise ValueError("the damped block is singular or indefinite: increase damping")
+    return torch.cholesky_inverse(L)
+
+
 class LayerMatrixBlock(CurvatureOperator):
     """A block over one layer's weight [and folded bias], acting on M = [W b]."""
 
@@ -96,7 +108,8 @@ class KroneckerBlock(LayerMatrixBlock):
 
     def _apply_matrix(self, M):
         if self._G_scalar is not None:
-            return (M @ self.A) * self._G_scalar
+            product = M @ self.A
+            return product if self._G_scalar == 1.0 else product * self._G_scalar
         return self.G @ M @ self.A
 
     def _block(self, indices):
@@ -151,21 +164,15 @@ class KroneckerBlock(LayerMatrixBlock):
         if damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}")
         if not pi_damping and self._G_scalar is not None and self._G_scalar > 0:
-            # (cI ⊗ A + λI)⁻¹ = I ⊗ (cA + λI)⁻¹: one Kronecker factor, one GEMM per product.
-            lam_A, Q_A = self.eigen()[2:]
-            shifted = self._G_scalar * lam_A + damping
-            if bool((shifted <= 0).any()):
-                raise ValueError("the damped block is singular or indefinite: increase damping")
-            A_inv = (Q_A / shifted) @ Q_A.T
+            # (cI ⊗ A + λI)⁻¹ = I ⊗ (cA + λI)⁻¹: one factor, by Cholesky (no eigensolver).
+            A_inv = _spd_inverse(self._G_scalar * self.A, damping)
             eye = torch.eye(self.G.shape[0], dtype=self.dtype, device=self.device)
             return KroneckerBlock(eye, A_inv, self.param_shapes, self.bias_folded, self.param_names)
         if not pi_damping:
             return self.eigenbasis_form().inverse(damping)
         pi, root = self.pi(), damping**0.5
-        eye_G = torch.eye(self.G.shape[0], dtype=self.dtype, device=self.device)
-        eye_A = torch.eye(self.A.shape[0], dtype=self.dtype, device=self.device)
-        G_inv = torch.linalg.inv(self.G + pi * root * eye_G)
-        A_inv = torch.linalg.inv(self.A + root / pi * eye_A)
+        G_inv = _spd_inverse(self.G, pi * root)
+        A_inv = _spd_inverse(self.A, root / pi)
         return KroneckerBlock(G_inv, A_inv, self.param_shapes, self.bias_folded, self.param_names)
 
     def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from curvlab.losses import LossRule
 from curvlab.problem import Problem
-from curvlab.structured.statistics import Layer, backpropagated_vectors, input_vectors, layer_statistics
+from curvlab.structured.statistics import Layer, backpropagated_vectors, gram, input_vectors, layer_statistics
 
 ELEMENTWISE = (
     nn.Identity,
@@ -58,7 +58,7 @@ class DenseVectors:
     def gram(self) -> Tensor:
         """Σ_{n,v} b bᵀ: ``(d, d)``, lower-triangular blocks only (it is symmetric)."""
         flat = self.B.reshape(-1, self.B.shape[-1])
-        return _symmetric_gram(flat)
+        return gram(flat)
 
     def squares(self) -> Tensor:
         """Σ_v b_{n,v}² per example: ``(n, d)``."""
@@ -93,24 +93,6 @@ def _compressed(B: Tensor) -> DenseVectors:
     if B.shape[1] >= _COMPRESS_RATIO * B.shape[2]:
         B = torch.linalg.qr(B, mode="r").R
     return DenseVectors(B)
-
-
-def _symmetric_gram(flat: Tensor, blocks: int = 4) -> Tensor:
-    """flatᵀ flat from the blocks on and below the diagonal (~40% fewer FLOPs for 4 blocks)."""
-    d = flat.shape[1]
-    if d < 256:
-        return flat.T @ flat
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    out = torch.empty(d, d, dtype=flat.dtype, device=flat.device)
-    for i in range(blocks):
-        rows = slice(edges[i], edges[i + 1])
-        for j in range(i + 1):
-            cols = slice(edges[j], edges[j + 1])
-            block = flat[:, rows].T @ flat[:, cols]
-            out[rows, cols] = block
-            if i != j:
-                out[cols, rows] = block.T
-    return out
 
 
 class ScaledRows:

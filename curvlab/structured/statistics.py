@@ -40,6 +40,24 @@ def squared_gradient_moments(g: Tensor, a: Tensor) -> Tensor:
     return total
 
 
+def gram(flat: Tensor, blocks: int = 2) -> Tensor:
+    """flatᵀ flat ``(d, d)`` from the blocks on and below the diagonal (3 of 4 GEMM blocks for 2 × 2)."""
+    d = flat.shape[1]
+    if d < 256:
+        return flat.T @ flat
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    out = torch.empty(d, d, dtype=flat.dtype, device=flat.device)
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i + 1):
+            cols = slice(edges[j], edges[j + 1])
+            block = flat[:, rows].T @ flat[:, cols]
+            out[rows, cols] = block
+            if i != j:
+                out[cols, rows] = block.T
+    return out
+
+
 @dataclass
 class Layer:
     """A supported module and where its weight and bias sit in the problem's params."""
