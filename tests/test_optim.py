@@ -330,3 +330,33 @@ def test_finiteness_check_is_exact():
         assert not _all_finite([torch.zeros(2), t])
     mixed = torch.tensor([float("inf"), -float("inf")])  # sum NaN
     assert not _all_finite([mixed])
+
+
+def test_a_diverging_update_is_undone_and_endless_skipping_is_an_error():
+    """A finite update that blows the loss up is taken back at the next step."""
+    model, loss_fn, batch = _regression()
+    opt = optim.KFAC(model, loss_fn, lr=1.0, damping=1e-3, momentum=0.9)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    good = [p.clone() for p in model.parameters()]
+    with torch.no_grad():  # simulate an update that overflowed the loss
+        for p in model.parameters():
+            opt.state[p]["previous_value"] = p.clone()
+            p.add_(1e300)  # float64: the squared error overflows
+    with pytest.warns(RuntimeWarning, match="undone"):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), good))
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+    bad = (torch.full_like(batch[0], float("nan")), batch[1])
+    with pytest.raises(cl.CurvlabError, match="in a row"):
+        with pytest.warns(RuntimeWarning):
+            for _ in range(20):
+                opt.step(_closure(model, loss_fn, bad, opt), batch=bad)
+
+
+def test_levenberg_marquardt_takes_back_a_step_that_makes_the_loss_non_finite():
+    model, loss_fn, batch = _regression()
+    opt = optim.KFAC(model, loss_fn, lr=1e300, damping=1e-3, damping_policy="levenberg-marquardt")
+    before = [p.clone() for p in model.parameters()]
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.damping == pytest.approx(1e-2)

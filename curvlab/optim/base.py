@@ -15,7 +15,10 @@ curvature product, per adapted step).
 
 Safety: a step whose loss, gradient, curvature or update is not finite is
 skipped with a warning and the damping raised tenfold, so parameters are never
-left NaN; a failed inverse (a factorisation that fails, an indefinite damped
+left NaN; a non-finite loss at the start of a step also undoes the previous
+update (a finite update can still blow the loss up), as does Levenberg–Marquardt
+when the step it just took makes the loss non-finite; more than 10 skipped steps
+in a row are an error; a failed inverse (a factorisation that fails, an indefinite damped
 matrix) is retried in float64 with more damping before a clear error.
 Everything needed to continue bit-identically — momentum buffers, step count,
 damping, the curvature (snapshot) and the damping its inverse was built with —
@@ -37,6 +40,7 @@ from curvlab.optim import state as curvature_state
 from curvlab.problem import Problem
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
+MAX_SKIPPED_IN_ROW = 10  # then a clear error instead of raising the damping forever
 _INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
 
 
@@ -114,6 +118,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._inverse_damping: float | None = None
         self._curvature_source: tuple | None = None  # (step, batch) the curvature was built from
         self.counts = {"curvature": 0, "inverse": 0, "skipped": 0}
+        self._skipped_in_row = 0
 
     # ------------------------------------------------------------ subclass hooks
     def build_curvature(self, problem: Problem) -> CurvatureOperator:
@@ -176,6 +181,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _skip(self, reason: str) -> None:
         self.counts["skipped"] += 1
+        self._skipped_in_row += 1
+        if self._skipped_in_row > MAX_SKIPPED_IN_ROW:
+            raise CurvlabError(
+                f"{type(self).__name__}: {self._skipped_in_row} steps in a row skipped, the last one "
+                f"because {reason}; the damping is {self.damping:.1e}. Check the data and lower the "
+                "learning rate or raise the initial damping."
+            )
         self.damping = max(self.damping * 10, 1e-8)
         self._inverse = None  # rebuilt with the new damping
         warnings.warn(
@@ -198,7 +210,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = self._params()
         if loss is not None and not _all_finite([loss]):
-            self._skip(f"loss is {loss.item()}")
+            # The model (after the last update) or the batch is bad: undo the last update.
+            undone = self._undo_last_update(params)
+            self._skip(f"loss is {loss.item()}" + ("; the previous update was undone" if undone else ""))
             return loss
         gradient = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         if not _all_finite(gradient):
@@ -242,16 +256,35 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.steps += 1
             return loss
         for p, u in zip(params, updates):
+            self.state[p]["previous_value"] = p.clone()  # exact undo (θ + u − u need not be θ)
             p.add_(u)
+        self._skipped_in_row = 0
         if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:
             self._adapt_damping(closure, loss, gradient, updates)
         self.steps += 1
         return loss
 
+    def _undo_last_update(self, params: list[Tensor]) -> bool:
+        """θ back to its value before the last update, momentum cleared; whether there was one."""
+        undone = False
+        for p in params:
+            state = self.state[p]
+            if "previous_value" in state:
+                p.copy_(state.pop("previous_value"))
+                state.pop("momentum_buffer", None)
+                undone = True
+        return undone
+
     def _adapt_damping(self, closure, loss: Tensor, gradient: list[Tensor], step: list[Tensor]) -> None:
         """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs)."""
         with torch.enable_grad():
             new_loss = closure()
+        if not _all_finite([new_loss]):  # the step made the loss non-finite: take it back
+            self._undo_last_update(self._params())
+            self.damping = self.damping * 10
+            self._inverse = None
+            self.last_rho = -math.inf
+            return
         g, s = _flat(gradient), _flat(step)
         curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
         predicted = (g @ s + 0.5 * s @ curvature_product).item()
@@ -272,6 +305,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "damping": self.damping,
             "inverse_damping": self._inverse_damping,
             "counts": dict(self.counts),
+            "skipped_in_row": self._skipped_in_row,
             "curvature": None,
         }
         if self.curvature is not None and curvature_state.is_snapshotable(self.curvature):
@@ -290,6 +324,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if extra is None:
             return
         self.steps, self.damping, self.counts = extra["steps"], extra["damping"], dict(extra["counts"])
+        self._skipped_in_row = extra.get("skipped_in_row", 0)
         params = self._params()
         self.curvature, self._inverse = None, None
         if extra["curvature"] is not None:

@@ -25,15 +25,22 @@ def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _spd_inverse(M: Tensor, shift: float) -> Tensor:
-    """(M + shift·I)⁻¹ for symmetric positive (semi-)definite M, by Cholesky.
+    """(M + shift·I)⁻¹ for a PSD factor M: Cholesky, else eigenvalues clamped at 0.
 
-    Raises ``ValueError`` when M + shift·I is not positive definite.
+    Cholesky fails when round-off leaves M slightly indefinite (float32, a shift
+    below ε‖M‖); the factors are PSD by construction, so the fallback clamps
+    their negative eigenvalues to 0. Raises ``ValueError`` when M + shift·I is
+    still singular (shift 0 and M singular).
     """
     shifted = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     L, info = torch.linalg.cholesky_ex(shifted)
-    if int(info) != 0:
+    if int(info) == 0:
+        return torch.cholesky_inverse(L)
+    values, vectors = symmetric_eigh(M)
+    values = values.clamp_min(0) + shift
+    if bool((values <= 0).any()):
         raise ValueError("the damped block is singular or indefinite: increase damping")
-    return torch.cholesky_inverse(L)
+    return (vectors / values) @ vectors.T
 
 
 class LayerMatrixBlock(CurvatureOperator):
@@ -123,8 +130,11 @@ class KroneckerBlock(LayerMatrixBlock):
     def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Cached eigendecompositions ``(λ_G, Q_G, λ_A, Q_A)`` of the factors."""
         if self._eigen is None:
+            # The factors are second-moment matrices (PSD): negative eigenvalues are
+            # round-off (~ε‖G‖), and λ_G·λ_A of two of them could swamp the damping.
             lam_G, Q_G = symmetric_eigh(self.G)
             lam_A, Q_A = symmetric_eigh(self.A)
+            lam_G, lam_A = lam_G.clamp_min(0), lam_A.clamp_min(0)
             self._eigen = (lam_G, Q_G, lam_A, Q_A)
         return self._eigen
 
