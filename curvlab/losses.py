@@ -75,13 +75,17 @@ class LossRule:
         V is the number of output entries per example; these are the vectors
         type-2 KFAC backpropagates.
         """
+        diagonal = self.diagonal_hessian_sqrt(output)
+        if diagonal is None:
+            raise NotImplementedError(f"{type(self).__name__} must define hessian_sqrt_columns")
         per_example = output[0].numel()
         eye = torch.eye(per_example, dtype=output.dtype, device=output.device)
         columns = eye.reshape(per_example, 1, *output.shape[1:])
-        return columns * self._diagonal_hessian_sqrt(output).unsqueeze(0)
+        return columns * diagonal.unsqueeze(0)
 
-    def _diagonal_hessian_sqrt(self, output: Tensor) -> Tensor:
-        raise NotImplementedError
+    def diagonal_hessian_sqrt(self, output: Tensor) -> Tensor | None:
+        """√Λ entrywise, shaped like ``output``, where Λ_n is diagonal; else ``None``."""
+        return None
 
     def noise_shape(self, target: Tensor, num_samples: int) -> tuple[int, ...]:
         """Shape of the standard noise that ``sample_targets`` transforms."""
@@ -111,7 +115,7 @@ class MSERule(LossRule):
     def hessian_vp(self, output, u):  # noqa: D102
         return 2.0 * u
 
-    def _diagonal_hessian_sqrt(self, output):
+    def diagonal_hessian_sqrt(self, output):  # noqa: D102
         return torch.full_like(output, math.sqrt(2.0))
 
     def fisher_vp(self, output, u):  # noqa: D102
@@ -141,7 +145,7 @@ class BCEWithLogitsRule(LossRule):
         s = torch.sigmoid(output)
         return s * (1 - s) * u
 
-    def _diagonal_hessian_sqrt(self, output):
+    def diagonal_hessian_sqrt(self, output):  # noqa: D102
         s = torch.sigmoid(output)
         return (s * (1 - s)).sqrt()
 

@@ -116,7 +116,9 @@ class Problem:
 
     def _count(self) -> tuple[int, int, int]:
         num_terms = num_examples = num_batches = 0
+        self.input_ndims: set[int] = set()  # X.dim() of the batches (MLP pass: {2})
         for index, (X, y) in enumerate(self._raw_batches()):
+            self.input_ndims.add(X.dim())
             if X.shape[0] != y.shape[0]:
                 raise DataError(
                     f"batch {index}: inputs have {X.shape[0]} examples but targets have {y.shape[0]}"

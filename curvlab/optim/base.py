@@ -256,7 +256,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.steps += 1
             return loss
         for p, u in zip(params, updates):
-            self.state[p]["previous_value"] = p.clone()  # exact undo (θ + u − u need not be θ)
+            # Kept for an exact undo (θ + u − u need not be θ); the buffer is reused.
+            previous = self.state[p].get("previous_value")
+            if previous is None:
+                self.state[p]["previous_value"] = p.detach().clone()
+            else:
+                previous.copy_(p)
             p.add_(u)
         self._skipped_in_row = 0
         if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:

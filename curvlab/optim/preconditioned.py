@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor
 
 from curvlab.errors import NotPositiveDefiniteError
@@ -150,15 +149,8 @@ class HessianFree(CurvatureOptimizer):
     def make_inverse(self, C, damping):  # noqa: D102
         return None  # matrix-free: solved per step
 
-    def direction(self, gradient: list[Tensor]) -> Tensor:
+    def direction(self, gradient: list[Tensor]) -> list[Tensor]:
         """Truncated CG on (C + λI) d = g; an indefinite system is retried with 10× the damping."""
-        shapes = [g.shape for g in gradient]
-        flat = torch.cat([g.reshape(-1) for g in gradient])
-        return [
-            d.view(shape) for d, shape in zip(self._solve(flat).split([s.numel() for s in shapes]), shapes)
-        ]
-
-    def _solve(self, gradient: Tensor) -> Tensor:
         for _ in range(4):
             try:
                 with warnings.catch_warnings():

@@ -115,8 +115,7 @@ def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
     moments = {}
     for _, inputs, grads in statistics_pass(problem, layers, *flavour):
         for layer in layers:
-            g, a = grads[layer.name], inputs[layer.name]
-            m = squared_gradient_moments(g, a) if isinstance(g, Tensor) else g.squared_moments(a)
+            m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
             moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
     parts: list[Tensor | None] = [None] * len(problem.params)
     for layer in layers:

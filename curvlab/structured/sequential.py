@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.losses import LossRule
 from curvlab.problem import Problem
 from curvlab.structured.statistics import Layer, backpropagated_vectors, gram, input_vectors, layer_statistics
 
@@ -177,8 +176,8 @@ def supports(problem: Problem, layers: list[Layer]) -> bool:
             continue
         if not isinstance(module, ELEMENTWISE):
             return False
-    tracked = {id(layer.module) for layer in layers}
-    return all(type(layer.module) is nn.Linear and id(layer.module) in tracked for layer in layers)
+    children = {id(module) for module in model}
+    return all(type(layer.module) is nn.Linear and id(layer.module) in children for layer in layers)
 
 
 def _derivative(activation: nn.Module, s: Tensor) -> Tensor:
@@ -254,9 +253,9 @@ def sequential_statistics(
         with torch.no_grad():
             output, inputs, steps = _forward(problem, layers, params, X)
         problem.loss_rule.validate(output, y)
-        diagonal = fisher_type == "type-2" and _has_diagonal_sqrt(problem)
-        if diagonal:
-            vectors = problem.loss_rule._diagonal_hessian_sqrt(output)  # (N, V)
+        diagonal = problem.loss_rule.diagonal_hessian_sqrt(output) if fisher_type == "type-2" else None
+        if diagonal is not None:
+            vectors = diagonal  # (N, V)
             V = vectors.shape[1]
         else:
             vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed)
@@ -265,7 +264,7 @@ def sequential_statistics(
         with torch.no_grad():
             for first in range(0, X.shape[0], size):
                 chunk = slice(first, first + size)
-                if diagonal:
+                if diagonal is not None:
                     s_chunk = vectors[chunk]
                     start = ScaledRows(None, s_chunk, torch.ones_like(s_chunk))
                 else:
@@ -288,18 +287,11 @@ def statistics_pass(
     ``DenseVectors``/``ScaledRows`` (see ``as_tensor``).
     """
     many = fisher_type == "type-2" or (fisher_type == "mc" and mc_samples > 1)
-    if many and supports(problem, layers) and problem.num_batches > 0:
-        first_X = next(iter(problem._raw_batches()))[0]
-        if first_X.dim() == 2:
-            return sequential_statistics(problem, layers, fisher_type, mc_samples, seed)
+    if many and problem.input_ndims == {2} and supports(problem, layers):
+        return sequential_statistics(problem, layers, fisher_type, mc_samples, seed)
     return layer_statistics(problem, layers, fisher_type, mc_samples, seed, max_vectors)
 
 
 def as_tensor(grads) -> Tensor:
     """Per-layer output gradients as a ``(V, N, R, d)`` tensor, whichever pass made them."""
     return grads if isinstance(grads, Tensor) else grads.tensor()
-
-
-def _has_diagonal_sqrt(problem: Problem) -> bool:
-    """Whether Λ_n is diagonal (the loss rule implements ``_diagonal_hessian_sqrt``)."""
-    return type(problem.loss_rule)._diagonal_hessian_sqrt is not LossRule._diagonal_hessian_sqrt

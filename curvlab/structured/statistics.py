@@ -27,7 +27,10 @@ def squared_gradient_moments(g: Tensor, a: Tensor) -> Tensor:
     g: (V, N, R, d_out) output gradients, a: (N, R, d_A) inputs, both possibly
     rotated into an eigenbasis. Unrotated, this is the exact diagonal of the layer
     block c⁻¹ B (the per-example gradient of each vector, squared and summed).
+    ``g`` may also be the MLP pass' vectors (``sequential.DenseVectors``/``ScaledRows``).
     """
+    if not isinstance(g, Tensor):
+        return g.squared_moments(a)
     V, N, R, d_out = g.shape
     d_A = a.shape[-1]
     if R == 1:  # (g aᵀ)² = g² (a²)ᵀ: no per-example matrices needed
