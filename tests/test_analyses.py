@@ -31,6 +31,7 @@ RUNS = {
         "--methods",
         "SGD",
         "KFAC",
+        "KFAC (rescaled)",
         "ACP (fixed α)",
         "CenteredSGD",
     ]

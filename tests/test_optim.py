@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab import optim
+from curvlab import optim, reference
 from curvlab.errors import CurvlabError
 
 
@@ -136,8 +136,9 @@ def test_amortisation_counts():
     for _ in range(7):
         opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
     assert opt.counts["curvature"] == 3  # steps 0, 3, 6
-    # inverses: after each new curvature (0, 3, 6) and at every 2nd step (2, 4) in between
-    assert opt.counts["inverse"] == 5
+    # inverses at every 2nd step only (0, 2, 4, 6): a new curvature waits for the next refresh
+    assert opt.counts["inverse"] == 4
+    assert opt._inverse_curvature is opt.curvature  # step 6 refreshed both
     assert isinstance(opt.curvature, cl.BlockDiagonalOperator)
 
 
@@ -203,9 +204,15 @@ def test_unrecoverable_inverse_is_a_clear_error():
         opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
 
 
-@pytest.mark.parametrize("name", ["KFAC", "EKFAC", "ACP", "DiagonalGGN", "HessianFree"])
+@pytest.mark.parametrize(
+    "name", ["KFAC", "EKFAC", "ACP", "DiagonalGGN", "HessianFree", "KFAC rescaled", "KFAC stale-inverse"]
+)
 def test_state_dict_round_trip_is_bit_identical(name):
     options = {"lr": 0.1, "momentum": 0.9, "curvature_every": 2, "damping_policy": "levenberg-marquardt"}
+    if name.endswith("rescaled"):  # the previous update δ₀ is part of the state
+        name, options = name.split()[0], {**options, "momentum": 0.0, "rescale": "ggn"}
+    if name.endswith("stale-inverse"):  # resumed between a curvature refresh and an inverse refresh
+        name, options = name.split()[0], {**options, "curvature_every": 1, "inverse_every": 4}
     model, loss_fn, batch = _mlp_problem()
     generator = torch.Generator().manual_seed(1)
     batches = [
@@ -224,6 +231,7 @@ def test_state_dict_round_trip_is_bit_identical(name):
     run(resumed_model, first, batches[:3])
     saved_model = copy.deepcopy(resumed_model.state_dict())
     saved = copy.deepcopy(first.state_dict())
+    assert ("inverse_curvature" in saved["curvlab"]) == (options.get("inverse_every", 2) > 2)
     fresh_model = copy.deepcopy(resumed_model)
     fresh_model.load_state_dict(saved_model)
     second = getattr(optim, name)(fresh_model, loss_fn, **options)
@@ -360,3 +368,61 @@ def test_levenberg_marquardt_takes_back_a_step_that_makes_the_loss_non_finite():
     opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.damping == pytest.approx(1e-2)
+
+
+def _flatten(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _quadratic_model_minimum(E, g, columns, damping):
+    """The x minimising m(x) = gᵀVx + ½ xᵀVᵀ(E + λI)Vx, and m(x), by dense float64 algebra."""
+    V = torch.stack(columns, dim=1)
+    A = V.T @ (E + damping * torch.eye(E.shape[0], dtype=E.dtype)) @ V
+    x = torch.linalg.solve(A, -(V.T @ g))
+    return x, (g @ V @ x + 0.5 * x @ A @ x).item()
+
+
+def test_rescaled_step_minimises_the_exact_quadratic_model_over_direction_and_previous_update():
+    model, loss_fn, batch = _mlp_problem()
+    damping = 1e-2
+    opt = optim.KFAC(model, loss_fn, fisher_type="mc", damping=damping, rescale="ggn", lr=1.0)
+    for step in range(4):
+        before = [p.detach().clone() for p in model.parameters()]
+        previous = [opt.state[p].get("last_update") for p in model.parameters()]
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+        update = _flatten([p.detach() - b for p, b in zip(model.parameters(), before)])
+        # Recompute everything densely at the parameters before the step.
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, b in zip(probe.parameters(), before):
+                p.copy_(b)
+        E = reference.ggn(cl.Problem(probe, loss_fn, batch))
+        params = list(probe.parameters())
+        g = torch.autograd.grad(loss_fn(probe(batch[0]), batch[1]), params)
+        delta = -_flatten(opt.curvature.inverse(damping) @ list(g))  # KFAC's direction, as the step used
+        columns = [delta] if step == 0 else [delta, _flatten(previous)]
+        x, _ = _quadratic_model_minimum(E, _flatten(g), columns, damping)
+        torch.testing.assert_close(update, torch.stack(columns, dim=1) @ x, rtol=1e-7, atol=1e-10)
+        assert opt.last_rescale[0] == pytest.approx(x[0].item(), rel=1e-7)
+        assert len(opt.last_rescale) == len(columns)
+
+
+def test_rescaled_kfac_takes_the_exact_newton_step_where_kfac_is_exact():
+    # One linear layer with MSE: KFAC is the exact GGN, so α = 1 and the step is the least-squares solution.
+    model, loss_fn, batch = _regression()
+    opt = optim.KFAC(model, loss_fn, fisher_type="type-2", damping=0.0, rescale="ggn", min_damping=0.0)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert opt.last_rescale[0] == pytest.approx(1.0, rel=1e-9)
+    weight, bias = _least_squares(model, *batch)
+    torch.testing.assert_close(model.weight.detach(), weight, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(model.bias.detach(), bias, rtol=1e-9, atol=1e-10)
+
+
+def test_rescale_options_are_checked():
+    model, loss_fn, _ = _regression()
+    with pytest.raises(ValueError, match="momentum=0"):
+        optim.KFAC(model, loss_fn, rescale="ggn", momentum=0.9)
+    with pytest.raises(ValueError, match="rescale must be"):
+        optim.KFAC(model, loss_fn, rescale="newton")
+    with pytest.raises(ValueError, match="damping_factor"):
+        optim.KFAC(model, loss_fn, damping_factor=1.5)

@@ -4,14 +4,23 @@ r"""One optimizer = a curvature estimate + a damping policy + an update rule.
 steps it builds its curvature estimate on the current minibatch with the very
 classes of the diagnostics (``cl.KFAC``, ``cl.ACP``, ``cl.GGN``, …; averaged with
 the previous estimate when ``ema_decay > 0``), every ``inverse_every`` steps it
-refreshes the damped inverse, and each step it applies
+refreshes the damped inverse (a new curvature waits for that refresh, as in
+K-FAC), and each step it applies
 
     d = (C + λI)⁻¹ (g + weight_decay · θ),   m ← momentum · m + d,   θ ← θ − lr · m.
 
+With ``rescale="ggn"`` (or ``"fisher"``, ``"hessian"``) the learning rate and
+momentum are instead chosen every step by minimising the exact quadratic model
+on the minibatch (Martens & Grosse 2015, §7): with Δ = −(C + λI)⁻¹g and δ₀ the
+previous update, δ = αΔ + μδ₀ where (α, μ) minimise
+M(δ) = gᵀδ + ½ δᵀ(E + (λ + η)I)δ, E the exact matrix (two products per step;
+a 2×2 linear system). ``lr`` then scales the chosen δ (default 1).
+
 Damping λ is constant or adapted by Levenberg–Marquardt from the ratio ρ of the
 actual to the predicted decrease of the loss (Martens 2010, §4.1): λ ← λ·ω if
-ρ > 3/4, λ ← λ/ω if ρ < 1/4 (ω = 2/3; one extra loss evaluation, and one
-curvature product, per adapted step).
+ρ > 3/4, λ ← λ/ω if ρ < 1/4 (``damping_factor`` ω = 2/3 by default, as for
+Hessian-free; K-FAC uses a slower ω close to 1; one extra loss evaluation, and
+one curvature product unless the step was rescaled, per adapted step).
 
 Safety: a step whose loss, gradient, curvature or update is not finite is
 skipped with a warning and the damping raised tenfold, so parameters are never
@@ -36,16 +45,22 @@ from torch import Tensor, nn
 
 from curvlab.errors import CurvlabError, NotPositiveDefiniteError
 from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.exact import GGN, Fisher, Hessian
 from curvlab.optim import state as curvature_state
 from curvlab.problem import Problem
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
+RESCALE_CURVATURES = {"ggn": GGN, "fisher": Fisher, "hessian": Hessian}
 MAX_SKIPPED_IN_ROW = 10  # then a clear error instead of raising the damping forever
 _INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _flat_to_params(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -74,9 +89,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damping: Initial Tikhonov damping λ.
         damping_policy: ``"constant"`` or ``"levenberg-marquardt"``.
         curvature_every: Steps between curvature estimates (amortisation).
-        inverse_every: Steps between inverses (default ``curvature_every``).
+        inverse_every: Steps between inverses (default ``curvature_every``); a curvature
+            refreshed in between is used from the next inverse on.
         ema_decay: Running-average weight of the previous curvature (0: none).
         min_damping: Lower bound for the adapted damping.
+        damping_factor: Levenberg–Marquardt's ω in (0, 1).
+        rescale: ``None`` (default) or the exact curvature (``"ggn"``, ``"fisher"``,
+            ``"hessian"``) whose quadratic model picks step size and momentum each
+            step (Martens & Grosse 2015, §7); needs ``momentum=0``.
     """
 
     def __init__(
@@ -93,6 +113,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_every: int | None = None,
         ema_decay: float = 0.0,
         min_damping: float = 1e-8,
+        rescale: str | None = None,
+        damping_factor: float = 2 / 3,
     ):
         if lr <= 0 or momentum < 0 or weight_decay < 0 or damping < 0:
             raise ValueError("lr must be > 0; momentum, weight_decay and damping ≥ 0")
@@ -102,6 +124,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("curvature_every and inverse_every must be ≥ 1")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0 < damping_factor < 1:
+            raise ValueError(f"damping_factor must be in (0, 1), got {damping_factor}")
+        if rescale is not None and rescale not in RESCALE_CURVATURES:
+            raise ValueError(f"rescale must be None or one of {sorted(RESCALE_CURVATURES)}, got {rescale!r}")
+        if rescale is not None and momentum > 0:
+            raise ValueError("rescale chooses the momentum coefficient itself: pass momentum=0")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
@@ -112,10 +140,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.inverse_every = int(inverse_every or curvature_every)
         self.ema_decay = float(ema_decay)
         self.min_damping = float(min_damping)
+        self.rescale = rescale
+        self.damping_factor = float(damping_factor)
         self.steps = 0
         self.curvature: CurvatureOperator | None = None
         self._inverse = None
         self._inverse_damping: float | None = None
+        self._inverse_curvature: CurvatureOperator | None = None  # what the inverse was built from
         self._curvature_source: tuple | None = None  # (step, batch) the curvature was built from
         self.counts = {"curvature": 0, "inverse": 0, "skipped": 0}
         self._skipped_in_row = 0
@@ -164,6 +195,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                             inverse.device,
                         )
                     self._inverse, self._inverse_damping = inverse, attempt_damping
+                    self._inverse_curvature = self.curvature
                     self.counts["inverse"] += 1
                     if attempt:
                         self.damping = max(self.damping, attempt_damping)
@@ -230,8 +262,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._skip("the curvature is not finite")
                 self.steps += 1
                 return loss
+            # The inverse is kept until its own refresh (``inverse_every``), as in K-FAC.
             self.curvature = curvature_state.running_average(self.curvature, fresh, self.ema_decay)
-            self._inverse = None
         if self._inverse is None or self.steps % self.inverse_every == 0:
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
@@ -240,17 +272,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._skip("the preconditioned direction is not finite")
             self.steps += 1
             return loss
-        updates = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                d = direction[len(updates)].reshape_as(p)
-                state = self.state[p]
-                if group["momentum"] > 0:
-                    buffer = state.get("momentum_buffer")
-                    buffer = d.clone() if buffer is None else buffer.mul_(group["momentum"]).add_(d)
-                    state["momentum_buffer"] = buffer
-                    d = buffer
-                updates.append(d * -group["lr"])
+        predicted = None
+        if self.rescale is not None:
+            with torch.enable_grad():
+                updates, predicted = self._rescaled_updates(direction, gradient, batch, decays)
+        else:
+            updates = self._momentum_updates(direction)
         if not _all_finite(updates):
             self._skip("the update is not finite")
             self.steps += 1
@@ -263,11 +290,67 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 previous.copy_(p)
             p.add_(u)
+            if self.rescale is not None:  # δ₀ of the next step
+                self.state[p]["last_update"] = u
         self._skipped_in_row = 0
         if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:
-            self._adapt_damping(closure, loss, gradient, updates)
+            self._adapt_damping(closure, loss, gradient, updates, predicted)
         self.steps += 1
         return loss
+
+    def _momentum_updates(self, direction: list[Tensor]) -> list[Tensor]:
+        """−lr · m per parameter, m ← momentum · m + d (the momentum buffers live in the state)."""
+        updates = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                d = direction[len(updates)].reshape_as(p)
+                state = self.state[p]
+                if group["momentum"] > 0:
+                    buffer = state.get("momentum_buffer")
+                    buffer = d.clone() if buffer is None else buffer.mul_(group["momentum"]).add_(d)
+                    state["momentum_buffer"] = buffer
+                    d = buffer
+                updates.append(d * -group["lr"])
+        return updates
+
+    def _rescaled_updates(self, direction, gradient, batch, decays) -> tuple[list[Tensor], float]:
+        r"""δ = lr · (αΔ + μδ₀) minimising the exact damped quadratic model (Martens & Grosse §7).
+
+        With V = [Δ, δ₀] (n × k, k ≤ 2) the model M(Vx) = bᵀx + ½ xᵀ(VᵀEV + λVᵀV)x
+        (E the exact matrix plus weight decay η, b = Vᵀg) is minimised by
+        x = −(VᵀEV + λVᵀV)⁻¹ b. If the 2×2 system is singular or not positive
+        definite (δ₀ parallel to Δ, an indefinite Hessian) only α is chosen; if even
+        ΔᵀEΔ + λ‖Δ‖² ≤ 0, the step is Δ itself.
+        Returns the updates and the undamped model decrease gᵀδ + ½δᵀ(E + η)δ (for LM).
+        """
+        params = self._params()
+        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        columns = [_flat([-d.reshape_as(p) for d, p in zip(direction, params)])]
+        previous = [self.state[p].get("last_update") for p in params]
+        if all(u is not None for u in previous):
+            columns.append(_flat(previous))
+        V = torch.stack(columns, dim=1)
+        exact = RESCALE_CURVATURES[self.rescale](self._problem(batch))
+        EV = exact @ V
+        if any(decays):
+            EV = EV + V * _flat([torch.full_like(p, d) for p, d in zip(params, decays)])[:, None]
+        quadratic = (V.T @ EV).double()  # the undamped model's curvature
+        damped = quadratic + self.damping * (V.T @ V).double()
+        b = (V.T @ _flat(gradient)).double()
+        x = None
+        for k in (V.shape[1], 1):
+            A = damped[:k, :k]
+            if bool(torch.isfinite(A).all()) and bool(torch.linalg.eigvalsh(A).min() > 0):
+                x = torch.zeros_like(b)
+                x[:k] = -torch.linalg.solve(A, b[:k])
+                break
+        if x is None:
+            x = torch.zeros_like(b)
+            x[0] = 1.0
+        self.last_rescale = tuple(x.tolist())  # (α, μ) for inspection
+        predicted = float(b @ x + 0.5 * x @ quadratic @ x)
+        step = _flat_to_params(V @ x.to(V.dtype), params)
+        return [s * lr for s, lr in zip(step, lrs)], predicted
 
     def _undo_last_update(self, params: list[Tensor]) -> bool:
         """θ back to its value before the last update, momentum cleared; whether there was one."""
@@ -277,11 +360,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if "previous_value" in state:
                 p.copy_(state.pop("previous_value"))
                 state.pop("momentum_buffer", None)
+                state.pop("last_update", None)
                 undone = True
         return undone
 
-    def _adapt_damping(self, closure, loss: Tensor, gradient: list[Tensor], step: list[Tensor]) -> None:
-        """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs)."""
+    def _adapt_damping(
+        self,
+        closure,
+        loss: Tensor,
+        gradient: list[Tensor],
+        step: list[Tensor],
+        predicted: float | None = None,
+    ) -> None:
+        """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs).
+
+        ``predicted`` is the model decrease if the caller has it (the exact model of
+        rescaling); otherwise it is computed with the optimizer's curvature.
+        """
         with torch.enable_grad():
             new_loss = closure()
         if not _all_finite([new_loss]):  # the step made the loss non-finite: take it back
@@ -290,15 +385,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._inverse = None
             self.last_rho = -math.inf
             return
-        g, s = _flat(gradient), _flat(step)
-        curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
-        predicted = (g @ s + 0.5 * s @ curvature_product).item()
+        if predicted is None:
+            g, s = _flat(gradient), _flat(step)
+            curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
+            predicted = (g @ s + 0.5 * s @ curvature_product).item()
         actual = (new_loss - loss).item()
         rho = actual / predicted if predicted < 0 else -math.inf
         if rho > 0.75:
-            self.damping = max(self.damping * (2 / 3), self.min_damping)
+            self.damping = max(self.damping * self.damping_factor, self.min_damping)
         elif rho < 0.25:
-            self.damping = self.damping * 1.5
+            self.damping = self.damping / self.damping_factor
         self.last_rho = rho
 
     # ------------------------------------------------------------ state
@@ -318,6 +414,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         elif self.curvature is not None:  # a matrix-free operator: keep what rebuilds it
             step, batch = self._curvature_source
             extra["curvature_source"] = {"step": step, "batch": list(batch)}
+        built_from = self._inverse_curvature
+        if built_from is not None and built_from is not self.curvature and self._inverse is not None:
+            # Curvature refreshed since the last inverse (inverse_every > curvature_every).
+            extra["inverse_curvature"] = curvature_state.snapshot(built_from)
         state["curvlab"] = extra
         return state
 
@@ -346,5 +446,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.steps = steps
             self._curvature_source = (source["step"], tuple(source["batch"]))
         if self.curvature is not None and extra["inverse_damping"] is not None:
+            current = self.curvature
+            if extra.get("inverse_curvature") is not None:
+                self.curvature = curvature_state.restore(
+                    extra["inverse_curvature"],
+                    current.param_shapes,
+                    current.param_names,
+                    current.dtype,
+                    current.device,
+                )
             self._refresh_inverse(extra["inverse_damping"])
+            self.curvature = current
             self.counts = dict(extra["counts"])
