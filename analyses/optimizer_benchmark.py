@@ -4,9 +4,9 @@ Deep autoencoder 64-1000-500-250-30-250-500-1000-64 (sigmoid, squared error) on
 the embedded digits data (784-… on MNIST IDX files with ``--mnist-images``),
 minibatch 200, curvature refreshed every 100 updates. Methods: SGD, momentum,
 Nesterov, RMSProp, AdaGrad, Adam (torch.optim), SGD with momentum on a batch-norm
-variant, CenteredSGD, ACP (fixed and heuristic α), KFAC, KFAC as Martens & Grosse
-run it (factors averaged every step, step size and momentum from the exact
-quadratic model, Levenberg–Marquardt damping), EKFAC and HessianFree
+variant, CenteredSGD, ACP (fixed and heuristic α), KFAC, EKFAC, HessianFree, and
+KFAC and ACP as Martens & Grosse run KFAC (statistics averaged every step, step
+size and momentum from the exact quadratic model, Levenberg–Marquardt damping)
 (curvlab.optim). Every method gets the same budget of the thesis' biased random
 search (Algorithm 1) over its hyperparameters, each trial a short run judged by
 its final training loss; the best setting then runs for a fixed wall-clock
@@ -110,6 +110,19 @@ def methods(every: int) -> dict:
         "ACP (heuristic α)": (
             lambda m, lf, p: optim.ACP(m, lf, lr=p["lr"], damping=p["damping"], curvature_every=every),
             {"lr": LR, "damping": DAMPING},
+            False,
+        ),
+        "ACP (rescaled)": (
+            lambda m, lf, p: optim.ACP(
+                m,
+                lf,
+                damping=p["damping"],
+                rescale="ggn",
+                damping_policy="levenberg-marquardt",
+                curvature_every=1,
+                ema_decay=0.95,
+            ),
+            {"damping": DAMPING},
             False,
         ),
         "KFAC": (
