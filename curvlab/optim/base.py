@@ -59,10 +59,6 @@ def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _flat_to_params(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
-
-
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry is finite.
 
@@ -175,9 +171,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         return Problem(self.model, self.loss_fn, tuple(batch), params=self._params())
 
-    def _refresh_inverse(self, damping: float) -> None:
-        """Damped inverse; on failure retry in float64 with 10× more damping (3 times)."""
-        C, attempt_damping = self.curvature, damping
+    def _refresh_inverse(self, damping: float, curvature: CurvatureOperator | None = None) -> None:
+        """Damped inverse of ``curvature`` (default: the current one).
+
+        On failure it is retried in float64 with 10× more damping (3 times).
+        """
+        built_from = self.curvature if curvature is None else curvature
+        C, attempt_damping = built_from, damping
         last_error = None
         for attempt in range(4):
             try:
@@ -186,16 +186,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 last_error = error
             else:
                 if inverse is None or curvature_state.all_finite(inverse):
-                    if inverse is not None and inverse.dtype != self.curvature.dtype:
+                    if inverse is not None and inverse.dtype != built_from.dtype:
                         inverse = curvature_state.restore(  # back to the parameters' dtype
                             curvature_state.snapshot(inverse),
                             inverse.param_shapes,
                             inverse.param_names,
-                            self.curvature.dtype,
+                            built_from.dtype,
                             inverse.device,
                         )
                     self._inverse, self._inverse_damping = inverse, attempt_damping
-                    self._inverse_curvature = self.curvature
+                    self._inverse_curvature = built_from
                     self.counts["inverse"] += 1
                     if attempt:
                         self.damping = max(self.damping, attempt_damping)
@@ -253,9 +253,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
         if any(decays):
             gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
-        if self.steps % self.curvature_every == 0:
+        refresh = self.steps % self.curvature_every == 0
+        problem = self._problem(batch) if refresh or self.rescale is not None else None  # built once
+        if refresh:
             with torch.enable_grad():
-                fresh = self.build_curvature(self._problem(batch))
+                fresh = self.build_curvature(problem)
             self._curvature_source = (self.steps, tuple(t.detach() for t in batch))
             self.counts["curvature"] += 1
             if not curvature_state.all_finite(fresh):
@@ -275,7 +277,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         predicted = None
         if self.rescale is not None:
             with torch.enable_grad():
-                updates, predicted = self._rescaled_updates(direction, gradient, batch, decays)
+                updates, predicted = self._rescaled_updates(direction, gradient, problem, decays)
         else:
             updates = self._momentum_updates(direction)
         if not _all_finite(updates):
@@ -313,7 +315,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 updates.append(d * -group["lr"])
         return updates
 
-    def _rescaled_updates(self, direction, gradient, batch, decays) -> tuple[list[Tensor], float]:
+    def _rescaled_updates(self, direction, gradient, problem, decays) -> tuple[list[Tensor], float]:
         r"""δ = lr · (αΔ + μδ₀) minimising the exact damped quadratic model (Martens & Grosse §7).
 
         With V = [Δ, δ₀] (n × k, k ≤ 2) the model M(Vx) = bᵀx + ½ xᵀ(VᵀEV + λVᵀV)x
@@ -330,7 +332,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if all(u is not None for u in previous):
             columns.append(_flat(previous))
         V = torch.stack(columns, dim=1)
-        exact = RESCALE_CURVATURES[self.rescale](self._problem(batch))
+        exact = RESCALE_CURVATURES[self.rescale](problem)
         EV = exact @ V
         if any(decays):
             EV = EV + V * _flat([torch.full_like(p, d) for p, d in zip(params, decays)])[:, None]
@@ -349,8 +351,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             x[0] = 1.0
         self.last_rescale = tuple(x.tolist())  # (α, μ) for inspection
         predicted = float(b @ x + 0.5 * x @ quadratic @ x)
-        step = _flat_to_params(V @ x.to(V.dtype), params)
-        return [s * lr for s, lr in zip(step, lrs)], predicted
+        step = exact.flat_to_list((V @ x.to(V.dtype))[:, None])
+        return [s[0] * lr for s, lr in zip(step, lrs)], predicted
 
     def _undo_last_update(self, params: list[Tensor]) -> bool:
         """θ back to its value before the last update, momentum cleared; whether there was one."""
@@ -446,15 +448,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.steps = steps
             self._curvature_source = (source["step"], tuple(source["batch"]))
         if self.curvature is not None and extra["inverse_damping"] is not None:
-            current = self.curvature
+            built_from = None
             if extra.get("inverse_curvature") is not None:
-                self.curvature = curvature_state.restore(
-                    extra["inverse_curvature"],
-                    current.param_shapes,
-                    current.param_names,
-                    current.dtype,
-                    current.device,
+                C = self.curvature
+                built_from = curvature_state.restore(
+                    extra["inverse_curvature"], C.param_shapes, C.param_names, C.dtype, C.device
                 )
-            self._refresh_inverse(extra["inverse_damping"])
-            self.curvature = current
+            self._refresh_inverse(extra["inverse_damping"], built_from)
             self.counts = dict(extra["counts"])
