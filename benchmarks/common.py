@@ -29,20 +29,37 @@ def build_problem(name: str, batch_size: int = 256, seed: int = 0):
     raise ValueError(f"unknown problem {name!r}")
 
 
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def median_seconds_beside(fn, reference, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``fn()`` and ``reference()``, timed alternately in one process.
+
+    Ratios of the two do not carry the drift between processes (or over time) of
+    a shared machine: both see the same conditions.
+    """
+    for _ in range(warmup):
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        reference()
+    times, reference_times = [], []
+    for _ in range(repeats):
+        times.append(_timed(fn))
+        reference_times.append(_timed(reference))
+    return statistics.median(times), statistics.median(reference_times)
 
 
 def _status(field: str) -> int:
@@ -89,6 +106,8 @@ def print_table(rows: dict, width: int = 16) -> None:
     """Print measurements keyed ``(quantity, library)``: seconds, ratio to the gradient and to the best peer.
 
     ``rows`` must hold ``("gradient", "torch")``; a row with ``"error"`` prints the error.
+    A row with ``"gradient_seconds"`` (the gradient timed alongside it, in its own
+    process) is divided by that, else by the gradient row's time.
     """
     header = ("quantity", "library", "seconds", "x gradient", "x best peer", "peak MB")
     print(f"{{:<{width}}}{{:<12}}{{:>10}}{{:>12}}{{:>13}}{{:>10}}".format(*header))
@@ -103,7 +122,8 @@ def print_table(rows: dict, width: int = 16) -> None:
             if q == quantity and lib not in ("curvlab", "torch") and "seconds" in r
         ]
         versus = f"{row['seconds'] / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
-        ratio, megabytes = row["seconds"] / gradient, row["peak_bytes"] / 2**20
+        ratio = row["seconds"] / row.get("gradient_seconds", gradient)
+        megabytes = row["peak_bytes"] / 2**20
         print(
             f"{quantity:<{width}}{library:<12}{row['seconds']:>10.4f}{ratio:>12.2f}{versus}{megabytes:>10.1f}"
         )

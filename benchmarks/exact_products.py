@@ -4,7 +4,7 @@ Problems: the deep autoencoder 784-1000-500-250-30-250-500-1000-784 (sigmoid, MS
 batch 256, random data) and a small CNN (two 3×3 convolutions, 28×28 inputs,
 cross-entropy, batch 256). Each measurement runs in its own process: median of
 repeats after warm-up, and the extra peak memory of one call. Ratios are to the
-plain gradient of the same run and to the fastest peer for the same quantity.
+plain gradient timed alternately in the same process and to the fastest peer for the same quantity.
 
     python benchmarks/exact_products.py --threads 2 [--device cuda]
 """
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_problem, median_seconds, peak_bytes_of, print_table, run_child  # noqa: E402
+from common import build_problem, median_seconds_beside, peak_bytes_of, print_table, run_child  # noqa: E402
 
 import curvlab as cl  # noqa: E402
 
@@ -90,8 +90,9 @@ def child(problem_name: str, quantity: str, library: str, threads: int, device_n
     torch.set_num_threads(threads)
     fn, device = _product(problem_name, quantity, library, torch.device(device_name))
     peak = peak_bytes_of(fn, device)  # first call: memory not yet cached by the allocator
-    seconds = median_seconds(fn)
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+    gradient, _ = _product(problem_name, "gradient", "torch", device)
+    seconds, gradient_seconds = median_seconds_beside(fn, gradient, repeats=7)
+    print(json.dumps({"seconds": seconds, "gradient_seconds": gradient_seconds, "peak_bytes": peak}))
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Time to build KFAC (type-2, MC, empirical) and the exact diagonal GGN, next to peers.
 
-Same problems and process isolation as ``exact_products.py``: the deep autoencoder
+Same problems and process isolation as ``exact_products.py`` (each build timed
+alternately with a gradient in its own process; ratios are to that gradient): the deep autoencoder
 (784 outputs, so type-2 backpropagates 784 vectors per example, batched) and the
 small CNN, batch 256. Peers: BackPACK ``KFAC`` (MC), ``KFLR`` (type-2) and
 ``DiagGGNExact``; curvlinops ``KFACLinearOperator`` (factors computed eagerly).
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_problem, median_seconds, peak_bytes_of, print_table, run_child  # noqa: E402
+from common import build_problem, median_seconds_beside, peak_bytes_of, print_table, run_child  # noqa: E402
 
 import curvlab as cl  # noqa: E402
 
@@ -87,8 +88,10 @@ def child(problem_name, quantity, library, threads):
     torch.set_num_threads(threads)
     fn = _build(problem_name, quantity, library)
     peak = peak_bytes_of(fn, torch.device("cpu"))
-    repeats = 1 if quantity in ("kfac_type2", "diag_ggn") else 5
-    print(json.dumps({"seconds": median_seconds(fn, repeats=repeats, warmup=1), "peak_bytes": peak}))
+    repeats = 1 if quantity in ("kfac_type2", "diag_ggn") else 15
+    gradient = _build(problem_name, "gradient", "torch")
+    seconds, gradient_seconds = median_seconds_beside(fn, gradient, repeats=repeats)
+    print(json.dumps({"seconds": seconds, "gradient_seconds": gradient_seconds, "peak_bytes": peak}))
 
 
 def main():

@@ -91,9 +91,9 @@ class LossRule:
         """Shape of the standard noise that ``sample_targets`` transforms."""
         return (num_samples, *target.shape)
 
-    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        """Device-independent noise drawn on the CPU in float64."""
-        return torch.rand(shape, generator=generator, dtype=torch.float64)
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        """Device-independent noise drawn on the CPU in ``dtype`` (the problem's)."""
+        return torch.rand(shape, generator=generator, dtype=dtype)
 
     def sample_targets(self, output: Tensor, noise: Tensor) -> Tensor:
         """Targets ŷ ~ p(·|f), one per leading noise index: ``(S, *target.shape)``."""
@@ -122,8 +122,8 @@ class MSERule(LossRule):
         # r̂ = 2(f − ŷ), ŷ ~ N(f, σ²I) with σ² = 1/2  ⇒  E[r̂ r̂ᵀ] = 4σ² I = 2I.
         return 4.0 * 0.5 * u
 
-    def draw_noise(self, shape, generator):  # noqa: D102
-        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    def draw_noise(self, shape, generator, dtype):  # noqa: D102
+        return torch.randn(shape, generator=generator, dtype=dtype)
 
     def sample_targets(self, output, noise):  # noqa: D102
         return output.detach() + math.sqrt(0.5) * noise

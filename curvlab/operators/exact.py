@@ -239,7 +239,7 @@ class Fisher(OutputSpaceOperator):
             return None
         rule = self.problem.loss_rule
         generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + index) % 2**63)
-        noise = rule.draw_noise(rule.noise_shape(y, self.mc_samples), generator)
+        noise = rule.draw_noise(rule.noise_shape(y, self.mc_samples), generator, self.dtype)
         return noise.to(self.device)
 
     def _middle(self, output, y, u, aux):

@@ -29,7 +29,7 @@ from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
 from curvlab.structured.sequential import statistics_pass
-from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers, gram
+from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers, second_moment
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -47,7 +47,8 @@ class KFAC(BlockDiagonalOperator):
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight sharing.
         separate_weight_and_bias: Give weight and bias separate blocks G ⊗ A_W
             and G ⊗ 1 instead of folding the bias into A.
-        max_vectors: Backpropagated vectors per batched backward pass (memory).
+        max_vectors: Backpropagated vectors per batched backward pass; ``None``
+            (default) chooses by the memory of the layer-output gradients.
         other_structure: ``None`` (default): a parameter of a module without a
             Kronecker rule is an error. ``"exact"``: such parameters get the exact
             dense block of the same matrix (GGN for type-2, MC Fisher, empirical
@@ -62,7 +63,7 @@ class KFAC(BlockDiagonalOperator):
         seed: int = 0,
         kfac_approx: str = "expand",
         separate_weight_and_bias: bool = False,
-        max_vectors: int = 64,
+        max_vectors: int | None = None,
         other_structure: str | None = None,
     ):
         if other_structure not in (None, "exact", "diagonal"):
@@ -156,19 +157,17 @@ class KFAC(BlockDiagonalOperator):
             seen_batches.add(index)
             for layer in self.layers:
                 if first_chunk:
-                    A = self._input_moment(inputs[layer.name])
-                    A_sum[layer.name] = A if layer.name not in A_sum else A_sum[layer.name] + A
-                G = self._output_moment(grads[layer.name])
-                G_sum[layer.name] = G if layer.name not in G_sum else G_sum[layer.name] + G
+                    _accumulate(A_sum, layer.name, self._input_moment(inputs[layer.name]))
+                _accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
         c, N = self.problem.reduction_factor, self.problem.num_examples
-        return {layer.name: (A_sum[layer.name] / N, G_sum[layer.name] * c) for layer in self.layers}
+        return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
 
     def _input_moment(self, a: Tensor) -> Tensor:
         """Σ_n over the batch of the input second moment (before dividing by N)."""
         if self.kfac_approx == "expand":
-            moment = gram(a.reshape(-1, a.shape[-1]))
-            return moment if a.shape[1] == 1 else moment / a.shape[1]
-        return gram(a.mean(1))
+            moment = second_moment(a)
+            return moment if a.shape[1] == 1 else moment.div_(a.shape[1])
+        return second_moment(a.mean(1))
 
     def _output_moment(self, g: Tensor) -> Tensor:
         """Σ over vectors and examples of the output-gradient second moment."""
@@ -176,4 +175,12 @@ class KFAC(BlockDiagonalOperator):
             return g.gram()
         if self.kfac_approx == "reduce":
             g = g.sum(2)
-        return gram(g.reshape(-1, g.shape[-1]))
+        return second_moment(g)
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, term: Tensor) -> None:
+    """sums[name] += term, in place after the first (the terms are fresh tensors)."""
+    if name in sums:
+        sums[name].add_(term)
+    else:
+        sums[name] = term

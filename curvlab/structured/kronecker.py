@@ -43,6 +43,18 @@ def _spd_inverse(M: Tensor, shift: float) -> Tensor:
     return (vectors / values) @ vectors.T
 
 
+def _scaled_identity_scalar(G: Tensor) -> float | None:
+    """α when G = α I, else ``None``; reads G (no d × d temporary), stops early at G[0, 1] ≠ 0."""
+    if G.shape[0] > 1 and bool(G[0, 1] != 0):
+        return None
+    diagonal = G.diagonal()
+    scalar = diagonal[0]
+    if not bool((diagonal == scalar).all()):
+        return None
+    off_diagonal_zero = int(torch.count_nonzero(G)) == int(torch.count_nonzero(diagonal))
+    return scalar.item() if off_diagonal_zero else None
+
+
 class LayerMatrixBlock(CurvatureOperator):
     """A block over one layer's weight [and folded bias], acting on M = [W b]."""
 
@@ -107,11 +119,7 @@ class KroneckerBlock(LayerMatrixBlock):
         self.A = A
         self._eigen = None
         # ACP's output side is α I: products then skip a d_out × d_out GEMM.
-        scalar = G[0, 0]
-        is_scaled_identity = bool(
-            torch.equal(G, scalar * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
-        )
-        self._G_scalar = scalar.item() if is_scaled_identity else None
+        self._G_scalar = _scaled_identity_scalar(G)
 
     def _apply_matrix(self, M):
         if self._G_scalar is not None:

@@ -9,6 +9,7 @@ weight ``(d_out, d_in)`` is ``module.weight.reshape(d_out, -1)``, row-major.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,8 +22,8 @@ class LayerRule:
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``UnsupportedError`` for module options the rule cannot handle."""
 
-    def input_vectors(self, module: nn.Module, x: Tensor) -> Tensor:
-        """Layer input → ``(N, R, d_in)``."""
+    def input_vectors(self, module: nn.Module, x: Tensor, append_one: bool = False) -> Tensor:
+        """Layer input → ``(N, R, d_in)``, or ``(N, R, d_in + 1)`` ending in 1 with ``append_one``."""
         raise NotImplementedError
 
     def output_vectors(self, module: nn.Module, g: Tensor) -> Tensor:
@@ -33,8 +34,9 @@ class LayerRule:
 class LinearRule(LayerRule):
     """``nn.Linear`` on inputs ``(N, …, d_in)``; extra dims are shared locations."""
 
-    def input_vectors(self, module, x):  # noqa: D102
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+    def input_vectors(self, module, x, append_one=False):  # noqa: D102
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+        return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if append_one else a
 
     def output_vectors(self, module, g):  # noqa: D102
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
@@ -67,10 +69,22 @@ class ConvRule(LayerRule):
             (1, module.stride[0]),
         )
 
-    def input_vectors(self, module, x):  # noqa: D102
-        x2d, kernel, dilation, padding, stride = self._as_2d(module, x)
-        patches = F.unfold(x2d, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2)  # (N, R, C_in·k…), ordered like weight.reshape(out, -1)
+    def input_vectors(self, module, x, append_one=False):  # noqa: D102
+        # The patches are gathered by one strided copy straight into a d-major buffer
+        # (d_in [+ 1], N, R): second moments then read contiguous rows, and no
+        # (N, R, d) transpose of an unfold is ever made.
+        x2d, (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self._as_2d(module, x)
+        padded = F.pad(x2d, (pw, pw, ph, ph)) if ph or pw else x2d.contiguous()
+        N, C, H, W = padded.shape
+        Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+        sN, sC, sH, sW = padded.stride()
+        patches = padded.as_strided((C, kh, kw, N, Ho, Wo), (sC, dh * sH, dw * sW, sN, sh * sH, sw * sW))
+        d = C * kh * kw  # ordered (C_in, k…) like weight.reshape(out, -1)
+        buffer = padded.new_empty(d + int(append_one), N, Ho * Wo)
+        buffer[:d].view(C, kh, kw, N, Ho, Wo).copy_(patches)
+        if append_one:
+            buffer[d] = 1
+        return buffer.permute(1, 2, 0)
 
     def output_vectors(self, module, g):  # noqa: D102
         return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1).transpose(2, 3)

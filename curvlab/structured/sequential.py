@@ -279,7 +279,7 @@ def statistics_pass(
     fisher_type: str,
     mc_samples: int = 1,
     seed: int = 0,
-    max_vectors: int = 64,
+    max_vectors: int | None = None,
 ):
     """The MLP pass where it applies and many vectors are backpropagated, else autograd.
 

@@ -43,22 +43,44 @@ def squared_gradient_moments(g: Tensor, a: Tensor) -> Tensor:
     return total
 
 
-def gram(flat: Tensor, blocks: int = 2) -> Tensor:
-    """flatᵀ flat ``(d, d)`` from the blocks on and below the diagonal (3 of 4 GEMM blocks for 2 × 2)."""
+def gram(flat: Tensor) -> Tensor:
+    """flatᵀ flat ``(d, d)`` from its lower triangle of column strips, mirrored.
+
+    Strip i (rows of the i-th of k column groups) is one GEMM against the columns
+    up to its end, written in place; the strictly upper part is then copied from
+    the lower. With k strips this is (k + 1) / 2k of the full GEMM's work
+    (k = 4: 62.5 %); torch has no SYRK.
+    """
     d = flat.shape[1]
-    if d < 256:
+    strips = min(4, d // 250)
+    if strips < 2:
         return flat.T @ flat
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    edges = [round(i * d / strips) for i in range(strips + 1)]
     out = torch.empty(d, d, dtype=flat.dtype, device=flat.device)
-    for i in range(blocks):
-        rows = slice(edges[i], edges[i + 1])
-        for j in range(i + 1):
-            cols = slice(edges[j], edges[j + 1])
-            block = flat[:, rows].T @ flat[:, cols]
-            out[rows, cols] = block
-            if i != j:
-                out[cols, rows] = block.T
+    for start, stop in zip(edges, edges[1:]):
+        torch.mm(flat[:, start:stop].T, flat[:, :stop], out=out[start:stop, :stop])
+    for start, stop in zip(edges[1:], edges[2:]):
+        out[:start, start:stop] = out[start:stop, :start].T
     return out
+
+
+def second_moment(v: Tensor) -> Tensor:
+    """Σ over all leading indices of v vᵀ, for vectors v ``(..., d)``: ``(d, d)``.
+
+    Vectors stored d-major (convolution patches and output gradients: stride along
+    d ≠ 1) are never transposed to ``(M, d)``: stored as blocks ``(B, d, R)`` with
+    d ≤ R they go through one batched GEMM; otherwise they are gathered as rows
+    ``(d, M)``, a copy of contiguous runs or none at all.
+    """
+    d = v.shape[-1]
+    if v.stride(-1) == 1 or v.dim() == 1:
+        return gram(v.reshape(-1, d))
+    per_location = v.transpose(-1, -2)
+    if per_location.is_contiguous() and d <= per_location.shape[-1]:
+        # (B, d, R) blocks in memory: Σ_b M_b M_bᵀ by one batched GEMM, no copy.
+        blocks = per_location.reshape(-1, d, per_location.shape[-1])
+        return torch.bmm(blocks, blocks.transpose(1, 2)).sum(0)
+    return gram(v.movedim(-1, 0).reshape(d, -1).T)
 
 
 @dataclass
@@ -136,9 +158,7 @@ def capture(layers: list[Layer]):
 
 def input_vectors(layer: Layer, x: Tensor) -> Tensor:
     """ã: ``(N, R, d_A)``, with a trailing 1 when the layer's bias is in the problem."""
-    a = layer.rule.input_vectors(layer.module, x)
-    if layer.bias is not None:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    a = layer.rule.input_vectors(layer.module, x, append_one=layer.bias is not None)
     if layer.weight is None:
         a = a[..., -1:]
     return a
@@ -160,7 +180,7 @@ def backpropagated_vectors(
     if fisher_type == "empirical":
         return rule.output_gradient(output, y).unsqueeze(0)
     generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
-    noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator).to(output.device)
+    noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator, output.dtype).to(output.device)
     sampled = rule.sample_targets(output, noise)
     repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
     r = rule.output_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
@@ -175,19 +195,34 @@ def _pullback(output: Tensor, layer_outputs: list[Tensor], vectors: Tensor) -> l
     return list(torch.autograd.grad(output, layer_outputs, vectors, retain_graph=True, is_grads_batched=True))
 
 
+def vectors_per_pass(layer_outputs: list[Tensor], max_vectors: int | None) -> int:
+    """How many vectors one batched backward pass takes.
+
+    ``None`` chooses by memory: as many as keep the pass' layer-output gradients
+    within a budget (CPU: 16 MiB, about a last-level cache, beyond which a batched
+    pass is slower than a loop because every elementwise step streams from
+    memory; CUDA: 1 GiB), at least 1 and at most 64.
+    """
+    if max_vectors is not None:
+        return max(1, int(max_vectors))
+    per_vector = sum(o.numel() * o.element_size() for o in layer_outputs)
+    budget = 2**30 if layer_outputs[0].is_cuda else 2**24
+    return max(1, min(64, budget // max(1, per_vector)))
+
+
 def layer_statistics(
     problem: Problem,
     layers: list[Layer],
     fisher_type: str,
     mc_samples: int = 1,
     seed: int = 0,
-    max_vectors: int = 64,
+    max_vectors: int | None = None,
 ) -> Iterator[tuple[int, dict[str, Tensor], dict[str, Tensor]]]:
     """Yield ``(batch_index, inputs, grads)`` per batch and chunk of vectors.
 
     ``inputs[name]`` is ã ``(N, R, d_A)`` (repeated for every chunk of a batch),
     ``grads[name]`` the output gradients ``(V, N, R, d_out)`` of up to
-    ``max_vectors`` backpropagated vectors.
+    ``max_vectors`` backpropagated vectors (``None``: see ``vectors_per_pass``).
     """
     params = [p.detach().requires_grad_(True) for p in problem.params]
     for index, (X, y) in enumerate(problem.batches()):
@@ -197,7 +232,7 @@ def layer_statistics(
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
         vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed)
-        for chunk in vectors.split(max_vectors):
+        for chunk in vectors.split(vectors_per_pass(layer_outputs, max_vectors)):
             grads = _pullback(output, layer_outputs, chunk)
             yield (
                 index,

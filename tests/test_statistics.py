@@ -1,0 +1,101 @@
+"""The statistics pass' building blocks: second moments in every layout, patches, chunking."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvlab as cl
+from curvlab.structured.kronecker import _scaled_identity_scalar
+from curvlab.structured.layers import rule_for
+from curvlab.structured.statistics import gram, second_moment, vectors_per_pass
+from tests.helpers import assert_close_rel
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("d", [7, 260, 600, 1001])
+def test_gram_equals_the_full_product(d):
+    """The strip-wise lower triangle, mirrored, is flatᵀ flat (1 to 4 strips)."""
+    flat = torch.randn(40, d, dtype=F64)
+    assert_close_rel(gram(flat), flat.T @ flat, 1e-14, "gram")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["row-major", "blocks (B, d, R), d <= R", "d-major rows", "blocks with d > R"],
+)
+def test_second_moment_in_every_layout(layout):
+    """Σ over leading indices of v vᵀ, whatever the strides of v."""
+    g = torch.Generator().manual_seed(0)
+    if layout == "row-major":
+        v = torch.randn(3, 5, 4, 6, generator=g, dtype=F64)
+    elif layout == "blocks (B, d, R), d <= R":
+        v = torch.randn(3, 5, 6, 9, generator=g, dtype=F64).transpose(-1, -2)  # (V, N, R, d)
+    elif layout == "d-major rows":
+        v = torch.randn(6, 5, 9, generator=g, dtype=F64).permute(1, 2, 0)  # (N, R, d) from (d, N, R)
+    else:
+        v = torch.randn(5, 8, 3, generator=g, dtype=F64).transpose(-1, -2)  # d = 8 > R = 3
+    expected = torch.einsum("...i,...j->ij", v, v)
+    assert_close_rel(second_moment(v), expected, 1e-13, layout)
+
+
+def _conv_reference(module, x, append_one):
+    """Patches by F.unfold (N, R, d) [with a trailing 1]: the layout KFAC's rule must reproduce."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+        padding, stride = (0, module.padding[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    if append_one:
+        patches = torch.cat([patches, torch.ones_like(patches[..., :1])], -1)
+    return patches
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (2, 3, 9, 7)),
+        (nn.Conv2d(2, 4, 3), (3, 2, 5, 5)),
+        (nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), (4, 2, 11)),
+    ],
+    ids=["conv2d-strided-dilated-padded", "conv2d-plain", "conv1d"],
+)
+@pytest.mark.parametrize("append_one", [False, True])
+def test_conv_patches_match_unfold(module, shape, append_one):
+    x = torch.randn(*shape, dtype=F64)
+    patches = rule_for(module, "conv").input_vectors(module.double(), x, append_one=append_one)
+    assert torch.equal(patches, _conv_reference(module, x, append_one))
+
+
+def test_vectors_per_pass_by_memory():
+    small = [torch.zeros(8, 10)]  # 320 bytes per vector
+    large = [torch.zeros(256, 16, 28, 28)]  # 12.8 MB per vector
+    assert vectors_per_pass(small, None) == 64
+    assert vectors_per_pass(large, None) == 1
+    assert vectors_per_pass([torch.zeros(2**20)], None) == 4  # 4 MiB per vector, 16 MiB budget
+    assert vectors_per_pass(large, 5) == 5
+
+
+@pytest.mark.parametrize("max_vectors", [1, 3, None])
+def test_kfac_does_not_depend_on_the_vectors_per_pass(max_vectors):
+    """Type-2 KFAC of a CNN (10 backpropagated vectors) for any chunking of the vectors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 10)).double()
+    X, y = torch.randn(6, 1, 6, 6, dtype=F64), torch.randint(0, 10, (6,))
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    reference = cl.KFAC(problem, max_vectors=64).to_dense()
+    assert_close_rel(cl.KFAC(problem, max_vectors=max_vectors).to_dense(), reference, 1e-13, "chunking")
+
+
+def test_scaled_identity_detection():
+    assert _scaled_identity_scalar(2.5 * torch.eye(4)) == 2.5
+    assert _scaled_identity_scalar(torch.eye(1)) == 1.0
+    tricky = 2.5 * torch.eye(4)
+    tricky[2, 1] = 1e-3  # G[0, 1] = 0 but not diagonal
+    assert _scaled_identity_scalar(tricky) is None
+    assert _scaled_identity_scalar(torch.diag(torch.tensor([1.0, 2.0, 1.0]))) is None
+    full = torch.ones(3, 3)
+    assert _scaled_identity_scalar(full) is None
