@@ -17,11 +17,12 @@ LOSSES = {
 }
 
 
-def _bottleneck_problem(loss_name: str, outputs: int = 24):
+def _bottleneck_problem(loss_name: str, outputs: int = 24, final_tanh: bool = True):
     """A bottlenecked MLP (5-40-3-6-outputs): compression triggers at widths 3 and 6.
 
     The third linear layer is frozen (not in the problem) and the first layer's bias
-    too, an in-place ReLU sits in the middle, and a Tanh follows the last layer.
+    too, an in-place ReLU sits in the middle, and a Tanh follows the last layer
+    (without it, MSE's constant output Hessian takes the triangular-factor path).
     """
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -32,7 +33,7 @@ def _bottleneck_problem(loss_name: str, outputs: int = 24):
         nn.Linear(3, 6, bias=False),
         nn.ELU(),
         nn.Linear(6, outputs),
-        nn.Tanh(),
+        nn.Tanh() if final_tanh else nn.Identity(),
     ).double()
     loss_fn, target = LOSSES[loss_name]
     X = torch.randn(13, 5, dtype=torch.float64)
@@ -58,8 +59,11 @@ def _sums(stream, layers):
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
-def test_mlp_pass_equals_autograd_pass(loss_name, fisher_type):
-    problem = _bottleneck_problem(loss_name)
+@pytest.mark.parametrize(
+    "outputs, final_tanh", [(24, True), (24, False), (4, False)], ids=["tanh", "linear", "linear-narrow"]
+)
+def test_mlp_pass_equals_autograd_pass(loss_name, fisher_type, outputs, final_tanh):
+    problem = _bottleneck_problem(loss_name, outputs, final_tanh)
     layers = find_layers(problem)
     assert supports(problem, layers)
     expected = _sums(layer_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)

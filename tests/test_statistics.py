@@ -8,6 +8,7 @@ from torch import nn
 import curvlab as cl
 from curvlab.structured.kronecker import _scaled_identity_scalar
 from curvlab.structured.layers import rule_for
+from curvlab.structured.sequential import _trapezoidal_times
 from curvlab.structured.statistics import gram, second_moment, vectors_per_pass
 from tests.helpers import assert_close_rel
 
@@ -99,3 +100,10 @@ def test_scaled_identity_detection():
     assert _scaled_identity_scalar(torch.diag(torch.tensor([1.0, 2.0, 1.0]))) is None
     full = torch.ones(3, 3)
     assert _scaled_identity_scalar(full) is None
+
+
+@pytest.mark.parametrize("V, d", [(5, 9), (9, 9), (3, 12)])
+def test_trapezoidal_product_skips_only_zeros(V, d):
+    R = torch.linalg.qr(torch.randn(V, d, dtype=F64), mode="r").R  # (V, d) upper trapezoidal
+    M = torch.randn(4, d, 6, dtype=F64)
+    assert_close_rel(_trapezoidal_times(R, M), R @ M, 1e-14, "R @ M")

@@ -14,6 +14,9 @@ For an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations on
   diagonal, EKFAC's eigenbasis moments are all sums of its (rotated) entries).
   Where V ≥ 4d, B_n = Q_n R_n and R_n (d rows) replaces B_n: same Gram, d vectors.
   On the deep autoencoder the encoder then backpropagates 30 vectors, not 784.
+  For the same reason, with a constant output Hessian (MSE) the vectors S W D_n
+  next to the output become s R D_n with W = QR: R is upper trapezoidal, and the
+  product with the next layer skips its zero blocks.
 * No weight gradients and no autograd graph.
 
 Other models, or inputs with extra dimensions, use the autograd pass in
@@ -44,7 +47,8 @@ ELEMENTWISE = (
     nn.Softplus,
 )
 
-_CHUNK_ELEMENTS = 2**25  # bound on V · examples · width per chunk (128 MiB in float32)
+_CHUNK_ELEMENTS = 2**22  # bound on V · examples · width per chunk (16 MiB in float32: cache-sized blocks
+# ran faster here than 128 MiB ones, 2.9–3.1 s against 3.4–3.6 s for type-2 KFAC of the autoencoder)
 _COMPRESS_RATIO = 4  # compress an example's V vectors to d when V ≥ ratio · d
 
 
@@ -94,20 +98,49 @@ def _compressed(B: Tensor) -> DenseVectors:
     return DenseVectors(B)
 
 
+def _trapezoidal_times(R: Tensor, M: Tensor, blocks: int = 4) -> Tensor:
+    """R @ M for an upper-trapezoidal R ``(V, d)`` (R[i, j] = 0 for j < i), M ``(n, d, k)``.
+
+    Row block [a, b) of R is zero left of column a, so it multiplies only M[:, a:]:
+    with 4 row blocks about 30 % fewer operations than the full product for V ≈ d.
+    """
+    V = R.shape[0]
+    edges = [round(i * V / blocks) for i in range(blocks + 1)]
+    out = M.new_empty(M.shape[0], V, M.shape[2])
+    for a, b in zip(edges, edges[1:]):
+        torch.matmul(R[a:b, a:], M[:, a:], out=out[:, a:b])
+    return out
+
+
 class ScaledRows:
     """B[n, v, :] = s[n, v] · W[v, :] ∘ d[n, :], kept factored.
 
     W ``(V, d)`` (``None``: the identity, V = d), s ``(n, V)``, d ``(n, d)``.
     These are the output gradients of the layers next to the output when the
-    output Hessian is diagonal: Λ_n = diag(s_n)².
+    output Hessian is diagonal: Λ_n = diag(s_n)². ``memo`` holds what depends on
+    W alone (WᵀW, its triangular factor), shared by the chunks of one batch.
     """
 
-    def __init__(self, W: Tensor | None, s: Tensor, d: Tensor):
+    def __init__(self, W: Tensor | None, s: Tensor, d: Tensor, memo: dict | None = None):
         self.W, self.s, self.d = W, s, d
+        self.memo = {} if memo is None else memo
 
     def _constant_s(self):
         s0 = self.s.reshape(-1)[0]
         return s0 if bool((self.s == s0).all()) else None
+
+    def _W_gram(self) -> Tensor:
+        key = ("gram", id(self.W))
+        if key not in self.memo:
+            self.memo[key] = self.W.T @ self.W
+        return self.memo[key]
+
+    def _W_factor(self) -> Tensor:
+        """Upper-trapezoidal R ``(min(V, d), d)`` with RᵀR = WᵀW (QR of W)."""
+        key = ("factor", id(self.W))
+        if key not in self.memo:
+            self.memo[key] = torch.linalg.qr(self.W, mode="r").R
+        return self.memo[key]
 
     def gram(self) -> Tensor:
         """Σ_n D_n Wᵀ S_n² W D_n; for constant s, s² (WᵀW) ∘ (DᵀD) without forming B."""
@@ -115,7 +148,7 @@ class ScaledRows:
             return torch.diag((self.s * self.d).pow(2).sum(0))
         s0 = self._constant_s()
         if s0 is not None:
-            return (self.W.T @ self.W) * (self.d.T @ self.d) * s0**2
+            return self._W_gram() * (self.d.T @ self.d) * s0**2
         return DenseVectors(self.materialize()).gram()
 
     def squares(self) -> Tensor:
@@ -137,22 +170,24 @@ class ScaledRows:
 
     def activate(self, derivative: Tensor) -> ScaledRows:
         """Through an elementwise activation: d ← d ∘ σ'."""
-        return ScaledRows(self.W, self.s, self.d * derivative)
+        return ScaledRows(self.W, self.s, self.d * derivative, self.memo)
 
     def pull_back(self, weight: Tensor, then: Tensor | None = None) -> ScaledRows | DenseVectors:
         """Through a linear map W' and, if given, the activation derivative ``then`` before it."""
         if self.W is None:  # s[n, v] d[n, v] e_vᵀ W' = (s ∘ d)[n, v] W'[v, :]
             d = torch.ones_like(self.s[:, :1]) if then is None else then
-            return ScaledRows(weight, self.s * self.d, d)
-        # B_n W' D'_n = S_n W (D_n W' D'_n): both diagonal scalings go on the smaller factor.
+            return ScaledRows(weight, self.s * self.d, d, self.memo)
+        inner = self.d.unsqueeze(2) * weight  # D_n W'
         s0 = self._constant_s()
-        W = self.W if s0 is None else self.W * s0
-        inner = self.d.unsqueeze(2) * weight
-        if then is not None:
-            inner = inner * then.unsqueeze(1)
-        B = W @ inner  # (n, V, d_in)
         if s0 is None:
-            B = B * self.s.unsqueeze(2)
+            B = (self.W @ inner) * self.s.unsqueeze(2)  # S_n W D_n W'
+        else:
+            # Only B_nᵀB_n matters: W = QR gives the same Gram from R (min(V, d) rows,
+            # upper trapezoidal), whose zero blocks the product skips.
+            B = _trapezoidal_times(self._W_factor(), inner)
+            B.mul_(s0)
+        if then is not None:
+            B.mul_(then.unsqueeze(1))  # D'_n
         return _compressed(B)
 
 
@@ -247,6 +282,7 @@ def sequential_statistics(
     """
     params = [p.detach() for p in problem.params]
     widths = [m.out_features for m in problem.model if type(m) is nn.Linear]
+    memo: dict = {}  # factors of the weights (fixed during the pass), shared by all chunks
     for index, (X, y) in enumerate(problem.batches()):
         if X.dim() != 2:
             raise ValueError(f"the MLP pass needs (N, d) inputs, got shape {tuple(X.shape)}")
@@ -266,7 +302,7 @@ def sequential_statistics(
                 chunk = slice(first, first + size)
                 if diagonal is not None:
                     s_chunk = vectors[chunk]
-                    start = ScaledRows(None, s_chunk, torch.ones_like(s_chunk))
+                    start = ScaledRows(None, s_chunk, torch.ones_like(s_chunk), memo)
                 else:
                     start = DenseVectors(vectors[:, chunk].transpose(0, 1))
                 found = _backward(steps, start, chunk)
