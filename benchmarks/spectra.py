@@ -72,8 +72,11 @@ def measure(problem_name: str, task: str, library: str) -> dict:
     hessian = cl.Hessian(problem)
     k = 10 if task == "top10" else 1
     result: dict = {}
-    # The same warm-up for every library: one gradient (allocator, autograd engine, kernels).
-    torch.autograd.grad(loss_fn(model(X), y), params)
+    # The same warm-up for every library: one Hessian-vector product by plain double
+    # backward (allocator, autograd engine, kernels, and torch's one-time lazy imports
+    # on the first ``grad`` with ``grad_outputs``: about 0.5 s of sympy).
+    gradient = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
+    torch.autograd.grad(gradient, params, [torch.ones_like(g) for g in gradient])
     start = time.perf_counter()
     if library == "curvlab":
         if task in ("top1", "top10"):
