@@ -1,7 +1,8 @@
 """Spectra benchmark: top-1/top-10 Hessian eigenvalues, a 100-probe trace and an SLQ density.
 
 curvlab (``cl.top_eigen``, ``cl.trace``, ``cl.spectral_density``) against PyHessian
-(power iteration / Hutchinson / SLQ) and SciPy ``eigsh`` on a curvlinops
+(power iteration / Hutchinson / SLQ; curvlab's trace uses Hutchinson too, so all
+three spend 100 products on the same estimator) and SciPy ``eigsh`` on a curvlinops
 ``HessianLinearOperator`` (curvlinops' own ``hutchinson_trace`` and
 ``lanczos_approximate_spectrum`` for the trace and the density), on the deep
 autoencoder and the small CNN (batch 256, float32), and the SLQ density on an MLP
@@ -84,7 +85,7 @@ def measure(problem_name: str, task: str, library: str) -> dict:
             result.update(values=top.values.tolist(), matvecs=top.num_matvecs)
             vectors = top.vectors
         elif task == "trace100":
-            estimate = cl.trace(hessian, "hutch++", 100, progress=False)
+            estimate = cl.trace(hessian, "hutchinson", 100, progress=False)  # the peers' estimator
             result.update(value=estimate.value, standard_error=estimate.standard_error)
         else:
             density = cl.spectral_density(hessian, num_probes=1, lanczos_steps=100, progress=False)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.dense import DenseOperator
 from tests.helpers import assert_close_rel
 
 RTOL = 1e-10
@@ -45,6 +47,16 @@ def test_matmat_in_chunks(operator_and_reference):
     operator.max_columns = 2
     V = _random((operator.shape[0], 5), seed=3)
     assert_close_rel(operator @ V, reference @ V, RTOL, "chunked matmat")
+
+
+def test_columns_per_chunk_shrinks_for_long_columns():
+    """max_columns for short columns; within block_budget (16 MiB on the CPU) for long ones."""
+    short = DenseOperator(torch.eye(10, dtype=torch.float64), [(10,)])
+    assert short.columns_per_chunk() == short.max_columns
+    long = CurvatureOperator([(3_000_000,)], torch.float32, "cpu")
+    assert long.columns_per_chunk() == 1  # 12 MB per column
+    medium = CurvatureOperator([(500_000,)], torch.float32, "cpu")
+    assert medium.columns_per_chunk() == 2**24 // (500_000 * 4)
 
 
 def test_list_format(operator_and_reference, problem64):

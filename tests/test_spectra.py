@@ -8,7 +8,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from curvlab.spectra.trace import orthonormal_basis, rademacher
+from curvlab.spectra.trace import _project_out, orthonormal_basis, rademacher
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
 
@@ -303,11 +303,22 @@ def test_rademacher_probes_are_balanced_signs_and_chunk_independent():
     assert torch.equal(first, V[:, :2])
 
 
-def test_orthonormal_basis_spans_the_columns():
+@pytest.mark.parametrize("layout", ["row-major", "probe-major"])
+def test_orthonormal_basis_spans_the_columns(layout):
     Y = torch.randn(500, 7, dtype=torch.float64) @ torch.diag(torch.logspace(0, 4, 7, dtype=torch.float64))
+    if layout == "probe-major":
+        Y = Y.T.contiguous().T
     Q = orthonormal_basis(Y)
     assert_close_rel(Q.T @ Q, torch.eye(7, dtype=torch.float64), 1e-12, "orthonormal")
     assert_close_rel(Q @ (Q.T @ Y), Y, 1e-12, "same span")
     rank_deficient = torch.cat([Y[:, :3], Y[:, :3]], 1)
     Q = orthonormal_basis(rank_deficient)  # falls back to Householder QR
     assert_close_rel(Q @ (Q.T @ rank_deficient), rank_deficient, 1e-10, "span")
+
+
+def test_projecting_out_a_basis():
+    Q = orthonormal_basis(torch.randn(300, 4, dtype=torch.float64))
+    V = torch.randn(5, 300, dtype=torch.float64).T  # probe-major, as rademacher draws them
+    projected = _project_out(Q, V)
+    assert_close_rel(projected, V - Q @ (Q.T @ V), 1e-13, "V − Q Qᵀ V")
+    assert (Q.T @ projected).abs().max() < 1e-12

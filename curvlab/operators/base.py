@@ -18,7 +18,7 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.operators.cg import conjugate_gradient
-from curvlab.operators.memory import check_fits
+from curvlab.operators.memory import block_budget, check_fits
 
 
 class CurvatureOperator:
@@ -31,7 +31,8 @@ class CurvatureOperator:
         param_shapes: Shapes of the parameter tensors, in order.
         param_names: Their names (from ``model.named_parameters()``) when known.
         max_columns: Largest number of columns pushed through one batched
-            product; wider matrices are processed in chunks of this size.
+            product; wider matrices are processed in chunks of at most this
+            size (fewer when the columns are long: ``columns_per_chunk``).
     """
 
     max_columns = 64
@@ -96,13 +97,24 @@ class CurvatureOperator:
         k = Vs[0].shape[0]
         return torch.cat([v.reshape(k, -1) for v in Vs], dim=1).T
 
+    def columns_per_chunk(self) -> int:
+        """Columns per batched product: ``max_columns``, fewer where a chunk would exceed ``block_budget``."""
+        column_bytes = self.shape[0] * torch.empty((), dtype=self.dtype).element_size()
+        return max(1, min(self.max_columns, block_budget(self.device) // column_bytes))
+
     def _matmat_flat(self, V: Tensor) -> Tensor:
-        """``(n, k)`` → ``(n, k)``, chunked into at most ``max_columns`` columns."""
+        """``(n, k)`` → ``(n, k)``, chunked into at most ``max_columns`` columns.
+
+        The result is stored probe-major (column-major, a transposed ``(k, n)``):
+        the layout the list format converts to without a transposing copy.
+        """
         chunks = [
             self.list_to_flat(self._matmat(self.flat_to_list(chunk)))
-            for chunk in V.split(self.max_columns, dim=1)
+            for chunk in V.split(self.columns_per_chunk(), dim=1)
         ]
-        return torch.cat(chunks, dim=1)
+        if len(chunks) == 1:
+            return chunks[0]
+        return torch.cat([chunk.T for chunk in chunks]).T
 
     def __matmul__(self, v):
         """C v for a flat ``(n,)``, a flat ``(n, k)`` or a list of parameter-shaped tensors."""

@@ -1,4 +1,4 @@
-"""How much memory a device has free, and the guard against dense matrices too large."""
+"""How much memory a device has free, the guard against dense matrices too large, and block sizes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,17 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def block_budget(device: torch.device) -> int:
+    """Bytes one batched block of vectors may take (products, backward passes).
+
+    CPU: 16 MiB, about a last-level cache. Wider blocks of large vectors stream
+    from memory at every elementwise step and ran slower than a loop here
+    (a 100-probe trace of a 2.8M-parameter Hessian: 11.5 s with 64 columns per
+    product, 6.3 s with one). CUDA: 1 GiB, where batching amortises launches.
+    """
+    return 2**30 if torch.device(device).type == "cuda" else 2**24
 
 
 def check_fits(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, max_bytes=None):

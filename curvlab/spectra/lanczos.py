@@ -227,7 +227,8 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     r"""m-step Lanczos tridiagonalisation of several start vectors at once.
 
     Each column of ``V0`` runs its own Lanczos recursion; one batched product per
-    step serves all of them. Full reorthogonalization within each column's basis.
+    step serves all of them. Full reorthogonalization within each column's basis
+    (one pass, a second where DGKS asks for it).
 
     Args:
         C: A curvature object or a square tensor, (n, n).
@@ -253,11 +254,19 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     for j in range(m):
         W = matvec(Q[:, j].T).T.contiguous()  # (p, n)
         alpha[:, j] = (Q[:, j] * W).sum(1)
-        # Full reorthogonalization of every probe against its own basis, twice.
+        # The three-term recurrence first (the two newest basis vectors hold most
+        # of W), then full reorthogonalization of every probe against its own
+        # basis, repeated only when a pass removed more than 1 − 1/√2 of what was
+        # left (DGKS, as in ``_orthogonalize``): each pass reads the whole basis.
+        local = Q[:, max(0, j - 1) : j + 1]
+        W = W - torch.bmm(local.transpose(1, 2), torch.bmm(local, W.unsqueeze(2))).squeeze(2)
         basis = Q[:, : j + 1]
-        for _ in range(2):
+        for _ in range(3):
+            before = W.norm(dim=1)
             coefficients = torch.bmm(basis, W.unsqueeze(2))  # (p, j + 1, 1)
             W = W - torch.bmm(basis.transpose(1, 2), coefficients).squeeze(2)
+            if bool((W.norm(dim=1) >= before / math.sqrt(2)).all()):
+                break
         if j + 1 == m:
             break
         norms = W.norm(dim=1)

@@ -56,12 +56,22 @@ def orthonormal_basis(Y: Tensor) -> Tensor:
     Gram matrix is not numerically positive definite.
     """
     Q = Y
+    identity = torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)
     for _ in range(2):
         R, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
         if int(info) != 0:
             return torch.linalg.qr(Y)[0]
-        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+        # Q R⁻¹ as (R⁻ᵀ Qᵀ)ᵀ: one GEMM with the k × k inverse, probe-major like the
+        # operator's products (a triangular solve on the tall side is far slower).
+        R_inverse = torch.linalg.solve_triangular(R, identity, upper=True)
+        Q = (R_inverse.T @ Q.T).T
     return Q
+
+
+def _project_out(Q: Tensor, V: Tensor) -> Tensor:
+    """V − Q Qᵀ V, computed probe-major: ``(n, k)`` with ``(k, n)`` storage."""
+    Vt = V.T
+    return torch.addmm(Vt, Vt @ Q, Q.T, alpha=-1).T
 
 
 def _quadratic_forms(
@@ -114,7 +124,7 @@ def trace(
 
         return TraceEstimate(float(Diagonal(C).trace()), 0.0, method, n, None)
     generator = torch.Generator().manual_seed(seed)
-    chunk = getattr(C, "max_columns", 64)
+    chunk = C.columns_per_chunk() if isinstance(C, CurvatureOperator) else 64
     bar = progress_bar(total=num_matvecs, desc=f"trace ({method})", enabled=progress)
     try:
         if method == "hutchinson":
@@ -134,7 +144,7 @@ def trace(
         bar.update(third)
         remaining = num_matvecs - 2 * third
         forms = _quadratic_forms(
-            C, n, remaining, generator, project=lambda V: V - Q @ (Q.T @ V), bar=bar, chunk=chunk
+            C, n, remaining, generator, project=lambda V: _project_out(Q, V), bar=bar, chunk=chunk
         )
         value = top + forms.mean().item()
         return TraceEstimate(value, (forms.std() / math.sqrt(remaining)).item(), method, num_matvecs, seed)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import UnsupportedError
+from curvlab.operators.memory import block_budget
 from curvlab.problem import Problem
 from curvlab.structured.layers import LayerRule, rule_for
 
@@ -199,15 +200,12 @@ def vectors_per_pass(layer_outputs: list[Tensor], max_vectors: int | None) -> in
     """How many vectors one batched backward pass takes.
 
     ``None`` chooses by memory: as many as keep the pass' layer-output gradients
-    within a budget (CPU: 16 MiB, about a last-level cache, beyond which a batched
-    pass is slower than a loop because every elementwise step streams from
-    memory; CUDA: 1 GiB), at least 1 and at most 64.
+    within ``block_budget`` (CPU 16 MiB, CUDA 1 GiB), at least 1 and at most 64.
     """
     if max_vectors is not None:
         return max(1, int(max_vectors))
     per_vector = sum(o.numel() * o.element_size() for o in layer_outputs)
-    budget = 2**30 if layer_outputs[0].is_cuda else 2**24
-    return max(1, min(64, budget // max(1, per_vector)))
+    return max(1, min(64, block_budget(layer_outputs[0].device) // max(1, per_vector)))
 
 
 def layer_statistics(
