@@ -331,6 +331,21 @@ def test_other_structure_for_unsupported_layers(other, kind):
     assert_close_rel(approx.to_dense()[keep][:, keep], plain.to_dense(), 1e-12, "Kronecker blocks unchanged")
 
 
+@pytest.mark.parametrize("kind", [cl.KFAC, cl.EKFAC])
+def test_other_structure_when_no_layer_has_a_kronecker_rule(kind):
+    """Only the other structure: the exact GGN blocks of the unsupported module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3).double(), _Scale(), nn.Tanh())
+    problem = cl.Problem(
+        model,
+        nn.MSELoss(),
+        (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),
+        params=list(model[1].parameters()),
+    )
+    approx = kind(problem, other_structure="exact")
+    assert_close_rel(approx.to_dense(), reference.ggn(problem), 1e-12, "exact block of _Scale")
+
+
 def test_type2_matches_backpack_kflr():
     backpack = pytest.importorskip("backpack")
     from backpack.extensions import KFLR

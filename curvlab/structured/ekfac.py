@@ -30,7 +30,7 @@ class EKFAC(KFAC):
         kronecker_blocks = self.block_operators[: len(self.block_sources)]  # others: other_structure
         bases = [block.eigenbasis_form() for block in kronecker_blocks]
         D = [torch.zeros_like(basis.D) for basis in bases]
-        for _, inputs, grads in self._statistics():
+        for _, inputs, grads in self._statistics() if bases else ():
             for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
                 g = as_tensor(grads[layer.name]) @ basis.Q_G
                 a = inputs[layer.name][..., columns] @ basis.Q_A

@@ -149,6 +149,8 @@ class KFAC(BlockDiagonalOperator):
         return blocks
 
     def _collect_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if not self.layers:  # every parameter has another structure: no pass needed
+            return {}
         A_sum: dict[str, Tensor] = {}
         G_sum: dict[str, Tensor] = {}
         seen_batches = set()

@@ -204,6 +204,8 @@ def vectors_per_pass(layer_outputs: list[Tensor], max_vectors: int | None) -> in
     """
     if max_vectors is not None:
         return max(1, int(max_vectors))
+    if not layer_outputs:
+        return 64
     per_vector = sum(o.numel() * o.element_size() for o in layer_outputs)
     return max(1, min(64, block_budget(layer_outputs[0].device) // max(1, per_vector)))
 
