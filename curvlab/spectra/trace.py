@@ -2,7 +2,7 @@ r"""Trace estimators: Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco & Woodr
 
 Both use Rademacher probes drawn on the CPU from a seed (the same estimate on
 every device) and keep memory at O(n · columns): probes are generated and
-multiplied in chunks of the operator's ``max_columns``.
+multiplied in chunks of the operator's ``columns_per_chunk()`` (within a memory budget).
 """
 
 from __future__ import annotations
