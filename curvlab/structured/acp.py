@@ -19,7 +19,7 @@ import torch
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
-from curvlab.structured.statistics import find_layers, layer_statistics, second_moment
+from curvlab.structured.statistics import accumulate, find_layers, layer_statistics, second_moment
 
 
 class ACP(BlockDiagonalOperator):
@@ -39,8 +39,9 @@ class ACP(BlockDiagonalOperator):
         A_sum, max_square = {}, {}
         for _, inputs, grads in layer_statistics(problem, self.layers, "empirical"):
             for layer in self.layers:
-                A = second_moment(inputs[layer.name]).div_(inputs[layer.name].shape[1])
-                A_sum[layer.name] = A if layer.name not in A_sum else A_sum[layer.name].add_(A)
+                accumulate(
+                    A_sum, layer.name, second_moment(inputs[layer.name]).div_(inputs[layer.name].shape[1])
+                )
                 square = grads[layer.name].pow(2).max()
                 max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
         scale = problem.reduction_factor * problem.num_examples

@@ -29,7 +29,7 @@ from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
 from curvlab.structured.sequential import statistics_pass
-from curvlab.structured.statistics import FISHER_TYPES, Layer, find_layers, second_moment
+from curvlab.structured.statistics import FISHER_TYPES, Layer, accumulate, find_layers, second_moment
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -159,8 +159,8 @@ class KFAC(BlockDiagonalOperator):
             seen_batches.add(index)
             for layer in self.layers:
                 if first_chunk:
-                    _accumulate(A_sum, layer.name, self._input_moment(inputs[layer.name]))
-                _accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
+                    accumulate(A_sum, layer.name, self._input_moment(inputs[layer.name]))
+                accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
         c, N = self.problem.reduction_factor, self.problem.num_examples
         return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
 
@@ -178,11 +178,3 @@ class KFAC(BlockDiagonalOperator):
         if self.kfac_approx == "reduce":
             g = g.sum(2)
         return second_moment(g)
-
-
-def _accumulate(sums: dict[str, Tensor], name: str, term: Tensor) -> None:
-    """sums[name] += term, in place after the first (the terms are fresh tensors)."""
-    if name in sums:
-        sums[name].add_(term)
-    else:
-        sums[name] = term

@@ -84,6 +84,14 @@ def second_moment(v: Tensor) -> Tensor:
     return gram(v.movedim(-1, 0).reshape(d, -1).T)
 
 
+def accumulate(sums: dict[str, Tensor], name: str, term: Tensor) -> None:
+    """sums[name] += term, in place after the first (the terms are fresh tensors)."""
+    if name in sums:
+        sums[name].add_(term)
+    else:
+        sums[name] = term
+
+
 @dataclass
 class Layer:
     """A supported module and where its weight and bias sit in the problem's params."""
@@ -204,8 +212,6 @@ def vectors_per_pass(layer_outputs: list[Tensor], max_vectors: int | None) -> in
     """
     if max_vectors is not None:
         return max(1, int(max_vectors))
-    if not layer_outputs:
-        return 64
     per_vector = sum(o.numel() * o.element_size() for o in layer_outputs)
     return max(1, min(64, block_budget(layer_outputs[0].device) // max(1, per_vector)))
 
