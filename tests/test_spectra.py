@@ -8,6 +8,8 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
+from curvlab.errors import DataError
+from curvlab.spectra.lanczos import _random_unit, _start_vector
 from curvlab.spectra.trace import _project_out, orthonormal_basis, rademacher
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
@@ -98,6 +100,89 @@ def test_top_eigen_rejects_bad_arguments():
         cl.top_eigen(D, 1, "biggest")
     with pytest.raises(ValueError, match="between 1 and n"):
         cl.top_eigen(D, 6)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_top_eigen_start_vectors_all_reach_the_exact_top_eigenvalues(spectra_problem, curvature):
+    C = cl.Hessian(spectra_problem) if curvature == "hessian" else cl.GGN(spectra_problem)
+    dense = (
+        reference.hessian_matrix(spectra_problem)
+        if curvature == "hessian"
+        else reference.ggn(spectra_problem)
+    )
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    given = torch.randn(C.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = {
+        start: cl.top_eigen(C, 3, start=start, progress=False) for start in ("auto", "gradient", "random")
+    }
+    results["tensor"] = cl.top_eigen(C, 3, start=given, progress=False)
+    for start, result in results.items():
+        assert result.converged, start
+        assert_close_rel(result.values, expected, 1e-8, f"start={start}")
+    # "auto" is the gradient start for a problem operator's largest eigenvalues.
+    assert torch.equal(results["auto"].values, results["gradient"].values)
+
+
+def test_gradient_start_mixes_the_gradient_with_an_equal_random_part(spectra_problem):
+    H = cl.Hessian(spectra_problem)
+    g = spectra_problem.gradient()
+    n = H.shape[0]
+    random = _random_unit(n, torch.float64, "cpu", torch.Generator().manual_seed(7))
+    start = _start_vector(H, "gradient", "largest", n, torch.float64, "cpu", torch.Generator().manual_seed(7))
+    expected = g / g.norm() + random
+    assert_close_rel(start, expected / expected.norm(), 1e-12, "start")
+    smallest = _start_vector(H, "auto", "smallest", n, torch.float64, "cpu", torch.Generator().manual_seed(7))
+    assert torch.equal(smallest, random)  # the gradient does not point at the smallest eigenvalues
+
+
+def test_gradient_start_falls_back_to_random_where_the_gradient_vanishes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(X)  # zero residuals: ∇R = 0 exactly
+    problem = cl.Problem(model, nn.MSELoss(), (X, y))
+    H = cl.Hessian(problem)
+    assert H.gradient().abs().max() == 0
+    n = H.shape[0]
+    start = _start_vector(H, "gradient", "largest", n, torch.float64, "cpu", torch.Generator().manual_seed(1))
+    assert torch.equal(start, _random_unit(n, torch.float64, "cpu", torch.Generator().manual_seed(1)))
+    exact = torch.linalg.eigvalsh(reference.hessian_matrix(problem)).flip(0)[:2]
+    assert_close_rel(cl.top_eigen(H, 2, progress=False).values, exact, 1e-8)
+
+
+def test_top_eigen_rejects_bad_start_vectors(spectra_problem):
+    D = _dense_operator(torch.linspace(1, 2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs a curvature object of a problem"):
+        cl.top_eigen(D, 1, start="gradient")
+    with pytest.raises(ValueError, match="start must be one of"):
+        cl.top_eigen(D, 1, start="ones")
+    with pytest.raises(DataError, match="flat"):
+        cl.top_eigen(D, 1, start=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(DataError, match="nonzero"):
+        cl.top_eigen(D, 1, start=torch.zeros(5, dtype=torch.float64))
+
+
+def test_hessian_gradient_read_off_the_cached_graph(spectra_problem):
+    # Cached graphs are those of c · loss: the gradient and the products carry the
+    # reduction factor once, with one batch or several.
+    H = cl.Hessian(spectra_problem, cache_graph=True)
+    assert_close_rel(H.gradient(), spectra_problem.gradient(), 1e-12, "gradient")
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert_close_rel(H @ V, reference.hessian_matrix(spectra_problem) @ V, 1e-10, "products")
+    assert_close_rel(H @ V[:, 0], reference.hessian_matrix(spectra_problem) @ V[:, 0], 1e-10, "one column")
+
+
+def test_matvec_into_writes_the_product_in_place(spectra_problem):
+    v = torch.randn(
+        cl.GGN(spectra_problem).shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    for C in (cl.Hessian(spectra_problem), cl.GGN(spectra_problem), cl.KFAC(spectra_problem)):
+        out = torch.full((2, v.numel()), float("nan"), dtype=torch.float64)
+        returned = C._matvec_into(v, out[1])
+        assert returned.data_ptr() == out[1].data_ptr()
+        assert_close_rel(out[1], C @ v, 1e-14, type(C).__name__)
+        assert torch.isnan(out[0]).all()
 
 
 def test_top_eigen_on_kfac_finds_its_distinct_top_eigenvalues():

@@ -116,6 +116,15 @@ class CurvatureOperator:
             return chunks[0]
         return torch.cat([chunk.T for chunk in chunks]).T
 
+    def _matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
+        """C v for a flat ``(n,)`` v, written into the flat ``(n,)`` ``out``.
+
+        For iterative solvers that keep products in a preallocated basis (Lanczos):
+        no new n-vector per product, and no copy into the basis.
+        """
+        products = self._matmat(self.flat_to_list(v.unsqueeze(1)))
+        return torch.cat([p.reshape(-1) for p in products], out=out)
+
     def __matmul__(self, v):
         """C v for a flat ``(n,)``, a flat ``(n, k)`` or a list of parameter-shaped tensors."""
         n = self.shape[0]

@@ -52,6 +52,10 @@ class ProblemOperator(CurvatureOperator):
     def _detached_params(self) -> tuple[Tensor, ...]:
         return tuple(p.detach() for p in self.problem.params)
 
+    def gradient(self) -> Tensor:
+        """∇_θ R of the operator's problem, flat ``(n,)`` in parameter order."""
+        return self.problem.gradient()
+
 
 class Hessian(ProblemOperator):
     """H = ∇²_θ R(θ), by differentiating the gradient once more (Pearlmutter 1994).
@@ -94,34 +98,51 @@ class Hessian(ProblemOperator):
         return tuple((id(t), t._version) for t in tensors)
 
     def _gradient_graphs(self):
-        """Per batch: (leaf parameters, gradient with graph, connected indices)."""
+        """Per batch: (leaf parameters, gradient with graph, connected indices).
+
+        The graph is that of c · (batch loss), so its pull-backs are already
+        scaled by the reduction factor (no extra pass over each product).
+        """
         graphs = []
         for X, y in self.problem.batches():
             params = [p.detach().requires_grad_(True) for p in self.problem.params]
-            loss = self.problem.batch_loss(params, X, y)
+            loss = self.problem.batch_loss(params, X, y) * self.problem.reduction_factor
             gradient = torch.autograd.grad(loss, params, create_graph=True)
             connected = [i for i, g in enumerate(gradient) if g.requires_grad]
             graphs.append((params, gradient, connected))
         return graphs
 
-    def _matmat(self, Vs):
-        if not self._caching():
-            return super()._matmat(Vs)
+    def _cached_graphs(self):
         key = self._state_key()
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the stale graph before building the new one
             self._cache = (key, self._gradient_graphs())
+        return self._cache[1]
+
+    def gradient(self) -> Tensor:
+        """∇_θ R, flat; read off the cached graph (no extra pass) when caching."""
+        if not self._caching():
+            return super().gradient()
         total = None
-        for graph in self._cache[1]:
+        for _, gradient, _ in self._cached_graphs():
+            flat = torch.cat([g.detach().reshape(-1) for g in gradient])
+            total = flat if total is None else total.add_(flat)
+        return total
+
+    def _matmat(self, Vs):
+        if not self._caching():
+            return super()._matmat(Vs)
+        total = None
+        for graph in self._cached_graphs():
             # Column by column: with the graph kept, one backward per vector is
             # cheaper than the vmapped batched backward (measured ~2× per column).
             columns = [
                 self._pull_back(*graph, [V[j : j + 1] for V in Vs], retain_graph=True)
                 for j in range(len(Vs[0]))
             ]
-            part = [torch.cat(pieces) for pieces in zip(*columns)]
+            part = columns[0] if len(columns) == 1 else [torch.cat(pieces) for pieces in zip(*columns)]
             total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
-        return [t.mul_(self.problem.reduction_factor) for t in total]
+        return total  # already scaled: the cached graphs are those of c · loss
 
     def _batch_matmat(self, X, y, index, Vs):
         params = [p.detach().requires_grad_(True) for p in self.problem.params]
@@ -133,22 +154,21 @@ class Hessian(ProblemOperator):
     @staticmethod
     def _pull_back(params, gradient, connected, Vs, retain_graph: bool) -> list[Tensor]:
         """(∂g/∂θ)ᵀ V for the k columns of V: one batched backward pass."""
-        results = [torch.zeros_like(V) for V in Vs]
-        if not connected:  # the gradient does not depend on θ: H = 0
-            return results
+        results: list[Tensor | None] = [None] * len(Vs)
         single = Vs[0].shape[0] == 1
-        products = torch.autograd.grad(
-            [gradient[i] for i in connected],
-            params,
-            [Vs[i][0] if single else Vs[i] for i in connected],
-            is_grads_batched=not single,
-            allow_unused=True,
-            retain_graph=retain_graph,
-        )
-        for i, product in enumerate(products):
-            if product is not None:
-                results[i] = product.unsqueeze(0) if single else product
-        return results
+        if connected:  # else the gradient does not depend on θ: H = 0
+            products = torch.autograd.grad(
+                [gradient[i] for i in connected],
+                params,
+                [Vs[i][0] if single else Vs[i] for i in connected],
+                is_grads_batched=not single,
+                allow_unused=True,
+                retain_graph=retain_graph,
+            )
+            for i, product in enumerate(products):
+                if product is not None:
+                    results[i] = product.unsqueeze(0) if single else product
+        return [torch.zeros_like(V) if r is None else r for r, V in zip(results, Vs)]
 
 
 class OutputSpaceOperator(ProblemOperator):

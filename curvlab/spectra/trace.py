@@ -85,7 +85,7 @@ def _quadratic_forms(
         V = rademacher(n, k, generator, C.dtype, C.device)
         if project is not None:
             V = project(V)
-        values.append((V * (C @ V)).sum(0))
+        values.append(torch.linalg.vecdot(V, C @ V, dim=0))
         done += k
         if bar is not None:
             bar.update(k)
