@@ -82,8 +82,8 @@ def measure(problem_name: str, task: str, library: str) -> dict:
     start = time.perf_counter()
     if library in ("curvlab", "curvlab-random"):
         if task in ("top1", "top10"):
-            start = "random" if library == "curvlab-random" else "auto"  # auto: the gradient start
-            top = cl.top_eigen(hessian, k, tol=1e-4, start=start, progress=False)
+            start_vector = "random" if library == "curvlab-random" else "auto"  # auto: the gradient start
+            top = cl.top_eigen(hessian, k, tol=1e-4, start=start_vector, progress=False)
             result.update(values=top.values.tolist(), matvecs=top.num_matvecs)
             vectors = top.vectors
         elif task == "trace100":
