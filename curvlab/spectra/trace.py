@@ -74,6 +74,22 @@ def _project_out(Q: Tensor, V: Tensor) -> Tensor:
     return torch.addmm(Vt, Vt @ Q, Q.T, alpha=-1).T
 
 
+def _forms(C, V: Tensor) -> Tensor:
+    """vᵢᵀ C vᵢ for the columns of ``V`` ``(n, k)``.
+
+    A curvature object's product stays in its per-parameter list: the forms are
+    summed block by block, so no flat ``(n, k)`` product is assembled.
+    """
+    if not isinstance(C, CurvatureOperator):
+        return (V * (C @ V)).sum(0)
+    pieces = C.flat_to_list(V)
+    k = V.shape[1]
+    total = torch.zeros(k, dtype=V.dtype, device=V.device)
+    for piece, product in zip(pieces, C._matmat(pieces)):
+        total += torch.linalg.vecdot(piece.reshape(k, -1), product.reshape(k, -1))
+    return total
+
+
 def _quadratic_forms(
     C: CurvatureOperator, n: int, count: int, generator, project=None, bar=None, chunk: int = 64
 ) -> Tensor:
@@ -85,7 +101,7 @@ def _quadratic_forms(
         V = rademacher(n, k, generator, C.dtype, C.device)
         if project is not None:
             V = project(V)
-        values.append(torch.linalg.vecdot(V, C @ V, dim=0))
+        values.append(_forms(C, V))
         done += k
         if bar is not None:
             bar.update(k)
