@@ -9,6 +9,7 @@ from torch import nn
 import curvlab as cl
 from curvlab import reference
 from curvlab.errors import DataError
+from curvlab.spectra import lanczos
 from curvlab.spectra.lanczos import _random_unit, _start_vector
 from curvlab.spectra.trace import _project_out, orthonormal_basis, rademacher
 from tests.cases import CASES
@@ -69,6 +70,17 @@ def test_top_eigen_thick_restart_finds_clustered_eigenvalues(basis_size):
     assert result.converged
     assert result.num_matvecs > basis_size  # it did restart
     assert_close_rel(result.values, torch.tensor([3.0, 1.52, 1.51, 1.5], dtype=torch.float64), 1e-12)
+
+
+@pytest.mark.parametrize("budget", [64, 10**9])
+def test_restart_combines_basis_rows_in_place_in_column_blocks(monkeypatch, budget):
+    monkeypatch.setattr(lanczos, "block_budget", lambda device: budget)  # 64 B: two columns a block
+    generator = torch.Generator().manual_seed(0)
+    V = torch.randn(7, 13, generator=generator, dtype=torch.float64)
+    Q = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    expected = torch.cat([Q.T @ V[:6], V[4:]])
+    lanczos._combine_rows_in_place(V, 6, Q)
+    assert_close_rel(V, expected, 1e-14, "combined rows")
 
 
 def test_top_eigen_is_reproducible_and_seed_dependent():

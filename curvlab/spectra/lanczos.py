@@ -24,6 +24,7 @@ from torch import Tensor
 
 from curvlab.errors import DataError
 from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.memory import block_budget
 from curvlab.progress import progress_bar
 
 WHICH = ("largest", "smallest", "magnitude")
@@ -119,6 +120,20 @@ def _start_vector(C, start, which: str, n: int, dtype, device, generator: torch.
         return random
     v = gradient / norm + random
     return v / v.norm()
+
+
+def _combine_rows_in_place(V: Tensor, m: int, Q: Tensor) -> None:
+    """V[:k] ← Qᵀ V[:m] for Q ``(m, k)``, k ≤ m, column block by column block.
+
+    Each block's result is computed from its own columns before they are
+    overwritten, so no ``(k, n)`` temporary (for millions of parameters, hundreds
+    of MB of fresh pages) and no second pass to copy it back.
+    """
+    k = Q.shape[1]
+    Qt = Q.T.contiguous()
+    columns = max(1, block_budget(V.device) // (k * V.element_size()))
+    for start in range(0, V.shape[1], columns):
+        V[:k, start : start + columns] = Qt @ V[:m, start : start + columns]
 
 
 def _orthogonalize(V: Tensor, w: Tensor) -> tuple[Tensor, float]:
@@ -258,7 +273,7 @@ def top_eigen(
             # direction V[m] continues the basis, coupled to them by β s_{m,i}.
             keep = min(m - 1, k + (m - k) // 2)
             kept = order[:keep]
-            V[:keep] = S[:, kept].T @ V[:m]
+            _combine_rows_in_place(V, m, S[:, kept])
             V[keep] = V[m]
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
