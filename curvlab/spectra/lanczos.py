@@ -311,38 +311,48 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     p = V0.shape[1]
     m = min(steps, n)
     # Basis stored probe-major, (p, m, n): each probe's basis is one contiguous
-    # (m, n) matrix, so reorthogonalization is two batched GEMVs without copies.
-    Q = torch.zeros(p, m, n, dtype=dtype, device=device)
+    # (m, n) matrix, so reorthogonalization is batched GEMVs without copies. Rows
+    # are written before they are read; every update below is in place (for
+    # millions of parameters a fresh n-vector costs as much as the pass itself).
+    Q = torch.empty(p, m, n, dtype=dtype, device=device)
     alpha = torch.zeros(p, m, dtype=dtype, device=device)
     beta = torch.zeros(p, m, dtype=dtype, device=device)
     lengths = torch.full((p,), m, dtype=torch.long, device=device)
     active = torch.ones(p, dtype=torch.bool, device=device)
     Q[:, 0] = (V0 / V0.norm(dim=0)).T
+    last = torch.empty(p, n, dtype=dtype, device=device) if m == 1 else None
     for j in range(m):
-        W = matvec(Q[:, j].T).T.contiguous()  # (p, n)
-        alpha[:, j] = (Q[:, j] * W).sum(1)
+        # The product of the newest basis vectors goes straight into the next rows.
+        W = Q[:, j + 1] if j + 1 < m else (last if last is not None else Q[:, 0].clone())
+        if p == 1:
+            _matvec_into(C, Q[0, j], W[0])
+        else:
+            W.copy_(matvec(Q[:, j].T).T)
+        alpha[:, j] = torch.bmm(Q[:, j].unsqueeze(1), W.unsqueeze(2)).reshape(p)  # no n-sized temporary
+        if j + 1 == m:
+            break  # the last step needs only α
         # The three-term recurrence first (the two newest basis vectors hold most
         # of W), then full reorthogonalization of every probe against its own
         # basis, repeated only when a pass removed more than 1 − 1/√2 of what was
         # left (DGKS, as in ``_orthogonalize``): each pass reads the whole basis.
+        rows = W.unsqueeze(1)  # (p, 1, n), a view: W − cᵀ B updated in place
         local = Q[:, max(0, j - 1) : j + 1]
-        W = W - torch.bmm(local.transpose(1, 2), torch.bmm(local, W.unsqueeze(2))).squeeze(2)
+        rows.baddbmm_(torch.bmm(local, W.unsqueeze(2)).transpose(1, 2), local, alpha=-1)
         basis = Q[:, : j + 1]
-        for _ in range(3):
-            before = W.norm(dim=1)
-            coefficients = torch.bmm(basis, W.unsqueeze(2))  # (p, j + 1, 1)
-            W = W - torch.bmm(basis.transpose(1, 2), coefficients).squeeze(2)
-            if bool((W.norm(dim=1) >= before / math.sqrt(2)).all()):
-                break
-        if j + 1 == m:
-            break
         norms = W.norm(dim=1)
+        for _ in range(3):
+            before = norms
+            rows.baddbmm_(torch.bmm(basis, W.unsqueeze(2)).transpose(1, 2), basis, alpha=-1)
+            norms = W.norm(dim=1)
+            if bool((norms >= before / math.sqrt(2)).all()):
+                break
         scale = torch.cat([alpha[:, : j + 1], beta[:, :j]], 1).abs().amax(1)
         breakdown = active & (norms <= 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300))
         lengths = torch.where(breakdown, j + 1, lengths)
         active &= ~breakdown
         beta[:, j] = torch.where(active, norms, torch.zeros_like(norms))
-        Q[:, j + 1] = torch.where(active[:, None], W / norms.clamp_min(1e-300)[:, None], torch.zeros_like(W))
+        # Normalise; a probe past an invariant subspace continues with zeros.
+        W.mul_((active / norms.clamp_min(1e-300)).to(dtype).unsqueeze(1))
     return alpha, beta[:, : m - 1], lengths
 
 
