@@ -313,6 +313,16 @@ def test_slq_is_reproducible():
     assert_close_rel(a.density, b.density, 1e-12, "density does not depend on batching of probes")
 
 
+def test_slq_of_a_problem_operator_does_not_depend_on_probes_per_pass(spectra_problem):
+    # One probe a pass writes each product straight into the basis; several go
+    # through one batched product: the same tridiagonal matrices either way.
+    H = cl.Hessian(spectra_problem)
+    a = cl.spectral_density(H, num_probes=3, lanczos_steps=8, seed=2, progress=False)
+    b = cl.spectral_density(H, num_probes=3, lanczos_steps=8, seed=2, probes_per_pass=1, progress=False)
+    assert_close_rel(b.nodes, a.nodes, 1e-10, "nodes")
+    assert_close_rel(b.weights, a.weights, 1e-10, "weights")
+
+
 # ------------------------------------------------------------------ diagnostics
 def test_condition_number_exact_uses_the_rank_cutoff(spectra_problem):
     G = cl.GGN(spectra_problem)

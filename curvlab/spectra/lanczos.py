@@ -320,10 +320,10 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     lengths = torch.full((p,), m, dtype=torch.long, device=device)
     active = torch.ones(p, dtype=torch.bool, device=device)
     Q[:, 0] = (V0 / V0.norm(dim=0)).T
-    last = torch.empty(p, n, dtype=dtype, device=device) if m == 1 else None
     for j in range(m):
-        # The product of the newest basis vectors goes straight into the next rows.
-        W = Q[:, j + 1] if j + 1 < m else (last if last is not None else Q[:, 0].clone())
+        # The product of the newest basis vectors goes straight into the next rows
+        # (the last step's product, needed only for α, into a scratch buffer).
+        W = Q[:, j + 1] if j + 1 < m else torch.empty(p, n, dtype=dtype, device=device)
         if p == 1:
             _matvec_into(C, Q[0, j], W[0])
         else:
