@@ -195,8 +195,8 @@ def top_eigen(
             plus an equal-norm seeded random part; the gradient lies mostly in the
             top eigenspace (Gur-Ari et al. 2018), which saves Lanczos steps (top
             Hessian eigenvalue of the benchmark autoencoder to 1e-4: 13 steps
-            instead of 17–25 from random starts), and the random part keeps every eigenvector in the
-            start. A cached ``cl.Hessian`` reads the gradient off its graph; other
+            instead of 17–25 from random starts), and the random part keeps every
+            eigenvector in the start. A cached ``cl.Hessian`` reads the gradient off its graph; other
             problem operators pay one gradient pass. ``"auto"`` (default):
             ``"gradient"`` for problem operators unless ``which="smallest"``, else
             ``"random"``. A flat ``(n,)`` tensor: that vector.
