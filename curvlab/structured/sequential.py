@@ -117,7 +117,7 @@ class ScaledRows:
     W ``(V, d)`` (``None``: the identity, V = d), s ``(n, V)``, d ``(n, d)``.
     These are the output gradients of the layers next to the output when the
     output Hessian is diagonal: Λ_n = diag(s_n)². ``memo`` holds what depends on
-    W alone (WᵀW, its triangular factor), shared by the chunks of one batch.
+    W alone (WᵀW, its triangular factor, W²), shared by the chunks of one batch.
     """
 
     def __init__(self, W: Tensor | None, s: Tensor, d: Tensor, memo: dict | None = None):
@@ -154,7 +154,10 @@ class ScaledRows:
         """Σ_v s_{n,v}² W_{v,i}² d_{n,i}²: ``(n, d)``."""
         if self.W is None:
             return (self.s * self.d) ** 2
-        return (self.s**2 @ self.W**2) * self.d**2
+        key = ("squares", id(self.W))
+        if key not in self.memo:
+            self.memo[key] = self.W**2
+        return (self.s**2 @ self.memo[key]) * self.d**2
 
     def materialize(self) -> Tensor:
         """B: ``(n, V, d)``."""
