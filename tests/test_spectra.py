@@ -10,7 +10,7 @@ import curvlab as cl
 from curvlab import reference
 from curvlab.errors import DataError
 from curvlab.spectra import lanczos
-from curvlab.spectra.lanczos import _random_unit, _start_vector
+from curvlab.spectra.lanczos import _random_unit, _start_vector, lanczos_tridiagonal
 from curvlab.spectra.trace import _project_out, orthonormal_basis, rademacher
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
@@ -311,6 +311,17 @@ def test_slq_is_reproducible():
     a = cl.spectral_density(D, num_probes=3, lanczos_steps=5, seed=1, progress=False)
     b = cl.spectral_density(D, num_probes=3, lanczos_steps=5, seed=1, probes_per_pass=1, progress=False)
     assert_close_rel(a.density, b.density, 1e-12, "density does not depend on batching of probes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lanczos_tridiagonal_after_an_invariant_subspace_is_zero_not_nan(dtype):
+    # The zero matrix breaks down at once, diag(1, 2, 0, …) after three steps:
+    # entries beyond each T's length are 0 (documented), in float32 too.
+    for matrix, length in ((torch.zeros(6, 6), 1), (torch.diag(torch.tensor([1.0, 2, 0, 0, 0, 0])), 3)):
+        alpha, beta, lengths = lanczos_tridiagonal(matrix.to(dtype), torch.ones(6, 2, dtype=dtype), 5)
+        assert lengths.tolist() == [length, length]
+        assert torch.isfinite(alpha).all() and torch.isfinite(beta).all()
+        assert (alpha[:, length:] == 0).all() and (beta[:, length - 1 :] == 0).all()
 
 
 def test_slq_of_a_problem_operator_does_not_depend_on_probes_per_pass(spectra_problem):

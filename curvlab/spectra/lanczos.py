@@ -351,8 +351,10 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
         lengths = torch.where(breakdown, j + 1, lengths)
         active &= ~breakdown
         beta[:, j] = torch.where(active, norms, torch.zeros_like(norms))
-        # Normalise; a probe past an invariant subspace continues with zeros.
-        W.mul_((active / norms.clamp_min(1e-300)).to(dtype).unsqueeze(1))
+        # Normalise; a probe past an invariant subspace continues with zeros
+        # (selected, not multiplied: 1 / 0 would leave NaN in its basis).
+        scale = torch.where(active, 1 / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norms))
+        W.mul_(scale.unsqueeze(1))
     return alpha, beta[:, : m - 1], lengths
 
 
