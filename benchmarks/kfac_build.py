@@ -6,7 +6,7 @@ alternately with a gradient in its own process; ratios are to that gradient): th
 small CNN, batch 256. Peers: BackPACK ``KFAC`` (MC), ``KFLR`` (type-2) and
 ``DiagGGNExact``; curvlinops ``KFACLinearOperator`` (factors computed eagerly).
 
-    python benchmarks/kfac_build.py --threads 2
+    python benchmarks/kfac_build.py --threads 2 [--device cuda]
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _backpack(model, loss_fn, X, y, extension_name):
     return run
 
 
-def _build(problem_name: str, quantity: str, library: str):
+def _build(problem_name: str, quantity: str, library: str, device: torch.device):
     model, loss_fn, (X, y) = build_problem(problem_name)
+    model, X, y = model.to(device), X.to(device), y.to(device)
     params = list(model.parameters())
     if quantity == "gradient":
         return lambda: torch.autograd.grad(loss_fn(model(X), y), params)
@@ -82,14 +83,16 @@ def _build(problem_name: str, quantity: str, library: str):
     return _backpack(model, loss_fn, X, y, extension)
 
 
-def child(problem_name, quantity, library, threads):
+def child(problem_name, quantity, library, threads, device_name):
     """Measure one build and print a JSON line."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    fn = _build(problem_name, quantity, library)
-    peak = peak_bytes_of(fn, torch.device("cpu"))
-    repeats = 1 if quantity in ("kfac_type2", "diag_ggn") else 15
-    gradient = _build(problem_name, "gradient", "torch")
+    device = torch.device(device_name)
+    fn = _build(problem_name, quantity, library, device)
+    peak = peak_bytes_of(fn, device)
+    slow_on_cpu = quantity in ("kfac_type2", "diag_ggn") and device.type == "cpu"
+    repeats = 1 if slow_on_cpu else 15
+    gradient = _build(problem_name, "gradient", "torch", device)
     seconds, gradient_seconds = median_seconds_beside(fn, gradient, repeats=repeats)
     print(json.dumps({"seconds": seconds, "gradient_seconds": gradient_seconds, "peak_bytes": peak}))
 
@@ -98,21 +101,27 @@ def main():
     """Run every measurement and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--problems", nargs="+", default=["autoencoder", "cnn"])
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.threads)
+        child(*args.child, args.threads, args.device)
         return
     results = {}
-    print(f"threads={args.threads} torch={torch.__version__} (timeout {args.timeout:.0f} s per measurement)")
+    print(
+        f"threads={args.threads} device={args.device} torch={torch.__version__}"
+        f" (timeout {args.timeout:.0f} s per measurement)"
+    )
     for problem_name in args.problems:
         print(f"\n{problem_name}")
         rows = {
             (q, lib): run_child(
-                __file__, [problem_name, q, lib, "--threads", str(args.threads)], args.timeout
+                __file__,
+                [problem_name, q, lib, "--threads", str(args.threads), "--device", args.device],
+                args.timeout,
             )
             for q, lib in MEASUREMENTS
         }

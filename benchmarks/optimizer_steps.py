@@ -6,7 +6,7 @@ refreshed every 100 steps for KFAC, EKFAC and ACP, so each run contains exactly
 one refresh), after 3 untimed warm-up steps; each in its own process. A run
 with a skipped (non-finite) step is reported as an error, not timed.
 
-    python benchmarks/optimizer_steps.py [--threads 2] [--steps 100]
+    python benchmarks/optimizer_steps.py [--threads 2] [--steps 100] [--device cuda]
 """
 
 from __future__ import annotations
@@ -42,13 +42,18 @@ OPTIMIZERS = {
 }
 
 
-def child(name: str, steps: int, threads: int) -> None:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child(name: str, steps: int, threads: int, device: torch.device) -> None:
     """Time ``steps`` updates of one optimizer; print a JSON line."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, loss_fn = deep_autoencoder(784), nn.MSELoss()
-    X = torch.rand(steps + 3, 200, 784)
+    model, loss_fn = deep_autoencoder(784).to(device), nn.MSELoss()
+    X = torch.rand(steps + 3, 200, 784).to(device)
     opt = OPTIMIZERS[name](model, loss_fn, steps)
     curvlab_step = not isinstance(opt, (torch.optim.SGD, torch.optim.Adam))
 
@@ -67,9 +72,11 @@ def child(name: str, steps: int, threads: int) -> None:
         step(i)
     if curvlab_step and hasattr(opt, "steps"):
         opt.steps = 0  # the timed run starts with a refresh, as every 100th step does
+    _synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
         step(3 + i)
+    _synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     skipped = getattr(opt, "counts", {}).get("skipped", 0)
     if skipped:  # a skipped step costs less than a real one: the timing would flatter
@@ -82,16 +89,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.threads)
+        child(args.child, args.steps, args.threads, torch.device(args.device))
         return
-    print(f"threads={args.threads} torch={torch.__version__}, {args.steps} steps, batch 200, 784-autoencoder")
+    print(
+        f"threads={args.threads} device={args.device} torch={torch.__version__},"
+        f" {args.steps} steps, batch 200, 784-autoencoder"
+    )
     rows = {}
     for name in OPTIMIZERS:
-        options = [name, "--steps", str(args.steps), "--threads", str(args.threads)]
+        options = [name, "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
         rows[name] = run_child(__file__, options, args.timeout)
     sgd, adam = rows["SGD"].get("seconds", float("nan")), rows["Adam"].get("seconds", float("nan"))
     print(f"{'optimizer':<20}{'s / step':>10}{'x SGD':>8}{'x Adam':>8}")

@@ -13,7 +13,7 @@ relative error against the reference and, where the method gives vectors, the
 relative residual ‖Hv − λv‖ / |λ|. ``curvlab-random`` is ``cl.top_eigen`` with a
 random start vector instead of its default gradient start, the peers' choice.
 
-    python benchmarks/spectra.py [--threads 2] [--problems autoencoder cnn mlp]
+    python benchmarks/spectra.py [--threads 2] [--device cuda] [--problems autoencoder cnn mlp]
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def _patch_torch_eig() -> None:
 
 
 def _relative_residuals(hessian: cl.Hessian, values, vectors) -> list[float]:
-    V = torch.as_tensor(np.asarray(vectors), dtype=torch.float32).reshape(hessian.shape[0], -1)
-    lam = torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    if not isinstance(vectors, torch.Tensor):
+        vectors = torch.as_tensor(np.asarray(vectors))
+    V = vectors.to(hessian.device, torch.float32).reshape(hessian.shape[0], -1)
+    lam = torch.as_tensor(np.asarray(values), dtype=torch.float32, device=hessian.device)
     return ((hessian @ V - V * lam).norm(dim=0) / lam.abs()).tolist()
 
 
@@ -66,9 +68,19 @@ def _flat(vectors) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in vectors])
 
 
-def measure(problem_name: str, task: str, library: str) -> dict:
-    """Time one (problem, task, library); values and residuals alongside."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _problem(problem_name: str, device: torch.device):
     model, loss_fn, (X, y) = _mlp_problem() if problem_name == "mlp" else build_problem(problem_name)
+    return model.to(device), loss_fn, (X.to(device), y.to(device))
+
+
+def measure(problem_name: str, task: str, library: str, device: torch.device) -> dict:
+    """Time one (problem, task, library); values and residuals alongside."""
+    model, loss_fn, (X, y) = _problem(problem_name, device)
     params = [p for p in model.parameters() if p.requires_grad]
     problem = cl.Problem(model, loss_fn, (X, y))
     hessian = cl.Hessian(problem)
@@ -79,6 +91,7 @@ def measure(problem_name: str, task: str, library: str) -> dict:
     # on the first ``grad`` with ``grad_outputs``: about 0.5 s of sympy).
     gradient = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
     torch.autograd.grad(gradient, params, [torch.ones_like(g) for g in gradient])
+    _synchronize(device)
     start = time.perf_counter()
     if library in ("curvlab", "curvlab-random"):
         if task in ("top1", "top10"):
@@ -96,7 +109,7 @@ def measure(problem_name: str, task: str, library: str) -> dict:
         from pyhessian import hessian as PyHessian
 
         _patch_torch_eig()
-        analyzer = PyHessian(model, loss_fn, data=(X, y), cuda=False)
+        analyzer = PyHessian(model, loss_fn, data=(X, y), cuda=device.type == "cuda")
         if task in ("top1", "top10"):
             values, vectors = analyzer.eigenvalues(top_n=k)
             vectors = torch.stack([_flat(v) for v in vectors], 1)
@@ -128,15 +141,16 @@ def measure(problem_name: str, task: str, library: str) -> dict:
             result.update(points=len(grid))
     else:
         raise ValueError(library)
+    _synchronize(device)
     result["seconds"] = time.perf_counter() - start
     if task in ("top1", "top10"):
         result["rel_residuals"] = _relative_residuals(hessian, result["values"], vectors)
     return result
 
 
-def reference(problem_name: str) -> dict:
+def reference(problem_name: str, device: torch.device) -> dict:
     """Converged top-10 eigenvalues (relative residual ≤ 1e-5, ten times the tolerance benchmarked)."""
-    model, loss_fn, data = _mlp_problem() if problem_name == "mlp" else build_problem(problem_name)
+    model, loss_fn, data = _problem(problem_name, device)
     hessian = cl.Hessian(cl.Problem(model, loss_fn, data))
     top = cl.top_eigen(hessian, 10, tol=1e-5, basis_size=40, max_matvecs=2000, progress=False)
     return {"values": top.values.tolist(), "rel_residuals": top.relative_residuals.tolist()}
@@ -148,10 +162,11 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     problem_name, task, library = args.child
+    device = torch.device(args.device)
     if task == "reference":
-        print(json.dumps(reference(problem_name)))
+        print(json.dumps(reference(problem_name, device)))
         return
-    print(json.dumps(measure(problem_name, task, library)))
+    print(json.dumps(measure(problem_name, task, library, device)))
 
 
 def _row(task: str, library: str, row: dict, ref: list[float]) -> str:
@@ -177,6 +192,7 @@ def main() -> None:
     """Run every measurement and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--problems", nargs="+", default=["autoencoder", "cnn", "mlp"])
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES))
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -187,9 +203,9 @@ def main() -> None:
         child(args)
         return
     results = {}
-    print(f"threads={args.threads} torch={torch.__version__}")
+    print(f"threads={args.threads} device={args.device} torch={torch.__version__}")
     for problem_name in args.problems:
-        options = ["--threads", str(args.threads)]
+        options = ["--threads", str(args.threads), "--device", args.device]
         tasks = ("density",) if problem_name == "mlp" else TASKS
         ref = run_child(__file__, [problem_name, "reference", "curvlab", *options], args.timeout * 3)
         ref_values = ref.get("values", [float("nan")] * 10)
