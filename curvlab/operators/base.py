@@ -116,6 +116,20 @@ class CurvatureOperator:
             return chunks[0]
         return torch.cat([chunk.T for chunk in chunks]).T
 
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """vᵢᵀ C vᵢ for the columns of a flat ``V`` ``(n, k)``: shape ``(k,)``.
+
+        By products, summed block by block (no flat ``(n, k)`` product is
+        assembled); operators with a cheaper route override it (the Hessian and
+        GGN of plain MLPs: ``curvlab.operators.taylor``).
+        """
+        pieces = self.flat_to_list(V)
+        k = V.shape[1]
+        total = torch.zeros(k, dtype=V.dtype, device=V.device)
+        for piece, product in zip(pieces, self._matmat(pieces)):
+            total += torch.linalg.vecdot(piece.reshape(k, -1), product.reshape(k, -1))
+        return total
+
     def _matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
         """C v for a flat ``(n,)`` v, written into the flat ``(n,)`` ``out``.
 

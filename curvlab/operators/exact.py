@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
 
@@ -28,10 +29,42 @@ class ProblemOperator(CurvatureOperator):
             [p.shape for p in problem.params], problem.dtype, problem.device, problem.param_names
         )
         self.problem = problem
+        self._primal_cache = None
 
     def _options(self) -> dict:
         """Constructor keyword arguments other than the problem (for blocks)."""
         return {}
+
+    def _state_key(self) -> tuple:
+        """Identity and in-place version of everything the curvature depends on."""
+        tensors = [*self.problem.params, *self.problem.model.buffers()]
+        tensors += [t for batch in self.problem.data for t in batch]
+        return tuple((id(t), t._version) for t in tensors)
+
+    def _single_stored_batch(self) -> bool:
+        """One batch held in a list: state cached across products stays small and valid."""
+        return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
+
+    def _forward_forms(self, V: Tensor, second_order: bool) -> Tensor | None:
+        """vᵢᵀ C vᵢ by forward propagation (``taylor``), or ``None`` where the model is not a plain MLP.
+
+        The primal pass is kept between calls for a single stored batch (like the
+        Hessian's graph) and rebuilt when a parameter or the data changes in place.
+        """
+        if not taylor.supports(self.problem):
+            return None
+        if not self._single_stored_batch():
+            batches = (taylor.primal(self.problem, X, y) for X, y in self.problem.batches())
+        else:
+            key = self._state_key()
+            if self._primal_cache is None or self._primal_cache[0] != key:
+                self._primal_cache = None
+                self._primal_cache = (
+                    key,
+                    [taylor.primal(self.problem, X, y) for X, y in self.problem.batches()],
+                )
+            batches = self._primal_cache[1]
+        return taylor.quadratic_forms(self.problem, batches, self.flat_to_list(V), second_order)
 
     def _block(self, indices):
         params = [self.problem.params[i] for i in indices]
@@ -88,14 +121,13 @@ class Hessian(ProblemOperator):
 
     def _caching(self) -> bool:
         if self.cache_graph is None:
-            return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
+            return self._single_stored_batch()
         return bool(self.cache_graph)
 
-    def _state_key(self) -> tuple:
-        """Identity and in-place version of everything the gradient depends on."""
-        tensors = [*self.problem.params, *self.problem.model.buffers()]
-        tensors += [t for batch in self.problem.data for t in batch]
-        return tuple((id(t), t._version) for t in tensors)
+    def quadratic_forms(self, V):
+        """vᵢᵀ H vᵢ; plain MLPs by second-order forward propagation (no product, ``taylor``)."""
+        forms = self._forward_forms(V, second_order=True)
+        return super().quadratic_forms(V) if forms is None else forms
 
     def _gradient_graphs(self):
         """Per batch: (leaf parameters, gradient with graph, connected indices).
@@ -213,6 +245,11 @@ class GGN(OutputSpaceOperator):
 
     def _middle(self, output, y, u, aux):
         return self.problem.loss_rule.hessian_vp(output, u)
+
+    def quadratic_forms(self, V):
+        """vᵢᵀ G vᵢ = c Σₙ (J v)ᵀ Λ (J v); plain MLPs by one forward propagation (``taylor``)."""
+        forms = self._forward_forms(V, second_order=False)
+        return super().quadratic_forms(V) if forms is None else forms
 
 
 class EmpiricalFisher(OutputSpaceOperator):

@@ -77,19 +77,10 @@ def _project_out(Q: Tensor, V: Tensor) -> Tensor:
 
 
 def _forms(C, V: Tensor) -> Tensor:
-    """vᵢᵀ C vᵢ for the columns of ``V`` ``(n, k)``.
-
-    A curvature object's product stays in its per-parameter list: the forms are
-    summed block by block, so no flat ``(n, k)`` product is assembled.
-    """
+    """vᵢᵀ C vᵢ for the columns of ``V`` ``(n, k)`` (a curvature object's own ``quadratic_forms``)."""
     if not isinstance(C, CurvatureOperator):
         return (V * (C @ V)).sum(0)
-    pieces = C.flat_to_list(V)
-    k = V.shape[1]
-    total = torch.zeros(k, dtype=V.dtype, device=V.device)
-    for piece, product in zip(pieces, C._matmat(pieces)):
-        total += torch.linalg.vecdot(piece.reshape(k, -1), product.reshape(k, -1))
-    return total
+    return C.quadratic_forms(V)
 
 
 def _quadratic_forms(

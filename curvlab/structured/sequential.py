@@ -33,20 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.operators.memory import block_budget
+from curvlab.operators.taylor import ELEMENTWISE, activation_derivatives
 from curvlab.problem import Problem
 from curvlab.structured.statistics import Layer, backpropagated_vectors, gram, input_vectors, layer_statistics
-
-ELEMENTWISE = (
-    nn.Identity,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Softplus,
-)
 
 _COMPRESS_RATIO = 4  # compress an example's V vectors to d when V ≥ ratio · d
 
@@ -217,15 +206,6 @@ def supports(problem: Problem, layers: list[Layer]) -> bool:
     return all(type(layer.module) is nn.Linear and id(layer.module) in children for layer in layers)
 
 
-def _derivative(activation: nn.Module, s: Tensor) -> Tensor:
-    """σ'(s) of an elementwise activation, by one autograd call (so ReLU'(0) = 0 as torch)."""
-    with torch.enable_grad():
-        leaf = s.detach().requires_grad_(True)
-        out = activation(leaf * 1.0)  # not the leaf itself: in-place activations are fine
-        (d,) = torch.autograd.grad(out.sum(), leaf)
-    return d
-
-
 def _forward(problem: Problem, layers: list[Layer], params: list[Tensor], X: Tensor):
     """Output, layer inputs ã ``(N, 1, d_A)`` and the steps of the backward pass."""
     layer_of = {id(layer.module): layer for layer in layers}
@@ -245,7 +225,7 @@ def _forward(problem: Problem, layers: list[Layer], params: list[Tensor], X: Ten
             steps.append(_Step("linear", weight=weight, layer=layer))
             x = F.linear(x, weight, bias)
         else:
-            steps.append(_Step("activation", derivative=_derivative(module, x)))
+            steps.append(_Step("activation", derivative=activation_derivatives(module, x)))
             x = module(x)
     return x, inputs, steps
 

@@ -1,0 +1,112 @@
+"""Quadratic forms vᵀCv: forward propagation on plain MLPs against dense matrices; traces use it."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab.operators import taylor
+from tests.cases import CASES
+from tests.helpers import assert_close_rel
+
+
+def _dense_forms(C, V):
+    return (V * (C.to_dense() @ V)).sum(0)
+
+
+def _no_products(C):
+    def refuse(Vs):
+        raise AssertionError("quadratic_forms computed products on a plain MLP")
+
+    C._matmat = refuse
+    return C
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("operator_class", [cl.Hessian, cl.GGN], ids=lambda c: c.__name__)
+def test_forms_match_dense(case, operator_class):
+    problem = case.build(torch.float64)
+    plain_mlp = case.name.startswith(("mlp_", "subset_"))
+    assert taylor.supports(problem) == plain_mlp
+    V = torch.randn(problem.num_params, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = _dense_forms(operator_class(problem), V)
+    C = operator_class(problem)
+    if plain_mlp:
+        _no_products(C)  # the forward route must not fall back to products
+    forms = C.quadratic_forms(V)
+    assert forms.shape == (6,)
+    assert_close_rel(forms, expected, 1e-10, f"{operator_class.__name__} forms")
+
+
+def _odd_mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(4, 5, bias=False),
+        nn.SiLU(),
+        nn.Linear(5, 5),
+        nn.LeakyReLU(0.3),
+        nn.Linear(5, 6),
+        nn.Identity(),
+        nn.Softplus(beta=2.0),
+        nn.Linear(6, 3),
+    ).double()
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [
+        lambda m: None,  # all parameters
+        lambda m: [m[7].weight],  # only the last layer: no direction until the output
+        lambda m: [m[4].bias, m[0].weight],  # a bias alone, reversed order
+        lambda m: [m[2].weight, m[4].weight],  # no biases
+    ],
+    ids=["all", "last-weight", "bias-and-first", "weights"],
+)
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_forms_other_activations_and_parameter_subsets(pick, loss):
+    model = _odd_mlp()
+    X = torch.randn(9, 4, dtype=torch.float64)
+    y = {
+        "ce": torch.randint(0, 3, (9,)),
+        "mse": torch.randn(9, 3, dtype=torch.float64),
+        "bce": torch.rand(9, 3, dtype=torch.float64),
+    }[loss]
+    loss_fn = {"ce": nn.CrossEntropyLoss(), "mse": nn.MSELoss(reduction="sum"), "bce": nn.BCEWithLogitsLoss()}
+    problem = cl.Problem(model, loss_fn[loss], [(X[:5], y[:5]), (X[5:], y[5:])], params=pick(model))
+    assert taylor.supports(problem)
+    V = torch.randn(problem.num_params, 4, dtype=torch.float64)
+    for operator_class in (cl.Hessian, cl.GGN):
+        expected = _dense_forms(operator_class(problem), V)
+        assert_close_rel(_no_products(operator_class(problem)).quadratic_forms(V), expected, 1e-10, loss)
+
+
+def test_cached_primal_follows_in_place_parameter_changes():
+    case = next(c for c in CASES if c.name == "mlp_tanh_mse_mean")
+    problem = case.build(torch.float64)
+    H = cl.Hessian(problem)
+    V = torch.randn(problem.num_params, 3, dtype=torch.float64)
+    before = H.quadratic_forms(V)
+    with torch.no_grad():
+        problem.params[0].mul_(1.5)  # an optimizer step
+    after = H.quadratic_forms(V)
+    assert not torch.allclose(after, before)
+    assert_close_rel(after, _dense_forms(cl.Hessian(problem), V), 1e-10, "after the step")
+
+
+def test_float32_forms_close_to_float64():
+    case = next(c for c in CASES if c.name == "mlp_gelu_bce_mean")
+    V = torch.randn(case.build().num_params, 5, dtype=torch.float64)
+    forms32 = cl.Hessian(case.build(torch.float32)).quadratic_forms(V.float())
+    assert forms32.dtype == torch.float32
+    assert_close_rel(forms32.double(), cl.Hessian(case.build()).quadratic_forms(V), 1e-5, "float32")
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_by_forms_equals_trace_by_products(method, monkeypatch):
+    case = next(c for c in CASES if c.name == "mlp_relu_ce_mean_3batches")
+    problem = case.build(torch.float64)
+    by_forms = cl.trace(cl.Hessian(problem), method, 30, seed=4, progress=False)
+    monkeypatch.setattr(taylor, "supports", lambda problem: False)
+    by_products = cl.trace(cl.Hessian(problem), method, 30, seed=4, progress=False)
+    assert by_forms.value == pytest.approx(by_products.value, rel=1e-12)
+    assert by_forms.standard_error == pytest.approx(by_products.standard_error, rel=1e-10)
