@@ -110,3 +110,33 @@ def test_trace_by_forms_equals_trace_by_products(method, monkeypatch):
     by_products = cl.trace(cl.Hessian(problem), method, 30, seed=4, progress=False)
     assert by_forms.value == pytest.approx(by_products.value, rel=1e-12)
     assert by_forms.standard_error == pytest.approx(by_products.standard_error, rel=1e-10)
+
+
+def test_forms_by_products_respect_the_column_chunks(monkeypatch):
+    case = next(c for c in CASES if c.name == "conv2d_ce_mean")  # not a plain MLP: by products
+    problem = case.build(torch.float64)
+    C = cl.GGN(problem)
+    widths = []
+    matmat = C._matmat
+
+    def recording(Vs):
+        widths.append(Vs[0].shape[0])
+        return matmat(Vs)
+
+    monkeypatch.setattr(C, "_matmat", recording)
+    monkeypatch.setattr(C, "columns_per_chunk", lambda: 3)
+    V = torch.randn(problem.num_params, 8, dtype=torch.float64)
+    forms = C.quadratic_forms(V)
+    assert widths == [3, 3, 2]  # never more columns at once than the memory bound allows
+    assert_close_rel(forms, _dense_forms(cl.GGN(problem), V), 1e-10, "chunked forms")
+
+
+def test_clear_cache_drops_the_forward_pass():
+    case = next(c for c in CASES if c.name == "mlp_tanh_mse_mean")
+    G = cl.GGN(case.build(torch.float64))
+    V = torch.randn(G.shape[0], 2, dtype=torch.float64)
+    first = G.quadratic_forms(V)
+    assert G._primal_cache is not None
+    G.clear_cache()
+    assert G._primal_cache is None
+    assert_close_rel(G.quadratic_forms(V), first, 1e-14, "after clear_cache")

@@ -119,16 +119,20 @@ class CurvatureOperator:
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """vᵢᵀ C vᵢ for the columns of a flat ``V`` ``(n, k)``: shape ``(k,)``.
 
-        By products, summed block by block (no flat ``(n, k)`` product is
+        By products in chunks of ``columns_per_chunk`` columns (the memory bound
+        of ``C @ V``), summed block by block (no flat ``(n, k)`` product is
         assembled); operators with a cheaper route override it (the Hessian and
         GGN of plain MLPs: ``curvlab.operators.taylor``).
         """
-        pieces = self.flat_to_list(V)
-        k = V.shape[1]
-        total = torch.zeros(k, dtype=V.dtype, device=V.device)
-        for piece, product in zip(pieces, self._matmat(pieces)):
-            total += torch.linalg.vecdot(piece.reshape(k, -1), product.reshape(k, -1))
-        return total
+        forms = []
+        for chunk in V.split(self.columns_per_chunk(), dim=1):
+            k = chunk.shape[1]
+            pieces = self.flat_to_list(chunk)
+            total = torch.zeros(k, dtype=V.dtype, device=V.device)
+            for piece, product in zip(pieces, self._matmat(pieces)):
+                total += torch.linalg.vecdot(piece.reshape(k, -1), product.reshape(k, -1))
+            forms.append(total)
+        return torch.cat(forms)
 
     def _matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
         """C v for a flat ``(n,)`` v, written into the flat ``(n,)`` ``out``.

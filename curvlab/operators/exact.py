@@ -41,29 +41,34 @@ class ProblemOperator(CurvatureOperator):
         tensors += [t for batch in self.problem.data for t in batch]
         return tuple((id(t), t._version) for t in tensors)
 
-    def _single_stored_batch(self) -> bool:
-        """One batch held in a list: state cached across products stays small and valid."""
+    def _caching(self) -> bool:
+        """Keep state between products: only for one batch held in a list (small, and valid)."""
         return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
+
+    def _memo(self, name: str, build):
+        """``build()``, kept in attribute ``name`` until a parameter, buffer or the data changes in place."""
+        key = self._state_key()
+        cached = getattr(self, name)
+        if cached is None or cached[0] != key:
+            setattr(self, name, None)  # free the stale state before building the new one
+            setattr(self, name, (key, build()))
+        return getattr(self, name)[1]
+
+    def clear_cache(self) -> None:
+        """Free the state kept between products."""
+        self._primal_cache = None
 
     def _forward_forms(self, V: Tensor, second_order: bool) -> Tensor | None:
         """vᵢᵀ C vᵢ by forward propagation (``taylor``), or ``None`` where the model is not a plain MLP.
 
-        The primal pass is kept between calls for a single stored batch (like the
+        The primal pass is kept between calls where ``_caching`` allows (like the
         Hessian's graph) and rebuilt when a parameter or the data changes in place.
         """
         if not taylor.supports(self.problem):
             return None
-        if not self._single_stored_batch():
-            batches = (taylor.primal(self.problem, X, y) for X, y in self.problem.batches())
-        else:
-            key = self._state_key()
-            if self._primal_cache is None or self._primal_cache[0] != key:
-                self._primal_cache = None
-                self._primal_cache = (
-                    key,
-                    [taylor.primal(self.problem, X, y) for X, y in self.problem.batches()],
-                )
-            batches = self._primal_cache[1]
+        batches = (taylor.primal(self.problem, X, y) for X, y in self.problem.batches())
+        if self._caching():
+            batches = self._memo("_primal_cache", lambda: list(batches))
         return taylor.quadratic_forms(self.problem, batches, self.flat_to_list(V), second_order)
 
     def _block(self, indices):
@@ -116,12 +121,13 @@ class Hessian(ProblemOperator):
         return {"cache_graph": self.cache_graph}
 
     def clear_cache(self) -> None:
-        """Free the cached gradient graph."""
+        """Free the cached gradient graph (and forward pass)."""
+        super().clear_cache()
         self._cache = None
 
     def _caching(self) -> bool:
         if self.cache_graph is None:
-            return self._single_stored_batch()
+            return super()._caching()
         return bool(self.cache_graph)
 
     def quadratic_forms(self, V):
@@ -145,11 +151,7 @@ class Hessian(ProblemOperator):
         return graphs
 
     def _cached_graphs(self):
-        key = self._state_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # free the stale graph before building the new one
-            self._cache = (key, self._gradient_graphs())
-        return self._cache[1]
+        return self._memo("_cache", self._gradient_graphs)
 
     def gradient(self) -> Tensor:
         """∇_θ R, flat; read off the cached graph (no extra pass) when caching."""

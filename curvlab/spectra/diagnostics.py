@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlab.operators.base import CurvatureOperator
 from curvlab.spectra.density import spectral_density
 from curvlab.spectra.exact import eigvalsh
 from curvlab.spectra.lanczos import top_eigen
+from curvlab.spectra.trace import quadratic_forms
 
 EXACT_LIMIT = 4000  # matrices up to this size are diagonalised exactly by "auto"
 
@@ -149,10 +149,7 @@ def curvature_along_gradient(C, direction: Tensor | None = None) -> CurvatureAlo
             raise ValueError(f"{type(C).__name__} has no problem; pass the direction explicitly")
         direction = problem.gradient()
     gg = direction.dot(direction).item()
-    if isinstance(C, CurvatureOperator):  # a form, not a product (plain MLPs: forward only)
-        gCg = C.quadratic_forms(direction.unsqueeze(1)).item()
-    else:
-        gCg = direction.dot(C @ direction).item()
+    gCg = quadratic_forms(C, direction.unsqueeze(1)).item()  # a form: plain MLPs need no product
     step = gg / gCg if gCg > 0 else math.inf
     decrease = gg * gg / (2 * gCg) if gCg > 0 else math.inf
     return CurvatureAlongDirection(gg, gCg, gCg / gg if gg > 0 else math.nan, step, decrease)

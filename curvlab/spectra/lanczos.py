@@ -353,8 +353,10 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
         beta[:, j] = torch.where(active, norms, torch.zeros_like(norms))
         # Normalise; a probe past an invariant subspace continues with zeros
         # (selected, not multiplied: 1 / 0 would leave NaN in its basis).
-        scale = torch.where(active, 1 / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norms))
-        W.mul_(scale.unsqueeze(1))
+        inverse_norms = torch.where(
+            active, 1 / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norms)
+        )
+        W.mul_(inverse_norms.unsqueeze(1))
     return alpha, beta[:, : m - 1], lengths
 
 

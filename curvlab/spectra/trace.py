@@ -76,8 +76,8 @@ def _project_out(Q: Tensor, V: Tensor) -> Tensor:
     return torch.addmm(Vt, Vt @ Q, Q.T, alpha=-1).T
 
 
-def _forms(C, V: Tensor) -> Tensor:
-    """vᵢᵀ C vᵢ for the columns of ``V`` ``(n, k)`` (a curvature object's own ``quadratic_forms``)."""
+def quadratic_forms(C, V: Tensor) -> Tensor:
+    """vᵢᵀ C vᵢ for the columns of ``V`` ``(n, k)``: the object's ``quadratic_forms``, else by product."""
     if not isinstance(C, CurvatureOperator):
         return (V * (C @ V)).sum(0)
     return C.quadratic_forms(V)
@@ -94,7 +94,7 @@ def _quadratic_forms(
         V = rademacher(n, k, generator, C.dtype, C.device)
         if project is not None:
             V = project(V)
-        values.append(_forms(C, V))
+        values.append(quadratic_forms(C, V))
         done += k
         if bar is not None:
             bar.update(k)
