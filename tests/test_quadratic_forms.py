@@ -140,3 +140,14 @@ def test_clear_cache_drops_the_forward_pass():
     G.clear_cache()
     assert G._primal_cache is None
     assert_close_rel(G.quadratic_forms(V), first, 1e-14, "after clear_cache")
+
+
+def test_forms_of_a_wrong_shape_or_dtype_name_the_problem():
+    from curvlab.errors import DataError
+
+    case = next(c for c in CASES if c.name == "mlp_tanh_mse_mean")
+    H = cl.Hessian(case.build(torch.float64))
+    with pytest.raises(DataError, match=r"quadratic_forms needs V of shape \(39, k\)"):
+        H.quadratic_forms(torch.randn(38, 2, dtype=torch.float64))
+    with pytest.raises(DataError, match="dtype"):
+        H.quadratic_forms(torch.randn(39, 2))

@@ -124,6 +124,13 @@ class CurvatureOperator:
         assembled); operators with a cheaper route override it (the Hessian and
         GGN of plain MLPs: ``curvlab.operators.taylor``).
         """
+        self._check_tensor(V, "V")
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise DataError(f"quadratic_forms needs V of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        return self._quadratic_forms(V)
+
+    def _quadratic_forms(self, V: Tensor) -> Tensor:
+        """``quadratic_forms`` for a checked ``V``: by chunked products (override for a cheaper route)."""
         forms = []
         for chunk in V.split(self.columns_per_chunk(), dim=1):
             k = chunk.shape[1]

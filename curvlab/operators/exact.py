@@ -130,10 +130,10 @@ class Hessian(ProblemOperator):
             return super()._caching()
         return bool(self.cache_graph)
 
-    def quadratic_forms(self, V):
+    def _quadratic_forms(self, V):
         """vᵢᵀ H vᵢ; plain MLPs by second-order forward propagation (no product, ``taylor``)."""
         forms = self._forward_forms(V, second_order=True)
-        return super().quadratic_forms(V) if forms is None else forms
+        return super()._quadratic_forms(V) if forms is None else forms
 
     def _gradient_graphs(self):
         """Per batch: (leaf parameters, gradient with graph, connected indices).
@@ -248,10 +248,10 @@ class GGN(OutputSpaceOperator):
     def _middle(self, output, y, u, aux):
         return self.problem.loss_rule.hessian_vp(output, u)
 
-    def quadratic_forms(self, V):
+    def _quadratic_forms(self, V):
         """vᵢᵀ G vᵢ = c Σₙ (J v)ᵀ Λ (J v); plain MLPs by one forward propagation (``taylor``)."""
         forms = self._forward_forms(V, second_order=False)
-        return super().quadratic_forms(V) if forms is None else forms
+        return super()._quadratic_forms(V) if forms is None else forms
 
 
 class EmpiricalFisher(OutputSpaceOperator):
