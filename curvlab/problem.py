@@ -13,6 +13,29 @@ from curvlab.errors import DataError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
 
 
+def call_with(model: nn.Module, tensors: dict[str, Tensor], args: tuple):
+    """``torch.func.functional_call``, leaving the model's own tensors exactly in place.
+
+    functional_call can leave a submodule reachable by two paths (the same
+    ``nn.Linear`` twice in a ``Sequential``) with *new* parameter objects after it
+    returns (pytorch/pytorch#164759): the model would then no longer hold the
+    tensors an optimizer updates. Every module's parameter and buffer slots are
+    put back as they were.
+    """
+    slots = [
+        (store, name, tensor)
+        for module in model.modules()
+        for store in (module._parameters, module._buffers)
+        for name, tensor in store.items()
+    ]
+    try:
+        return functional_call(model, tensors, args)
+    finally:
+        for store, name, tensor in slots:
+            if store.get(name) is not tensor:
+                store[name] = tensor
+
+
 class Problem:
     r"""A model, a loss, data and the parameters θ that curvature is taken over.
 
@@ -173,7 +196,7 @@ class Problem:
     def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
         """Model output on ``X`` with the chosen parameters replaced by ``params``."""
         with self._mode():
-            return functional_call(self.model, dict(zip(self.param_names, params)), (X,))
+            return call_with(self.model, dict(zip(self.param_names, params)), (X,))
 
     def batch_loss(self, params: Sequence[Tensor], X: Tensor, y: Tensor) -> Tensor:
         """Sum-reduced loss of one batch (multiply by ``reduction_factor`` for the risk)."""

@@ -21,7 +21,9 @@ import itertools
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, vmap
+from torch.func import grad, hessian, jacrev, vmap
+
+from curvlab.problem import call_with
 
 MAX_REFERENCE_PARAMS = 20_000
 
@@ -54,7 +56,7 @@ def _setup(problem):
         for m, _ in training:
             m.training = not problem.eval_mode and m.training
         try:
-            return functional_call(model, state, (inputs,))
+            return call_with(model, state, (inputs,))
         finally:
             for m, mode in training:
                 m.training = mode

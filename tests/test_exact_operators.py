@@ -124,3 +124,35 @@ def test_float32_agrees_with_float64_reference(case, operator_name):
     dense32 = operator_class(problem32).to_dense()
     assert dense32.dtype == torch.float32
     assert_close_rel(dense32.double(), reference_fn(case.build(torch.float64)), 1e-5, "float32")
+
+
+def test_a_submodule_used_twice_keeps_its_parameters_and_gets_the_right_hessian():
+    # torch.func.functional_call can replace a shared submodule's parameter objects
+    # (pytorch/pytorch#164759); the model must still hold the user's tensors.
+    from torch import nn
+
+    import curvlab as cl
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Tanh(), shared).double()
+    X, y = _random((5, 3), seed=1), _random((5, 3), seed=2)
+    before = [shared.weight, shared.bias]
+    problem = cl.Problem(model, nn.MSELoss(), (X, y))
+    H = cl.Hessian(problem).to_dense()
+    problem.gradient()
+    assert shared.weight is before[0] and shared.bias is before[1]
+    assert [p for p in model.parameters()] == before
+
+    def loss(weight, bias):  # written out by hand: the same layer twice
+        out = torch.tanh(X @ weight.T + bias) @ weight.T + bias
+        return ((out - y) ** 2).mean()
+
+    blocks = torch.func.hessian(loss, argnums=(0, 1))(*[p.detach() for p in before])
+    dense = torch.cat(
+        [
+            torch.cat([blocks[i][j].reshape(before[i].numel(), before[j].numel()) for j in range(2)], 1)
+            for i in range(2)
+        ]
+    )
+    assert_close_rel(H, dense, RTOL, "shared-module Hessian")
