@@ -107,6 +107,39 @@ def test_cuda_optimizers_step_like_on_cpu(name):
         assert_close_rel(q, p, 1e-8, name)
 
 
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC", "ACP"])
+def test_cuda_factored_preconditioning_steps_like_the_ordinary_route_on_cpu(name):
+    import copy
+
+    from torch import nn
+
+    from curvlab import optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 20)).double()
+    X, y = torch.randn(4, 30, dtype=torch.float64), torch.randn(4, 20, dtype=torch.float64)
+    results, used = [], []
+    for device, factored in (("cpu", False), ("cuda", True)):
+        m = copy.deepcopy(model).to(device)
+        batch = (X.to(device), y.to(device))
+        opt = getattr(optim, name)(m, nn.MSELoss(), lr=0.1, damping=1e-2)
+        opt.factored_gradients = factored
+
+        def closure(m=m, opt=opt, batch=batch):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(m(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure, batch=batch)
+        used.append(opt.last_factored_blocks)
+        results.append([p.detach().cpu() for p in m.parameters()])
+    assert used == [0, 2]
+    for p, q in zip(*results):
+        assert_close_rel(q, p, 1e-8, name)
+
+
 STRUCTURED_CASES = [
     c
     for c in CASES

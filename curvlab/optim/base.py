@@ -36,6 +36,7 @@ is in ``state_dict()``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from curvlab.errors import CurvlabError, NotPositiveDefiniteError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.exact import GGN, Fisher, Hessian
 from curvlab.optim import state as curvature_state
+from curvlab.optim.factored import precondition, record_linear_factors
 from curvlab.problem import Problem
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
@@ -93,7 +95,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rescale: ``None`` (default) or the exact curvature (``"ggn"``, ``"fisher"``,
             ``"hessian"``) whose quadratic model picks step size and momentum each
             step (Martens & Grosse 2015, §7); needs ``momentum=0``.
+
+    Optimizers with Kronecker blocks (``factored_gradients = True``: KFAC, EKFAC,
+    ACP) record each Linear layer's inputs and output gradients while the closure
+    runs and precondition from those factors where that is cheaper (small
+    minibatches, wide layers; ``curvlab.optim.factored``); the result is the same.
+    ``last_factored_blocks`` says how many blocks the last step did so.
     """
+
+    factored_gradients = False
 
     def __init__(
         self,
@@ -146,6 +156,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._curvature_source: tuple | None = None  # (step, batch) the curvature was built from
         self.counts = {"curvature": 0, "inverse": 0, "skipped": 0}
         self._skipped_in_row = 0
+        self._records: dict | None = None  # the Linear layers' factors of this step's gradient
+        self.last_factored_blocks = 0
 
     # ------------------------------------------------------------ subclass hooks
     def build_curvature(self, problem: Problem) -> CurvatureOperator:
@@ -154,7 +166,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def direction(self, gradient: list[Tensor]) -> list[Tensor]:
         """(C + λI)⁻¹ g with the cached inverse; g and the result are parameter-shaped lists."""
-        return self._inverse @ gradient
+        direction, self.last_factored_blocks = precondition(
+            self._inverse, self._params(), gradient, self._records
+        )
+        return direction
 
     def make_inverse(self, C: CurvatureOperator, damping: float):
         """The damped inverse of ``C`` (an operator); exact operators override ``direction``."""
@@ -212,6 +227,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
 
     def _skip(self, reason: str) -> None:
+        self._records = None
         self.counts["skipped"] += 1
         self._skipped_in_row += 1
         if self._skipped_in_row > MAX_SKIPPED_IN_ROW:
@@ -237,9 +253,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``backward``); ``batch = (X, y)`` is the minibatch curvature is built on.
         """
         loss = None
+        self._records, self.last_factored_blocks = None, 0
         if closure is not None:
-            with torch.enable_grad():
+            recording = (
+                record_linear_factors(self.model, self._params())
+                if self.factored_gradients
+                else contextlib.nullcontext()
+            )
+            with torch.enable_grad(), recording as records:
                 loss = closure()
+            self._records = records
         params = self._params()
         if loss is not None and not _all_finite([loss]):
             # The model (after the last update) or the batch is bad: undo the last update.
@@ -270,6 +293,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
             direction = self.direction(gradient)
+        self._records = None  # frees the recorded activations
         if not _all_finite(direction):
             self._skip("the preconditioned direction is not finite")
             self.steps += 1

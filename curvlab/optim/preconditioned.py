@@ -45,6 +45,7 @@ class KFAC(CurvatureOptimizer):
     """
 
     curvature_class = KFACCurvature
+    factored_gradients = True
 
     def __init__(
         self, model, loss_fn, params=None, fisher_type: str = "mc", pi_damping: bool = False, **options
@@ -76,6 +77,8 @@ class ACP(CurvatureOptimizer):
     d = (αI ⊗ A + λI)⁻¹ g per layer: the centered gradient times the inverse
     input covariance, divided by α (fixed, or the max-squared-gradient heuristic).
     """
+
+    factored_gradients = True
 
     def __init__(self, model, loss_fn, params=None, alpha: float | str = "heuristic", **options):
         super().__init__(model, loss_fn, params, **options)

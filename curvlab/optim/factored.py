@@ -1,0 +1,162 @@
+r"""Kronecker preconditioning of a minibatch gradient from its factors.
+
+The weight gradient of an ``nn.Linear`` layer on a minibatch is a sum of outer
+products, ∇[W b] = Uᵀ X with U ``(n, d_out)`` the loss' gradients w.r.t. the
+layer's outputs and X = [h 1] ``(n, d_A)`` its inputs. A Kronecker block applies
+to it as (G ⊗ A) vec(UᵀX) = vec((UG)ᵀ(XA)): for a minibatch smaller than the
+layer's widths this costs n(d_out² + d_A² + d_out·d_A) multiply-adds instead of
+d_out·d_A·(d_out + d_A) (ACP: n·d_A·(d_A + d_out) instead of d_out·d_A²). On the
+784-1000-500-250-30 autoencoder with minibatch 200 the preconditioning of ACP
+then costs about half, that of π-damped KFAC about a third.
+
+U and X are recorded while the optimizer runs the user's closure (hooks on the
+Linear modules, always removed). The factored route is taken for a block only
+when it provably gives the same result: the layer ran exactly once forward and
+once backward, and the gradient the optimizer holds agrees with UᵀX on a random
+probe (so gradients accumulated over several closures, clipped, rescaled or with
+weight decay added take the ordinary route).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+_PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
+
+
+@dataclass
+class _Record:
+    inputs: list[Tensor] = field(default_factory=list)
+    output_grads: list[Tensor] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def record_linear_factors(model: nn.Module, params: list[Tensor]):
+    """Record the inputs and output gradients of ``model``'s Linear layers that own ``params``.
+
+    Yields ``{module: _Record}``, filled while the block runs forward and backward
+    passes. The inputs are the tensors autograd keeps anyway (no copy); the hooks
+    change nothing and are removed on exit, also after an error.
+    """
+    owned = {id(p) for p in params}
+    records: dict[nn.Module, _Record] = {}
+    handles = []
+
+    def hook(module, args, output):
+        record = records.setdefault(module, _Record())
+        record.inputs.append(args[0].detach())
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: record.output_grads.append(grad.detach()))
+
+    try:
+        for module in model.modules():
+            if type(module) is nn.Linear and any(id(p) in owned for p in module.parameters(recurse=False)):
+                handles.append(module.register_forward_hook(hook))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _probe(length: int, dtype, device) -> Tensor:
+    """A fixed random vector (seeded, drawn on the CPU: the same on every device)."""
+    generator = torch.Generator().manual_seed(length)
+    return torch.randn(length, generator=generator, dtype=torch.float64).to(device, dtype)
+
+
+def _factors_of(module: nn.Module, roles: list[str], record: _Record | None):
+    """``(U, X)`` of the block's gradient over ``roles`` of ``module``, or ``None``."""
+    if record is None or len(record.inputs) != 1 or len(record.output_grads) != 1:
+        return None  # not used, or used several times (shared weights, accumulation)
+    h, U = record.inputs[0], record.output_grads[0]
+    if h.shape[-1] != module.in_features or U.shape[-1] != module.out_features:
+        return None
+    h, U = h.reshape(-1, module.in_features), U.reshape(-1, module.out_features)
+    if h.shape[0] != U.shape[0] or h.dtype != U.dtype:
+        return None
+    ones = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)
+    if roles == ["weight", "bias"]:
+        return U, torch.cat([h, ones], dim=1)
+    if roles == ["weight"]:
+        return U, h
+    if roles == ["bias"]:
+        return U, ones
+    return None
+
+
+def _matches(gradient: list[Tensor], roles: list[str], U: Tensor, X: Tensor) -> bool:
+    """Whether the held gradient equals UᵀX, checked on one random probe r: (UᵀX) r = Uᵀ(X r)."""
+    r = _probe(X.shape[1], X.dtype, X.device)
+    held = torch.zeros(U.shape[1], dtype=X.dtype, device=X.device)
+    column = 0
+    for g, role in zip(gradient, roles):
+        if g.dtype != X.dtype or g.device != X.device:
+            return False
+        if role == "weight":
+            held += g @ r[column : column + g.shape[1]]
+            column += g.shape[1]
+        else:
+            held += g * r[column]
+            column += 1
+        # (the bias' column comes last, as in the folded A)
+    Xr = X @ r
+    factored = U.T @ Xr
+    scale = U.norm() * Xr.norm()
+    tolerance = _PROBE_TOLERANCE * torch.finfo(X.dtype).eps * scale
+    return bool((held - factored).norm() <= tolerance)
+
+
+def precondition(inverse, params: list[Tensor], gradient: list[Tensor], records: dict | None):
+    """``inverse @ gradient``, Linear blocks from the recorded factors where that is cheaper.
+
+    Args:
+        inverse: A ``BlockDiagonalOperator`` (other operators: the ordinary product).
+        params: The optimizer's parameters (the operator's tensor order).
+        gradient: The gradient the step preconditions, one tensor per parameter.
+        records: What ``record_linear_factors`` recorded in this step's closure, or ``None``.
+
+    Returns:
+        ``(direction, factored)``: the direction, and how many blocks used the factors.
+    """
+    blocks = getattr(inverse, "block_operators", None)
+    if not records or blocks is None:
+        return inverse @ gradient, 0
+    owner = {}
+    for module in records:
+        for role, p in module.named_parameters(recurse=False):
+            owner[id(p)] = (module, role)
+    direction: list[Tensor | None] = [None] * len(gradient)
+    factored = 0
+    for indices, block in zip(inverse.block_indices, blocks):
+        parts = [gradient[i] for i in indices]
+        result = _factored_block(block, [params[i] for i in indices], parts, owner, records)
+        if result is None:
+            result = [r.squeeze(0) for r in block._matmat([g.unsqueeze(0) for g in parts])]
+        else:
+            factored += 1
+        for i, r in zip(indices, result):
+            direction[i] = r
+    return direction, factored
+
+
+def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None:
+    """One block's preconditioned gradient from the factors, or ``None`` (take the ordinary route)."""
+    if not hasattr(block, "outer_sum_product"):
+        return None
+    owners = [owner.get(id(p)) for p in params]
+    if any(o is None for o in owners) or len({id(o[0]) for o in owners}) != 1:
+        return None
+    module, roles = owners[0][0], [role for _, role in owners]
+    if roles == ["weight", "bias"] and not block.bias_folded:
+        return None
+    factors = _factors_of(module, roles, records.get(module))
+    if factors is None or not _matches(parts, roles, *factors):
+        return None
+    matrix = block.outer_sum_product(*factors)
+    if matrix is None:
+        return None
+    return [r.squeeze(0) for r in block._from_matrix(matrix.unsqueeze(0))]

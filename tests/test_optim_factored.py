@@ -1,0 +1,168 @@
+"""Kronecker preconditioning from the gradient's factors: same result as the ordinary route, or not taken."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab import optim
+from curvlab.structured.kronecker import KroneckerBlock
+
+
+def _spd(d, generator):
+    M = torch.randn(d, d + 3, generator=generator, dtype=torch.float64)
+    return M @ M.T / d
+
+
+@pytest.mark.parametrize("kind", ["kronecker", "scaled identity", "eigenbasis"])
+def test_outer_sum_product_is_the_block_applied_to_the_formed_matrix(kind):
+    generator = torch.Generator().manual_seed(0)
+    d_out, d_A, n = 12, 15, 3
+    G, A = _spd(d_out, generator), _spd(d_A, generator)
+    if kind == "scaled identity":
+        G = 0.7 * torch.eye(d_out, dtype=torch.float64)
+    block = KroneckerBlock(G, A, [(d_out, d_A - 1), (d_out,)], True)
+    if kind == "eigenbasis":
+        block = block.eigenbasis_form().inverse(0.3)
+    U = torch.randn(n, d_out, generator=generator, dtype=torch.float64)
+    X = torch.randn(n, d_A, generator=generator, dtype=torch.float64)
+    expected = block._apply_matrix((U.T @ X).unsqueeze(0))[0]
+    torch.testing.assert_close(block.outer_sum_product(U, X), expected, rtol=1e-12, atol=1e-12)
+    many = torch.randn(200, d_out, dtype=torch.float64), torch.randn(200, d_A, dtype=torch.float64)
+    assert block.outer_sum_product(*many) is None  # n above the widths: forming M is cheaper
+    with pytest.raises(ValueError, match=r"expected U \(n, 12\) and X \(n, 15\)"):
+        block.outer_sum_product(U, X[:, :-1])
+
+
+def _wide_mlp(bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(30, 40, bias=bias), nn.Tanh(), nn.Linear(40, 50), nn.Sigmoid(), nn.Linear(50, 20)
+    ).double()
+
+
+def _batch(n=6, d_in=30, d_out=20, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, d_in, generator=generator, dtype=torch.float64),
+        torch.randn(n, d_out, generator=generator, dtype=torch.float64),
+    )
+
+
+OPTIMIZERS = {
+    "ACP": lambda m, lf, **kw: optim.ACP(m, lf, lr=0.1, alpha=1.0, damping=0.1, **kw),
+    "ACP heuristic": lambda m, lf, **kw: optim.ACP(m, lf, lr=0.1, damping=0.1, **kw),
+    "KFAC": lambda m, lf, **kw: optim.KFAC(m, lf, lr=0.1, damping=0.1, **kw),
+    "KFAC pi": lambda m, lf, **kw: optim.KFAC(m, lf, lr=0.1, damping=0.1, pi_damping=True, **kw),
+    "EKFAC": lambda m, lf, **kw: optim.EKFAC(m, lf, lr=0.1, damping=0.1, curvature_every=2, **kw),
+}
+
+
+def _run(make, model, loss_fn, batches, factored, closure_extra=None, zero_grad=True, **options):
+    opt = make(model, loss_fn, **options)
+    opt.factored_gradients = factored
+    used = []
+    for batch in batches:
+
+        def closure(batch=batch):
+            if zero_grad:
+                opt.zero_grad()
+            loss = loss_fn(model(batch[0]), batch[1])
+            loss.backward()
+            if closure_extra is not None:
+                closure_extra(model)
+            return loss
+
+        opt.step(closure, batch=batch)
+        used.append(opt.last_factored_blocks)
+    return opt, used
+
+
+def _same_training(make, model, batches, **kwargs):
+    """Train copies with and without the factored route; their parameters and the blocks it served."""
+    loss_fn = nn.MSELoss()
+    fast, slow = copy.deepcopy(model), copy.deepcopy(model)
+    _, used = _run(make, fast, loss_fn, batches, True, **kwargs)
+    _, unused = _run(make, slow, loss_fn, batches, False, **kwargs)
+    assert unused == [0] * len(batches)
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return used
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_factored_preconditioning_gives_the_ordinary_steps(name):
+    batches = [_batch(seed=s) for s in range(4)]
+    used = _same_training(OPTIMIZERS[name], _wide_mlp(), batches)
+    assert used == [3] * 4  # every Linear block, every step
+
+
+def test_layers_without_bias_or_with_a_frozen_bias_use_the_factors_too():
+    model = _wide_mlp(bias=False)
+    model[2].bias.requires_grad_(False)
+
+    def make(m, lf, **kw):
+        return optim.KFAC(m, lf, [p for p in m.parameters() if p.requires_grad], lr=0.1, damping=0.1)
+
+    used = _same_training(make, model, [_batch(seed=2)] * 2)
+    assert used == [3, 3]
+
+
+def _clip(model):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"closure_extra": _clip},  # the gradient was changed after backward
+        {"weight_decay": 1e-2},  # the preconditioned gradient is not the minibatch gradient
+        {"zero_grad": False},  # gradients accumulated over steps
+    ],
+    ids=["clipped", "weight decay", "accumulated"],
+)
+def test_a_gradient_that_is_not_the_factors_product_takes_the_ordinary_route(options):
+    batches = [_batch(seed=s) for s in range(3)]
+    used = _same_training(OPTIMIZERS["KFAC"], _wide_mlp(), batches, **options)
+    assert used[1:] == [0, 0]  # (the first accumulated step still holds one gradient)
+
+
+def test_a_layer_used_twice_takes_the_ordinary_route():
+    torch.manual_seed(0)
+    shared = nn.Linear(20, 20).double()
+    model = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), shared, nn.Tanh(), shared).double()
+    used = _same_training(OPTIMIZERS["KFAC"], model, [_batch(seed=3)] * 2)
+    assert used == [1, 1]  # only the first layer
+
+
+def test_conv_layers_take_the_ordinary_route():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 60), nn.Tanh(), nn.Linear(60, 20)
+    )
+    model = model.double()
+    generator = torch.Generator().manual_seed(4)
+    batch = (
+        torch.randn(3, 1, 8, 8, generator=generator, dtype=torch.float64),
+        torch.randn(3, 20, generator=generator, dtype=torch.float64),
+    )
+    used = _same_training(OPTIMIZERS["KFAC"], model, [batch] * 2)
+    assert used == [2, 2]
+
+
+def test_recording_hooks_are_removed_even_when_the_closure_fails():
+    model = _wide_mlp()
+    opt = OPTIMIZERS["KFAC"](model, nn.MSELoss())
+
+    def failing():
+        model(_batch()[0])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing, batch=_batch())
+    assert all(not m._forward_hooks for m in model.modules())
+    loss = opt.step(lambda: nn.MSELoss()(model(_batch()[0]), _batch()[1]), batch=_batch())
+    assert torch.isfinite(loss)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert opt._records is None  # the recorded activations are not kept past the step
