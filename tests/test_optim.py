@@ -249,6 +249,7 @@ def test_momentum_buffers_are_in_the_state_dict():
     state = opt.state_dict()
     assert len(state["state"]) == 4 and "momentum_buffer" in state["state"][0]
     assert state["curvlab"]["curvature"]["type"] == "BlockDiagonal"
+    assert set(state["state"][0]) == {"momentum_buffer", "previous_value"}  # no scratch tensors
 
 
 def test_curvature_learning_rate_is_inverse_top_hessian_eigenvalue():
@@ -328,16 +329,16 @@ def test_optimizer_curvature_can_be_stored(tmp_path):
 
 def test_finiteness_check_is_exact():
     """The sum-first check: overflowing finite sums are finite, any NaN/Inf entry is not."""
-    from curvlab.optim.base import _all_finite
+    from curvlab.optim.base import all_finite
 
     big = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries, the sum overflows
-    assert _all_finite([big, torch.zeros(3)])
+    assert all_finite([big, torch.zeros(3)])
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = torch.ones(5)
         t[2] = bad
-        assert not _all_finite([torch.zeros(2), t])
+        assert not all_finite([torch.zeros(2), t])
     mixed = torch.tensor([float("inf"), -float("inf")])  # sum NaN
-    assert not _all_finite([mixed])
+    assert not all_finite([mixed])
 
 
 def test_a_diverging_update_is_undone_and_endless_skipping_is_an_error():

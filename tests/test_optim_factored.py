@@ -166,3 +166,61 @@ def test_recording_hooks_are_removed_even_when_the_closure_fails():
     assert torch.isfinite(loss)
     assert all(not m._forward_hooks for m in model.modules())
     assert opt._records is None  # the recorded activations are not kept past the step
+
+
+def _centered_runs(model, batches, closure_extra=None, with_closure=True, lr=0.3):
+    """Params after CenteredSGD steps centered from the closure, and from the batch pass."""
+    loss_fn = nn.MSELoss()
+    fast, slow = copy.deepcopy(model), copy.deepcopy(model)
+    fast_opt = optim.CenteredSGD(fast, loss_fn, lr=lr, momentum=0.9)
+    slow_opt = optim.CenteredSGD(slow, loss_fn, lr=lr, momentum=0.9)
+    used = []
+    for batch in batches:
+
+        def closure(batch=batch):
+            fast_opt.zero_grad()
+            loss = loss_fn(fast(batch[0]), batch[1])
+            loss.backward()
+            if closure_extra is not None:
+                closure_extra(fast)
+            return loss
+
+        fast_opt.step(closure if with_closure else None, batch=batch)
+        used.append(fast_opt.last_from_closure)
+        slow_opt.step(batch=batch)
+        assert not slow_opt.last_from_closure
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return used
+
+
+def test_centered_sgd_centers_the_closure_gradient_like_the_batch_pass():
+    assert _centered_runs(_wide_mlp(), [_batch(seed=s) for s in range(3)]) == [True] * 3
+    model = _wide_mlp(bias=False)  # no bias: the centering term still uses c Σ δ
+    assert _centered_runs(model, [_batch(seed=s) for s in range(2)]) == [True] * 2
+
+
+def test_centered_sgd_needs_no_batch_for_a_closure_it_can_center():
+    model, loss_fn = _wide_mlp(), nn.MSELoss()
+    reference = copy.deepcopy(model)
+    X, y = _batch()
+    opt = optim.CenteredSGD(model, loss_fn, lr=0.3)
+    opt.step(lambda: loss_fn(model(X), y).backward())
+    ref_opt = optim.CenteredSGD(reference, loss_fn, lr=0.3)
+    ref_opt.step(batch=(X, y))
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_centered_sgd_falls_back_to_the_batch_pass():
+    batches = [_batch(seed=s) for s in range(2)]
+    assert _centered_runs(_wide_mlp(), batches, closure_extra=_clip) == [False, False]
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 36, 20)).double()
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 1, 8, 8, generator=generator, dtype=torch.float64)
+    targets = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    assert _centered_runs(conv, [(images, targets)]) == [False]
+    opt = optim.CenteredSGD(conv, nn.MSELoss(), lr=0.1)
+    with pytest.raises(ValueError, match="could not center the closure's gradient"):
+        opt.step(lambda: nn.MSELoss()(conv(images), targets).backward())

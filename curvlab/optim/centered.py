@@ -3,8 +3,16 @@ r"""Centered gradient descent (thesis Algorithm 2).
 For every layer a = W h + b the weight update uses inputs centered by their
 minibatch mean h̄:  W ← W − lr · c Σ_n δ_n (h_n − h̄)ᵀ,  b ← b − lr · c Σ_n δ_n
 (c = 1/N for a mean loss: the thesis' (1/n) Σ), with δ_n = ∂ℓ_n/∂a_n. It is ACP
-without the inverse covariance. The per-example δ_n and h_n come from the
-library's one statistics pass (the same hooks KFAC and ACP use).
+without the inverse covariance.
+
+With a closure, the centered gradient comes from the closure's own backward
+pass: for a Linear layer used once, c Σ_n δ_n (h_n − h̄)ᵀ = ∇W − (c Σ_n δ_n) h̄ᵀ,
+so the layer inputs' mean h̄ and the output gradients' sum (recorded by hooks,
+as for KFAC's factored preconditioning) center the gradient autograd already
+computed, and a step costs about as much as an SGD step. Otherwise (no closure,
+Conv layers, a layer used twice, a gradient that is not the closure's minibatch
+gradient) the per-example δ_n and h_n come from the library's statistics pass
+over ``batch``: a second forward and backward pass.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import warnings
 import torch
 from torch import nn
 
+from curvlab.optim.base import all_finite, scratch
+from curvlab.optim.factored import owners, record_linear_factors, verified_factors
 from curvlab.problem import Problem
 from curvlab.structured.statistics import find_layers, layer_statistics
 
@@ -29,8 +39,11 @@ class CenteredSGD(torch.optim.Optimizer):
         lr: Learning rate.
         momentum: Heavy-ball momentum on the centered gradient.
 
-    ``step(closure, batch=(X, y))``: the closure (optional) only reports the loss;
-    the centered gradient is computed from ``batch``.
+    ``step(closure, batch=(X, y))``: the closure evaluates the loss on the minibatch
+    ``batch`` and calls ``backward``; its gradient is centered where it can be (see
+    the module doc; ``last_from_closure`` says whether the last step did), else the
+    centered gradient is computed from ``batch``. ``step(batch=...)`` alone always
+    computes it from ``batch``.
     """
 
     def __init__(
@@ -41,6 +54,39 @@ class CenteredSGD(torch.optim.Optimizer):
         super().__init__(model.parameters() if params is None else params, {"lr": lr, "momentum": momentum})
         self.model = model
         self.loss_fn = loss_fn
+        self.last_from_closure = False
+        self._scratch: dict[int, torch.Tensor] = {}  # reused work tensors (not state: not saved)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _centered_from_records(self, records: dict) -> list[torch.Tensor] | None:
+        """The closure's gradient centered per Linear layer, or ``None`` if a parameter is not covered."""
+        params, owner = self._params(), owners(records)
+        by_module: dict[nn.Module, list[tuple[int, str]]] = {}
+        for index, p in enumerate(params):
+            if id(p) not in owner or p.grad is None:
+                return None
+            module, role = owner[id(p)]
+            by_module.setdefault(module, []).append((index, role))
+        result: list[torch.Tensor | None] = [None] * len(params)
+        for module, entries in by_module.items():
+            entries.sort(key=lambda entry: entry[1] != "weight")  # weight first, as in [W b]
+            roles = [role for _, role in entries]
+            factors = verified_factors(module, roles, records, [params[i].grad for i, _ in entries])
+            if factors is None:
+                return None
+            U, X = factors
+            total = U.sum(0)  # c Σ_n δ_n, the bias gradient
+            for index, role in entries:
+                grad = params[index].grad
+                if role == "weight":
+                    mean = X[:, : module.in_features].mean(0)
+                    out = scratch(self._scratch, params[index], grad.dtype)
+                    result[index] = torch.addr(grad, total, mean, alpha=-1, out=out)  # ∇W − (c Σ δ) h̄ᵀ
+                else:
+                    result[index] = grad.clone()
+        return result
 
     def centered_gradient(self, batch) -> list[torch.Tensor]:
         """The centered gradient: c Σ_n δ_n (h_n − h̄)ᵀ for weights, c Σ_n δ_n for biases."""
@@ -64,17 +110,26 @@ class CenteredSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, batch=None):
         """One centered update on ``batch``; returns the closure's loss."""
-        if batch is None:
+        if batch is None and closure is None:
             raise ValueError(
                 "CenteredSGD computes its update from the minibatch: call step(closure, batch=(X, y))"
             )
-        loss = None
+        loss, gradient = None, None
         if closure is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), record_linear_factors(self.model, self._params()) as records:
                 loss = closure()
-        with torch.enable_grad():
-            gradient = self.centered_gradient(batch)
-        if not all(bool(torch.isfinite(g).all()) for g in gradient):
+            gradient = self._centered_from_records(records)
+            del records  # the recorded activations
+        self.last_from_closure = gradient is not None
+        if gradient is None:
+            if batch is None:
+                raise ValueError(
+                    "CenteredSGD could not center the closure's gradient (a parameter outside a Linear "
+                    "layer used once, or a modified gradient): call step(closure, batch=(X, y))"
+                )
+            with torch.enable_grad():
+                gradient = self.centered_gradient(batch)
+        if not all_finite(gradient):
             warnings.warn("CenteredSGD: step skipped (non-finite gradient)", RuntimeWarning, stacklevel=2)
             return loss
         index = 0

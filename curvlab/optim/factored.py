@@ -20,6 +20,7 @@ weight decay added take the ordinary route).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,7 @@ def record_linear_factors(model: nn.Module, params: list[Tensor]):
             handle.remove()
 
 
+@functools.lru_cache(maxsize=64)
 def _probe(length: int, dtype, device) -> Tensor:
     """A fixed random vector (seeded, drawn on the CPU: the same on every device)."""
     generator = torch.Generator().manual_seed(length)
@@ -125,10 +127,7 @@ def precondition(inverse, params: list[Tensor], gradient: list[Tensor], records:
     blocks = getattr(inverse, "block_operators", None)
     if not records or blocks is None:
         return inverse @ gradient, 0
-    owner = {}
-    for module in records:
-        for role, p in module.named_parameters(recurse=False):
-            owner[id(p)] = (module, role)
+    owner = owners(records)
     direction: list[Tensor | None] = [None] * len(gradient)
     factored = 0
     for indices, block in zip(inverse.block_indices, blocks):
@@ -143,18 +142,35 @@ def precondition(inverse, params: list[Tensor], gradient: list[Tensor], records:
     return direction, factored
 
 
+def owners(records: dict) -> dict[int, tuple[nn.Module, str]]:
+    """``id(parameter) → (module, "weight" | "bias")`` for the recorded modules."""
+    return {id(p): (module, role) for module in records for role, p in module.named_parameters(recurse=False)}
+
+
+def verified_factors(module: nn.Module, roles: list[str], records: dict, gradient: list[Tensor]):
+    """``(U, X)`` with ``gradient`` (of ``roles`` of ``module``, weight first) = UᵀX, or ``None``.
+
+    X ends in a column of ones when the bias is among ``roles``; ``None`` when the
+    module was not used exactly once or the gradient is not UᵀX (see the module doc).
+    """
+    factors = _factors_of(module, roles, records.get(module))
+    if factors is None or not _matches(gradient, roles, *factors):
+        return None
+    return factors
+
+
 def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None:
     """One block's preconditioned gradient from the factors, or ``None`` (take the ordinary route)."""
     if not hasattr(block, "outer_sum_product"):
         return None
-    owners = [owner.get(id(p)) for p in params]
-    if any(o is None for o in owners) or len({id(o[0]) for o in owners}) != 1:
+    found = [owner.get(id(p)) for p in params]
+    if any(o is None for o in found) or len({id(o[0]) for o in found}) != 1:
         return None
-    module, roles = owners[0][0], [role for _, role in owners]
+    module, roles = found[0][0], [role for _, role in found]
     if roles == ["weight", "bias"] and not block.bias_folded:
         return None
-    factors = _factors_of(module, roles, records.get(module))
-    if factors is None or not _matches(parts, roles, *factors):
+    factors = verified_factors(module, roles, records, parts)
+    if factors is None:
         return None
     matrix = block.outer_sum_product(*factors)
     if matrix is None:
