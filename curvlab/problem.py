@@ -194,9 +194,16 @@ class Problem:
             yield X, y
 
     def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
-        """Model output on ``X`` with the chosen parameters replaced by ``params``."""
+        """Model output on ``X`` with the chosen parameters replaced by ``params``.
+
+        The model's other trainable parameters enter detached: no curvature result
+        carries an autograd graph back to the model (a restricted problem's block
+        built under ``enable_grad`` would otherwise keep one alive).
+        """
+        tensors = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+        tensors.update(zip(self.param_names, params))
         with self._mode():
-            return call_with(self.model, dict(zip(self.param_names, params)), (X,))
+            return call_with(self.model, tensors, (X,))
 
     def batch_loss(self, params: Sequence[Tensor], X: Tensor, y: Tensor) -> Tensor:
         """Sum-reduced loss of one batch (multiply by ``reduction_factor`` for the risk)."""

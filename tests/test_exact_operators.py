@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import curvlab as cl
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from tests.helpers import assert_close_rel
@@ -129,10 +131,6 @@ def test_float32_agrees_with_float64_reference(case, operator_name):
 def test_a_submodule_used_twice_keeps_its_parameters_and_gets_the_right_hessian():
     # torch.func.functional_call can replace a shared submodule's parameter objects
     # (pytorch/pytorch#164759); the model must still hold the user's tensors.
-    from torch import nn
-
-    import curvlab as cl
-
     torch.manual_seed(0)
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.Tanh(), shared).double()
@@ -156,3 +154,15 @@ def test_a_submodule_used_twice_keeps_its_parameters_and_gets_the_right_hessian(
         ]
     )
     assert_close_rel(H, dense, RTOL, "shared-module Hessian")
+
+
+def test_products_over_some_parameters_carry_no_graph_to_the_others():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    problem = cl.Problem(model, nn.MSELoss(), (_random((6, 3), seed=1), _random((6, 2), seed=2)))
+    block = problem.restrict(list(model[2].parameters()))
+    v = _random((block.num_params,), seed=3)
+    with torch.enable_grad():  # as inside an optimizer step
+        for kind in (cl.GGN, cl.Hessian, cl.Fisher, cl.EmpiricalFisher):
+            product = kind(block) @ v
+            assert product.grad_fn is None and not product.requires_grad, kind.__name__
