@@ -364,3 +364,83 @@ def test_type2_matches_backpack_kflr():
         G, A = weight.kflr
         assert_close_rel(block.G, G, 1e-10, "G vs BackPACK KFLR")
         assert_close_rel(block.A, A, 1e-10, "A vs BackPACK KFLR")
+
+
+class _LoopTwice(nn.Module):
+    """One Linear applied twice in a loop: one path, two uses per forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.inner = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for _ in range(2):
+            x = torch.tanh(self.inner(x))
+        return x
+
+
+def _shared_problems():
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), shared, nn.Tanh(), shared).double()
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.weight = a.weight  # tied across two modules
+    tied = _Parallel(a, b).double()
+    data = (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64))
+    return {
+        "same module twice": cl.Problem(twice, nn.MSELoss(), data),
+        "tied parameter": cl.Problem(tied, nn.MSELoss(), data),
+        "loop": cl.Problem(_LoopTwice().double(), nn.MSELoss(), data),
+    }
+
+
+class _Parallel(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) + torch.tanh(self.b(x))
+
+
+@pytest.mark.parametrize("name", ["same module twice", "tied parameter", "loop"])
+@pytest.mark.parametrize("kind", [cl.KFAC, cl.EKFAC, cl.ACP])
+def test_shared_weights_are_a_clear_error_not_silent_factors(name, kind):
+    problem = _shared_problems()[name]
+    message = {
+        "same module twice": "used 2 times",
+        "tied parameter": "shares a parameter",
+        "loop": "called more",
+    }
+    with pytest.raises(cl.UnsupportedError, match=message[name]):
+        kind(problem)
+    assert all(not m._forward_hooks for m in problem.model.modules())
+
+
+@pytest.mark.parametrize("name", ["same module twice", "tied parameter", "loop"])
+def test_exact_diagonal_with_shared_weights_comes_from_products(name):
+    problem = _shared_problems()[name]
+    diagonal = cl.Diagonal(cl.GGN(problem))
+    assert diagonal.method_used == "products"
+    assert_close_rel(diagonal.diagonal, torch.diagonal(reference.ggn(problem)), 1e-12, "diagonal")
+
+
+@pytest.mark.parametrize("name", ["same module twice", "tied parameter"])
+def test_shared_weights_take_the_other_structure(name):
+    problem = _shared_problems()[name]
+    approx = cl.KFAC(problem, other_structure="exact")
+    ggn = reference.ggn(problem)
+    # Twice: the shared layer's exact block (its weight and bias); tied: every parameter
+    # touches the tied weight, so all of them get exact blocks, one per module.
+    expected = [[2, 3]] if name == "same module twice" else [[0, 1], [2]]
+    assert [indices for indices in approx.block_indices if indices in expected] == expected
+    for indices, block in zip(approx.block_indices, approx.block_operators):
+        if indices in expected:
+            rows = torch.cat([_flat_range(problem, i) for i in indices])
+            assert_close_rel(block.to_dense(), ggn[rows][:, rows], 1e-12, f"exact block {indices}")
+
+
+def _flat_range(problem, index):
+    start = sum(p.numel() for p in problem.params[:index])
+    return torch.arange(start, start + problem.params[index].numel())

@@ -242,6 +242,31 @@ def test_state_dict_round_trip_is_bit_identical(name):
     assert second.damping == straight.damping
 
 
+@pytest.mark.parametrize("other", ["exact", "diagonal"])
+def test_kfac_optimizer_with_other_structure_trains_and_resumes_bit_identically(other):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    _, loss_fn, batch = _mlp_problem()
+    options = {"lr": 0.2, "momentum": 0.5, "damping": 0.1, "curvature_every": 2, "other_structure": other}
+    with pytest.raises(cl.UnsupportedError, match="LayerNorm"):
+        optim.KFAC(model, loss_fn, lr=0.1).step(lambda: None, batch=batch)
+    straight_model, resumed_model = copy.deepcopy(model), copy.deepcopy(model)
+    straight = optim.KFAC(straight_model, loss_fn, **options)
+    losses = [
+        straight.step(_closure(straight_model, loss_fn, batch, straight), batch=batch) for _ in range(6)
+    ]
+    assert losses[-1] < 0.9 * losses[0]
+    first = optim.KFAC(resumed_model, loss_fn, **options)
+    for _ in range(3):
+        first.step(_closure(resumed_model, loss_fn, batch, first), batch=batch)
+    second = optim.KFAC(resumed_model, loss_fn, **options)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for _ in range(3):
+        second.step(_closure(resumed_model, loss_fn, batch, second), batch=batch)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_momentum_buffers_are_in_the_state_dict():
     model, loss_fn, batch = _mlp_problem()
     opt = optim.KFAC(model, loss_fn, lr=0.1, momentum=0.9)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from curvlab import optim
+from curvlab.errors import UnsupportedError
 from curvlab.structured.kronecker import KroneckerBlock
 
 
@@ -132,8 +133,13 @@ def test_a_layer_used_twice_takes_the_ordinary_route():
     torch.manual_seed(0)
     shared = nn.Linear(20, 20).double()
     model = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), shared, nn.Tanh(), shared).double()
-    used = _same_training(OPTIMIZERS["KFAC"], model, [_batch(seed=3)] * 2)
-    assert used == [1, 1]  # only the first layer
+    make = OPTIMIZERS["KFAC"]
+    with pytest.raises(UnsupportedError, match="used 2 times"):
+        _same_training(make, model, [_batch(seed=3)])
+    used = _same_training(
+        lambda m, lf, **kw: make(m, lf, other_structure="exact", **kw), model, [_batch(seed=3)] * 2
+    )
+    assert used == [1, 1]  # only the first layer: the shared one has an exact block
 
 
 def test_conv_layers_take_the_ordinary_route():

@@ -40,6 +40,9 @@ class KFAC(CurvatureOptimizer):
         fisher_type: ``"mc"`` (default, one sampled label per example), ``"type-2"``
             or ``"empirical"``, as ``cl.KFAC``.
         pi_damping: Factored damping (G + π√λ I) ⊗ (A + √λ/π I) instead of exact.
+        other_structure: As ``cl.KFAC``: ``"exact"`` or ``"diagonal"`` curvature for
+            parameters of modules without a Kronecker rule (or shared between uses);
+            ``None`` (default): those are an error.
         **options: ``lr``, ``momentum``, ``damping``, ``curvature_every``, … of
             ``CurvatureOptimizer`` (the thesis: curvature every 100 steps).
     """
@@ -48,15 +51,25 @@ class KFAC(CurvatureOptimizer):
     factored_gradients = True
 
     def __init__(
-        self, model, loss_fn, params=None, fisher_type: str = "mc", pi_damping: bool = False, **options
+        self,
+        model,
+        loss_fn,
+        params=None,
+        fisher_type: str = "mc",
+        pi_damping: bool = False,
+        other_structure: str | None = None,
+        **options,
     ):
         options.setdefault("ema_decay", 0.95 if options.get("curvature_every", 1) == 1 else 0.0)
         super().__init__(model, loss_fn, params, **options)
         self.fisher_type = fisher_type
         self.pi_damping = pi_damping
+        self.other_structure = other_structure
 
     def build_curvature(self, problem):  # noqa: D102
-        return self.curvature_class(problem, fisher_type=self.fisher_type, seed=self.steps)
+        return self.curvature_class(
+            problem, fisher_type=self.fisher_type, seed=self.steps, other_structure=self.other_structure
+        )
 
     def make_inverse(self, C, damping):  # noqa: D102
         return C.inverse(damping, pi_damping=True) if self.pi_damping else C.inverse(damping)

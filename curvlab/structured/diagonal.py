@@ -113,10 +113,13 @@ def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
         return None
     problem = C.problem
     moments = {}
-    for _, inputs, grads in statistics_pass(problem, layers, *flavour):
-        for layer in layers:
-            m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
-            moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
+    try:
+        for _, inputs, grads in statistics_pass(problem, layers, *flavour):
+            for layer in layers:
+                m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
+                moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
+    except UnsupportedError:  # found during the pass: a layer called twice per forward pass
+        return None
     parts: list[Tensor | None] = [None] * len(problem.params)
     for layer in layers:
         m = moments[layer.name] * problem.reduction_factor

@@ -6,6 +6,7 @@ KFAC, EKFAC and ACP all consume this pass; they differ in what they accumulate.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -103,8 +104,21 @@ class Layer:
     bias: int | None
 
 
+def _shared_message(module: nn.Module, name: str, uses: int | None = None) -> str:
+    how = f"is used {uses} times" if uses else "shares a parameter with another module"
+    return (
+        f"module {name!r} ({type(module).__name__}) {how} (weight sharing); Kronecker factors and the "
+        "layerwise statistics need each layer used once per forward pass. Pass other_structure='exact' "
+        "or 'diagonal' to give its parameters an exact block or diagonal"
+    )
+
+
 def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[Layer]:
     """Group the problem's parameters by module; error on unsupported modules.
+
+    A module reachable by two paths (the same layer twice in a ``Sequential``) or
+    owning a parameter tied to another module counts as unsupported: its
+    parameters' curvature couples several uses, which no per-layer pass captures.
 
     Args:
         problem: The problem.
@@ -112,6 +126,10 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
             appended to it instead of raising.
     """
     index_of = {id(p): i for i, p in enumerate(problem.params)}
+    paths = Counter(id(m) for _, m in problem.model.named_modules(remove_duplicate=False))
+    owners = Counter(
+        id(p) for m in problem.model.modules() for _, p in m.named_parameters(recurse=False)
+    )  # more than 1: a parameter tied across modules
     layers = []
     for name, module in problem.model.named_modules():
         owned = {
@@ -120,11 +138,14 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
         if not owned:
             continue
         try:
+            if paths[id(module)] > 1 or any(owners[id(problem.params[i])] > 1 for i in owned.values()):
+                uses = paths[id(module)]
+                raise UnsupportedError(_shared_message(module, name, uses if uses > 1 else None))
             rule = rule_for(module, name)
         except UnsupportedError:
             if unsupported is None:
                 raise
-            unsupported.extend(owned.values())
+            unsupported.extend(i for i in owned.values() if i not in unsupported)
             continue
         unknown = set(owned) - {"weight", "bias"}
         if unknown:
@@ -147,6 +168,13 @@ def capture(layers: list[Layer]):
 
     def hook_for(name):
         def hook(module, args, output):
+            if name in inputs:  # a second call in one forward pass (e.g. in a loop)
+                raise UnsupportedError(
+                    f"module {name!r} ({type(module).__name__}) is called more than once in one forward "
+                    "pass (weight sharing, e.g. in a loop); Kronecker factors and the layerwise statistics "
+                    "need each layer used once. Leave its parameters out of the problem's params, or use "
+                    "the exact operators (cl.GGN, cl.BlockDiagonal of them)"
+                )
             inputs[name] = args[0].detach()
             outputs[name] = output
             # The model continues on a copy: an in-place activation (ReLU(inplace=True))
