@@ -11,6 +11,7 @@ from curvlab.errors import (
     CurvlabError,
     DataError,
     DenseTooLargeError,
+    NonFiniteError,
     NotPositiveDefiniteError,
     UnsupportedError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "EmpiricalFisher",
     "Fisher",
     "Hessian",
+    "NonFiniteError",
     "NotPositiveDefiniteError",
     "Problem",
     "Store",

@@ -17,6 +17,10 @@ class DataError(CurvlabError, ValueError):
     """Data that cannot be used: empty, mismatched shapes, wrong dtype or device."""
 
 
+class NonFiniteError(DataError):
+    """NaN or Inf where curvature is computed: the model's output, the targets, or a product."""
+
+
 class DenseTooLargeError(CurvlabError, MemoryError):
     """Materialising a dense matrix would need more memory than is available.
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.errors import DataError, UnsupportedError
+from curvlab.errors import DataError, NonFiniteError, UnsupportedError
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
@@ -40,6 +40,22 @@ class LossRule:
     def __init__(self, loss_fn: nn.Module):
         self.loss_fn = loss_fn
         self.reduction = loss_fn.reduction
+
+    def check(self, output: Tensor, target: Tensor) -> None:
+        """``validate``, then ``NonFiniteError`` if the output or a float target has NaN or Inf.
+
+        Every curvature computation checks its model outputs here, so a NaN in the
+        parameters or the data is an error naming it, not a NaN eigenvalue.
+        """
+        self.validate(output, target)
+        for what, t in (("model output", output), ("target", target)):
+            # One sum first (finite entries almost never overflow it), the full check only then.
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach().sum())):
+                if not bool(torch.isfinite(t.detach()).all()):
+                    raise NonFiniteError(
+                        f"{self.name}: the {what} has NaN or Inf entries; check the model's parameters "
+                        "and the data"
+                    )
 
     def validate(self, output: Tensor, target: Tensor) -> None:
         """Raise ``DataError`` if ``output`` and ``target`` shapes do not fit."""

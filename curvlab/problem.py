@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab.errors import DataError, UnsupportedError
+from curvlab.errors import DataError, NonFiniteError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
 
 
@@ -157,7 +157,7 @@ class Problem:
         X, y = next(iter(self.batches()))
         with torch.no_grad():
             output = self.forward(self.params, X)
-        self.loss_rule.validate(output, y)
+        self.loss_rule.check(output, y)
 
     def _raw_batches(self):
         for index, batch in enumerate(self.data):
@@ -187,10 +187,20 @@ class Problem:
         return 1.0 / self.num_terms if self.loss_rule.reduction == "mean" else 1.0
 
     def batches(self):
-        """Yield ``(X, y)`` on the parameters' device, floats in their dtype."""
-        for X, y in self._raw_batches():
+        """Yield ``(X, y)`` on the parameters' device, floats in their dtype.
+
+        Raises ``NonFiniteError`` for inputs with NaN or Inf: a saturating model can
+        map them to a finite output whose derivatives are NaN.
+        """
+        for index, (X, y) in enumerate(self._raw_batches()):
             X = X.to(self.device, self.dtype if X.is_floating_point() else None)
             y = y.to(self.device, self.dtype if y.is_floating_point() else None)
+            if (
+                X.is_floating_point()
+                and not bool(torch.isfinite(X.sum()))
+                and not bool(torch.isfinite(X).all())
+            ):
+                raise NonFiniteError(f"the inputs of batch {index} have NaN or Inf entries")
             yield X, y
 
     def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
@@ -208,7 +218,7 @@ class Problem:
     def batch_loss(self, params: Sequence[Tensor], X: Tensor, y: Tensor) -> Tensor:
         """Sum-reduced loss of one batch (multiply by ``reduction_factor`` for the risk)."""
         output = self.forward(params, X)
-        self.loss_rule.validate(output, y)
+        self.loss_rule.check(output, y)
         return self.loss_rule.sum_loss(output, y)
 
     def loss(self) -> Tensor:

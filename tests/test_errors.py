@@ -149,3 +149,68 @@ def test_mixed_dtype_params():
 def test_operator_needs_a_problem():
     with pytest.raises(TypeError, match="curvlab.Problem"):
         cl.GGN(nn.Linear(2, 2))
+
+
+def _nan_problem(where):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    if where == "parameter":
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+    elif where == "input":
+        X[2, 1] = float("inf")
+    else:
+        y[0, 0] = float("nan")
+    return cl.Problem(model, nn.MSELoss(), (X, y))
+
+
+NAN_USES = {
+    "top_eigen": lambda p: cl.top_eigen(cl.Hessian(p), 1, progress=False),
+    "spectral_density": lambda p: cl.spectral_density(
+        cl.GGN(p), num_probes=2, lanczos_steps=4, progress=False
+    ),
+    "trace": lambda p: cl.trace(cl.Hessian(p), num_matvecs=6, progress=False),
+    "eigvalsh": lambda p: cl.eigvalsh(cl.GGN(p)),
+    "KFAC": lambda p: cl.KFAC(p),
+    "MC KFAC": lambda p: cl.KFAC(p, fisher_type="mc"),
+    "ACP": lambda p: cl.ACP(p),
+    "diagonal": lambda p: cl.Diagonal(cl.GGN(p)),
+    "compare": lambda p: cl.compare(cl.Diagonal(cl.GGN(p)), cl.GGN(p)),
+}
+
+
+@pytest.mark.parametrize("use", sorted(NAN_USES))
+@pytest.mark.parametrize("where", ["parameter", "input", "target"])
+def test_nan_or_inf_is_an_error_naming_it_not_a_nan_result(use, where):
+    what = {
+        "parameter": "the model output has",
+        "input": "the inputs of batch 0 have",
+        "target": "the target has",
+    }
+    with pytest.raises(cl.NonFiniteError, match=f"{what[where]} NaN or Inf"):
+        NAN_USES[use](_nan_problem(where))
+
+
+@pytest.mark.parametrize(
+    "matrix, message",
+    [
+        (torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64), "not symmetric"),
+        (torch.full((2, 2), float("nan"), dtype=torch.float64), "NaN or Inf"),
+        (torch.eye(2, dtype=torch.float16), "float32 or float64"),
+        (torch.ones(2, 3, dtype=torch.float64), "square"),
+    ],
+    ids=["nonsymmetric", "nan", "float16", "not square"],
+)
+@pytest.mark.parametrize("function", ["eigvalsh", "top_eigen", "spectral_density", "condition_number"])
+def test_spectra_of_a_bad_matrix_are_an_error(matrix, message, function):
+    call = {
+        "eigvalsh": lambda: cl.eigvalsh(matrix),
+        "top_eigen": lambda: cl.top_eigen(matrix, 1),
+        "spectral_density": lambda: cl.spectral_density(
+            matrix, num_probes=1, lanczos_steps=2, progress=False
+        ),
+        "condition_number": lambda: cl.condition_number(matrix, method="lanczos", progress=False),
+    }[function]
+    with pytest.raises(cl.DataError, match=message):
+        call()

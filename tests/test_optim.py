@@ -452,3 +452,19 @@ def test_rescale_options_are_checked():
         optim.KFAC(model, loss_fn, rescale="newton")
     with pytest.raises(ValueError, match="damping_factor"):
         optim.KFAC(model, loss_fn, damping_factor=1.5)
+
+
+@pytest.mark.parametrize("name", ["KFAC", "HessianFree"])
+def test_a_curvature_batch_with_nan_skips_the_step(name):
+    model, loss_fn, batch = _mlp_problem()
+    bad = (batch[0].clone(), batch[1])
+    bad[0][3, 1] = float("nan")
+    opt = getattr(optim, name)(model, loss_fn, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="step skipped .*the inputs of batch 0 have NaN"):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=bad)  # the gradient is fine, the curvature not
+    assert opt.counts["skipped"] == 1
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)  # and training goes on
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

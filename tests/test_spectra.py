@@ -440,3 +440,15 @@ def test_projecting_out_a_basis():
     projected = _project_out(Q, V)
     assert_close_rel(projected, V - Q @ (Q.T @ V), 1e-13, "V − Q Qᵀ V")
     assert (Q.T @ projected).abs().max() < 1e-12
+
+
+def test_exact_spectra_of_plain_tensors_and_small_ranks():
+    D = torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(cl.eigvalsh(D), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert cl.condition_number(D).value == pytest.approx(3.0)
+    single = torch.tensor([[4.0]], dtype=torch.float64)
+    assert cl.condition_number(single).value == 1.0  # one positive eigenvalue: κ = 1
+    rank_one = torch.outer(torch.arange(1.0, 4.0), torch.arange(1.0, 4.0)).double()
+    result = cl.condition_number(rank_one)
+    assert result.rank == 1 and result.value == pytest.approx(1.0)
+    assert math.isinf(cl.condition_number(torch.zeros(3, 3, dtype=torch.float64)).value)

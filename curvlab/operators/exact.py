@@ -228,7 +228,7 @@ class OutputSpaceOperator(ProblemOperator):
                 return jvp(forward, ps, vs)
 
             output, pullback, Jv = vjp(output_and_jvp, *params, has_aux=True)
-            self.problem.loss_rule.validate(output, y)
+            self.problem.loss_rule.check(output, y)
             return pullback(self._middle(output, y, Jv, aux))
 
         if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead

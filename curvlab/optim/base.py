@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import CurvlabError, NotPositiveDefiniteError
+from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.exact import GGN, Fisher, Hessian
 from curvlab.optim import state as curvature_state
@@ -79,6 +79,10 @@ def all_finite(tensors: list[Tensor]) -> bool:
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             return False
     return True
+
+
+class _SkipStep(Exception):
+    """A step cannot be taken; the message says why (the step is skipped, not an error)."""
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -285,36 +289,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
         if any(decays):
             gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
-        refresh = self.steps % self.curvature_every == 0
-        problem = self._problem(batch) if refresh or self.rescale is not None else None  # built once
-        if refresh:
-            with torch.enable_grad():
-                fresh = self.build_curvature(problem)
-            self._curvature_source = (self.steps, tuple(t.detach() for t in batch))
-            self.counts["curvature"] += 1
-            if not curvature_state.all_finite(fresh):
-                self._skip("the curvature is not finite")
-                self.steps += 1
-                return loss
-            # The inverse is kept until its own refresh (``inverse_every``), as in K-FAC.
-            self.curvature = curvature_state.running_average(self.curvature, fresh, self.ema_decay)
-        if self._inverse is None or self.steps % self.inverse_every == 0:
-            self._refresh_inverse(self.damping)
-        with torch.enable_grad():
-            direction = self.direction(gradient)
-        self._records = None  # frees the recorded activations
-        if not all_finite(direction):
-            self._skip("the preconditioned direction is not finite")
-            self.steps += 1
-            return loss
-        predicted = None
-        if self.rescale is not None:
-            with torch.enable_grad():
-                updates, predicted = self._rescaled_updates(direction, gradient, problem, decays)
-        else:
-            updates = self._momentum_updates(direction)
-        if not all_finite(updates):
-            self._skip("the update is not finite")
+        try:
+            updates, predicted = self._updates(gradient, batch, decays)
+        except (_SkipStep, NonFiniteError) as reason:  # NaN/Inf in the batch, curvature or direction
+            self._skip(str(reason))
             self.steps += 1
             return loss
         for p, u in zip(params, updates):
@@ -332,6 +310,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._adapt_damping(closure, loss, gradient, updates, predicted)
         self.steps += 1
         return loss
+
+    def _updates(self, gradient: list[Tensor], batch, decays: list[float]):
+        """``(updates, predicted decrease or None)``: curvature and inverse refreshed as due.
+
+        Raises ``_SkipStep`` (or ``NonFiniteError`` from the curvature code) when the
+        batch, the curvature, the direction or the update is not finite.
+        """
+        refresh = self.steps % self.curvature_every == 0
+        problem = self._problem(batch) if refresh or self.rescale is not None else None  # built once
+        if refresh:
+            with torch.enable_grad():
+                fresh = self.build_curvature(problem)
+            self._curvature_source = (self.steps, tuple(t.detach() for t in batch))
+            self.counts["curvature"] += 1
+            if not curvature_state.all_finite(fresh):
+                raise _SkipStep("the curvature is not finite")
+            # The inverse is kept until its own refresh (``inverse_every``), as in K-FAC.
+            self.curvature = curvature_state.running_average(self.curvature, fresh, self.ema_decay)
+        if self._inverse is None or self.steps % self.inverse_every == 0:
+            self._refresh_inverse(self.damping)
+        with torch.enable_grad():
+            direction = self.direction(gradient)
+        self._records = None  # frees the recorded activations
+        if not all_finite(direction):
+            raise _SkipStep("the preconditioned direction is not finite")
+        predicted = None
+        if self.rescale is not None:
+            with torch.enable_grad():
+                updates, predicted = self._rescaled_updates(direction, gradient, problem, decays)
+        else:
+            updates = self._momentum_updates(direction)
+        if not all_finite(updates):
+            raise _SkipStep("the update is not finite")
+        return updates, predicted
 
     def _momentum_updates(self, direction: list[Tensor]) -> list[Tensor]:
         """−lr · m per parameter, m ← momentum · m + d (the momentum buffers live in the state)."""

@@ -85,7 +85,7 @@ def condition_number(C, rtol: float | None = None, method: str = "auto", **lancz
         cutoff = rtol * lambda_max
         above = values[values > cutoff]
         lambda_min = above[0].item() if len(above) else math.nan
-        value = lambda_max / lambda_min if len(above) > 1 else math.inf
+        value = lambda_max / lambda_min if len(above) else math.inf  # rank 1: κ = 1; zero matrix: ∞
         return ConditionNumber(value, lambda_max, lambda_min, cutoff, len(above), "exact", True)
     lambda_max = top_eigen(C, 1, "largest", **lanczos).values[0].item()
     with warnings.catch_warnings():

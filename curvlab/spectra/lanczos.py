@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlab.errors import DataError
+from curvlab.errors import DataError, NonFiniteError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.memory import block_budget
 from curvlab.progress import progress_bar
@@ -59,14 +59,38 @@ class EigenResult:
         return self.residuals / self.values.abs()
 
 
+def check_symmetric_matrix(C: Tensor) -> None:
+    """A square, finite, symmetric (to √ε of its largest entry) float32/float64 tensor, or a DataError."""
+    if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        raise DataError(f"expected a square matrix, got shape {tuple(C.shape)}")
+    _check_dtype(C.dtype)
+    if not bool(torch.isfinite(C).all()):
+        raise DataError("the matrix has NaN or Inf entries")
+    scale = C.abs().max()
+    if bool((C - C.T).abs().max() > torch.finfo(C.dtype).eps ** 0.5 * scale):
+        raise DataError("the matrix is not symmetric: spectra here are of symmetric matrices")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise DataError(f"spectra need float32 or float64, got {dtype}: cast the model or matrix first")
+
+
 def _as_matvec(C):
     if isinstance(C, CurvatureOperator):
+        _check_dtype(C.dtype)
         return C.shape[0], C.dtype, C.device, lambda V: C @ V
     if isinstance(C, Tensor):
-        if C.dim() != 2 or C.shape[0] != C.shape[1]:
-            raise DataError(f"expected a square matrix, got shape {tuple(C.shape)}")
+        check_symmetric_matrix(C)
         return C.shape[0], C.dtype, C.device, lambda V: C @ V
     raise TypeError(f"expected a curvlab curvature object or a square tensor, got {type(C).__name__}")
+
+
+def _not_finite(products: int) -> NonFiniteError:
+    return NonFiniteError(
+        f"a product with the curvature is not finite (NaN or Inf after {products} products): "
+        "check the model's parameters and the data"
+    )
 
 
 def _matvec_into(C, v: Tensor, out: Tensor) -> Tensor:
@@ -236,6 +260,8 @@ def top_eigen(
         matvecs += 1
         bar.update(1)
         h, beta = _orthogonalize(V[: size + 1], w)
+        if not math.isfinite(beta):
+            raise _not_finite(matvecs)
         T[: size + 1, size] = h
         T[size, : size + 1] = h
         size += 1
@@ -346,6 +372,8 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
             norms = W.norm(dim=1)
             if bool((norms >= before / math.sqrt(2)).all()):
                 break
+        if not bool(torch.isfinite(norms).all()):
+            raise _not_finite(j + 1)
         scale = torch.cat([alpha[:, : j + 1], beta[:, :j]], 1).abs().amax(1)
         breakdown = active & (norms <= 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300))
         lengths = torch.where(breakdown, j + 1, lengths)

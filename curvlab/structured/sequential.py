@@ -270,7 +270,7 @@ def sequential_statistics(
             raise ValueError(f"the MLP pass needs (N, d) inputs, got shape {tuple(X.shape)}")
         with torch.no_grad():
             output, inputs, steps = _forward(problem, layers, params, X)
-        problem.loss_rule.validate(output, y)
+        problem.loss_rule.check(output, y)
         diagonal = problem.loss_rule.diagonal_hessian_sqrt(output) if fisher_type == "type-2" else None
         if diagonal is not None:
             vectors = diagonal  # (N, V)

@@ -262,7 +262,7 @@ def layer_statistics(
     for index, (X, y) in enumerate(problem.batches()):
         with capture(layers) as (inputs, outputs):
             output = problem.forward(params, X)
-        problem.loss_rule.validate(output, y)
+        problem.loss_rule.check(output, y)
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
         vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed)
