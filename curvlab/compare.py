@@ -175,6 +175,16 @@ def compare(
         approx_name: Label of the approximation (default: its class name).
         exact_name: Label of the exact matrix (default: its class name).
     """
+    for what, operator in (("approx", approx), ("exact", exact)):
+        if not isinstance(operator, CurvatureOperator):
+            raise TypeError(
+                f"{what} must be a curvlab curvature object, got {type(operator).__name__} "
+                "(wrap a dense matrix as cl.DenseOperator(matrix, param_shapes))"
+            )
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if int(num_probes) != num_probes or num_probes < 2:
+        raise ValueError(f"num_probes must be an integer ≥ 2 (for a standard error), got {num_probes}")
     if approx.shape != exact.shape or approx.param_shapes != exact.param_shapes:
         raise ValueError(f"approx {approx.shape} and exact {exact.shape} are over different parameters")
     if isinstance(approx, BlockDiagonalOperator):

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import curvlab as cl
 from curvlab import reference
@@ -174,3 +175,19 @@ def test_scaled_error_ignores_a_global_scale():
     assert report.overall["rel_frobenius_scaled"] == pytest.approx(0.0, abs=1e-6)
     ef = cl.compare(cl.EmpiricalFisher(problem), ggn, k=2).overall
     assert ef["rel_frobenius_scaled"] <= ef["rel_frobenius"] + 1e-12
+
+
+def test_compare_rejects_what_it_cannot_compare():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    problem = cl.Problem(model, nn.MSELoss(), (torch.randn(6, 3).double(), torch.randn(6, 2).double()))
+    kfac, ggn = cl.KFAC(problem), cl.GGN(problem)
+    with pytest.raises(TypeError, match="exact must be a curvlab curvature object, got Tensor"):
+        cl.compare(kfac, ggn.to_dense())
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        cl.compare(kfac, ggn, k=0)
+    with pytest.raises(ValueError, match="num_probes must be an integer"):
+        cl.compare(kfac, ggn, num_probes=1)
+    reordered = cl.Problem(model, nn.MSELoss(), problem.data, params=list(model.parameters())[::-1])
+    with pytest.raises(ValueError, match="over different parameters"):
+        cl.compare(cl.KFAC(reordered), ggn)
