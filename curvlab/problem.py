@@ -210,10 +210,23 @@ class Problem:
         carries an autograd graph back to the model (a restricted problem's block
         built under ``enable_grad`` would otherwise keep one alive).
         """
-        tensors = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+        tensors = {name: p.detach() for name, p in self._other_trainable()}
         tensors.update(zip(self.param_names, params))
         with self._mode():
             return call_with(self.model, tensors, (X,))
+
+    def _other_trainable(self) -> list[tuple[str, Tensor]]:
+        """The model's trainable parameters outside ``params`` (found once per parameter choice)."""
+        key = tuple(self.param_names)
+        if getattr(self, "_others_key", None) != key:
+            chosen = set(key)
+            self._others = [
+                (name, p)
+                for name, p in self.model.named_parameters()
+                if p.requires_grad and name not in chosen
+            ]
+            self._others_key = key
+        return self._others
 
     def batch_loss(self, params: Sequence[Tensor], X: Tensor, y: Tensor) -> Tensor:
         """Sum-reduced loss of one batch (multiply by ``reduction_factor`` for the risk)."""

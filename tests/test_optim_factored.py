@@ -30,8 +30,8 @@ def test_outer_sum_product_is_the_block_applied_to_the_formed_matrix(kind):
     X = torch.randn(n, d_A, generator=generator, dtype=torch.float64)
     expected = block._apply_matrix((U.T @ X).unsqueeze(0))[0]
     torch.testing.assert_close(block.outer_sum_product(U, X), expected, rtol=1e-12, atol=1e-12)
-    many = torch.randn(200, d_out, dtype=torch.float64), torch.randn(200, d_A, dtype=torch.float64)
-    assert block.outer_sum_product(*many) is None  # n above the widths: forming M is cheaper
+    assert block.prefers_factors(n)
+    assert not block.prefers_factors(200)  # n above the widths: forming M is cheaper
     with pytest.raises(ValueError, match=r"expected U \(n, 12\) and X \(n, 15\)"):
         block.outer_sum_product(U, X[:, :-1])
 

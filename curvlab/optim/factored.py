@@ -101,10 +101,9 @@ def _matches(gradient: list[Tensor], roles: list[str], U: Tensor, X: Tensor) -> 
         if role == "weight":
             held += g @ r[column : column + g.shape[1]]
             column += g.shape[1]
-        else:
+        else:  # the bias: the last column of X, as in the folded A
             held += g * r[column]
             column += 1
-        # (the bias' column comes last, as in the folded A)
     Xr = X @ r
     factored = U.T @ Xr
     scale = U.norm() * Xr.norm()
@@ -161,7 +160,7 @@ def verified_factors(module: nn.Module, roles: list[str], records: dict, gradien
 
 def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None:
     """One block's preconditioned gradient from the factors, or ``None`` (take the ordinary route)."""
-    if not hasattr(block, "outer_sum_product"):
+    if not hasattr(block, "prefers_factors"):
         return None
     found = [owner.get(id(p)) for p in params]
     if any(o is None for o in found) or len({id(o[0]) for o in found}) != 1:
@@ -169,10 +168,13 @@ def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None
     module, roles = found[0][0], [role for _, role in found]
     if roles == ["weight", "bias"] and not block.bias_folded:
         return None
+    record = records.get(module)
+    if record is None or len(record.inputs) != 1:
+        return None
+    if not block.prefers_factors(record.inputs[0].numel() // module.in_features):
+        return None  # decided before the factors are assembled and checked
     factors = verified_factors(module, roles, records, parts)
     if factors is None:
         return None
     matrix = block.outer_sum_product(*factors)
-    if matrix is None:
-        return None
     return [r.squeeze(0) for r in block._from_matrix(matrix.unsqueeze(0))]

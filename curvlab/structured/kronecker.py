@@ -79,15 +79,19 @@ class LayerMatrixBlock(CurvatureOperator):
     def _apply_matrix(self, M: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def outer_sum_product(self, U: Tensor, X: Tensor) -> Tensor | None:
-        """The block applied to M = Uᵀ X, from the factors: ``(d_out, d_A)``, or ``None``.
+    def prefers_factors(self, n: int) -> bool:
+        """Whether ``outer_sum_product`` with n rows costs fewer multiply-adds than ``_apply_matrix``."""
+        return False
+
+    def outer_sum_product(self, U: Tensor, X: Tensor) -> Tensor:
+        """The block applied to M = Uᵀ X, from the factors: ``(d_out, d_A)``.
 
         U ``(n, d_out)``, X ``(n, d_A)``: a minibatch gradient Σ_n δ_n ã_nᵀ is of this
-        form. With n below the layer's widths the factors go through the block's
-        own factors first and M is never formed (cheaper than ``_apply_matrix(M)``
-        even when M is at hand); ``None`` where it would not be.
+        form. With n below the layer's widths (``prefers_factors``) the factors go
+        through the block's own factors first and M is never formed: cheaper than
+        ``_apply_matrix(M)`` even when M is at hand.
         """
-        return None
+        raise NotImplementedError
 
     def _check_outer_factors(self, U: Tensor, X: Tensor, d_A: int) -> None:
         if U.dim() != 2 or X.dim() != 2 or U.shape[0] != X.shape[0]:
@@ -147,19 +151,19 @@ class KroneckerBlock(LayerMatrixBlock):
             return product if self._G_scalar == 1.0 else product * self._G_scalar
         return self.G @ M @ self.A
 
-    def outer_sum_product(self, U, X):  # noqa: D102
+    def prefers_factors(self, n):  # noqa: D102
         # G (UᵀX) A = (UG)ᵀ(XA), G and A symmetric: n(d_out² + d_A² + d_out·d_A)
         # multiply-adds against d_out·d_A·(d_out + d_A) for G M A (d_out·d_A² when G = αI).
         d_out, d_A = self.G.shape[0], self.A.shape[0]
-        self._check_outer_factors(U, X, d_A)
-        n = U.shape[0]
         if self._G_scalar is not None:
-            if n * d_A * (d_A + d_out) >= d_out * d_A * d_A:
-                return None
+            return n * d_A * (d_A + d_out) < d_out * d_A * d_A
+        return n * (d_out * d_out + d_A * d_A + d_out * d_A) < d_out * d_A * (d_out + d_A)
+
+    def outer_sum_product(self, U, X):  # noqa: D102
+        self._check_outer_factors(U, X, self.A.shape[0])
+        if self._G_scalar is not None:
             product = U.T @ (X @ self.A)
             return product if self._G_scalar == 1.0 else product * self._G_scalar
-        if n * (d_out * d_out + d_A * d_A + d_out * d_A) >= d_out * d_A * (d_out + d_A):
-            return None
         return (U @ self.G).T @ (X @ self.A)
 
     def _block(self, indices):
@@ -259,12 +263,15 @@ class EigenbasisBlock(LayerMatrixBlock):
     def _apply_matrix(self, M):
         return self.Q_G @ ((self.Q_G.T @ M @ self.Q_A) * self.D) @ self.Q_A.T
 
+    def prefers_factors(self, n):  # noqa: D102
+        # Only the rotation into the eigenbasis can use the factors: n(d_out² + d_A² + d_out·d_A)
+        # against d_out·d_A·(d_out + d_A); the rotation back is the same either way.
+        d_out, d_A = self.Q_G.shape[0], self.Q_A.shape[0]
+        return n * (d_out * d_out + d_A * d_A + d_out * d_A) < d_out * d_A * (d_out + d_A)
+
     def outer_sum_product(self, U, X):  # noqa: D102
         # The rotation into the eigenbasis from the factors: Q_Gᵀ(UᵀX)Q_A = (UQ_G)ᵀ(XQ_A).
-        d_out, d_A = self.Q_G.shape[0], self.Q_A.shape[0]
-        self._check_outer_factors(U, X, d_A)
-        if U.shape[0] * (d_out * d_out + d_A * d_A + d_out * d_A) >= d_out * d_A * (d_out + d_A):
-            return None
+        self._check_outer_factors(U, X, self.Q_A.shape[0])
         rotated = (U @ self.Q_G).T @ (X @ self.Q_A)
         return self.Q_G @ (rotated * self.D) @ self.Q_A.T
 
