@@ -65,7 +65,7 @@ def check_symmetric_matrix(C: Tensor) -> None:
         raise DataError(f"expected a square matrix, got shape {tuple(C.shape)}")
     _check_dtype(C.dtype)
     if not bool(torch.isfinite(C).all()):
-        raise DataError("the matrix has NaN or Inf entries")
+        raise NonFiniteError("the matrix has NaN or Inf entries")
     scale = C.abs().max()
     if bool((C - C.T).abs().max() > torch.finfo(C.dtype).eps ** 0.5 * scale):
         raise DataError("the matrix is not symmetric: spectra here are of symmetric matrices")
