@@ -129,6 +129,26 @@ def _patches_reference(conv, x):
     return torch.stack(patches, dim=1)  # (N, R, C_in·k…)
 
 
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_same_padding_equals_explicit_zero_padding(approx, fisher_type):
+    """padding="same" (even kernel: asymmetric) gives the KFAC of ZeroPad2d + an unpadded conv."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (4, 3), padding="same", dilation=(1, 2)).double()
+    explicit = nn.Conv2d(2, 3, (4, 3), dilation=(1, 2)).double()
+    explicit.load_state_dict(conv.state_dict())
+    head = nn.Linear(3 * 5 * 5, 4).double()
+    same = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    padded = nn.Sequential(nn.ZeroPad2d((2, 2, 1, 2)), explicit, nn.Tanh(), nn.Flatten(), copy.deepcopy(head))
+    X, y = torch.randn(6, 2, 5, 5, dtype=F64), torch.randint(0, 4, (6,))
+    assert torch.allclose(same(X), padded(X))
+    kfacs = [
+        cl.KFAC(cl.Problem(model, nn.CrossEntropyLoss(), (X, y)), fisher_type=fisher_type, kfac_approx=approx)
+        for model in (same, padded)
+    ]
+    assert_close_rel(kfacs[0].to_dense(), kfacs[1].to_dense(), 1e-12, "same vs explicit padding")
+
+
 @pytest.mark.parametrize("model_name", ["conv2d", "conv1d"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_conv_against_independent_reference(model_name, approx):

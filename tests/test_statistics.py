@@ -71,6 +71,29 @@ def test_conv_patches_match_unfold(module, shape, append_one):
     assert torch.equal(patches, _conv_reference(module, x, append_one))
 
 
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(2, 3, (4, 3), padding="same", dilation=(1, 2)), (2, 2, 7, 6)),
+        (nn.Conv2d(2, 3, 2, padding="valid", stride=2), (2, 2, 7, 6)),
+        (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (2, 3, 9, 7)),
+        (nn.Conv1d(2, 3, 4, padding="same", dilation=3), (3, 2, 12)),
+    ],
+    ids=["conv2d-same-even-kernel", "conv2d-valid", "conv2d-numeric", "conv1d-same"],
+)
+def test_conv_patches_reproduce_the_layer_output(module, shape):
+    """W ã = the layer's output at every location: an exact check of the patches, any padding.
+
+    "same" with an even kernel pads one more on the far side; unfold cannot express that.
+    """
+    module = module.double()
+    x = torch.randn(*shape, dtype=F64)
+    patches = rule_for(module, "conv").input_vectors(module, x, append_one=True)  # (N, R, d + 1)
+    weight = torch.cat([module.weight.reshape(module.out_channels, -1), module.bias[:, None]], 1)
+    expected = module(x).reshape(shape[0], module.out_channels, -1).transpose(1, 2)
+    assert_close_rel(patches @ weight.T, expected, 1e-13, "W ã vs the convolution")
+
+
 def test_vectors_per_pass_by_memory():
     small = [torch.zeros(8, 10)]  # 320 bytes per vector
     large = [torch.zeros(256, 16, 28, 28)]  # 12.8 MB per vector

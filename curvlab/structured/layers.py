@@ -43,7 +43,7 @@ class LinearRule(LayerRule):
 
 
 class ConvRule(LayerRule):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation; groups = 1)."""
+    """``nn.Conv1d`` / ``nn.Conv2d``: any stride, dilation and zero padding (``"same"`` too); groups = 1."""
 
     def __init__(self, spatial_dims: int):
         self.spatial_dims = spatial_dims
@@ -55,17 +55,30 @@ class ConvRule(LayerRule):
             raise UnsupportedError(
                 f"{name} ({type(module).__name__}): padding_mode={module.padding_mode!r}, only 'zeros'"
             )
-        if isinstance(module.padding, str):
-            raise UnsupportedError(f"{name}: string padding {module.padding!r}; give the padding in numbers")
+
+    @staticmethod
+    def _padding(module) -> list[tuple[int, int]]:
+        """(before, after) zero padding per spatial dim; string paddings as ``F.conv*d`` applies them.
+
+        ``"same"`` pads d·(k − 1) in all, the odd one on the far side (torch's rule,
+        ``nn.modules.conv._ConvNd``); ``"valid"`` pads nothing.
+        """
+        if module.padding == "valid":
+            return [(0, 0)] * len(module.kernel_size)
+        if module.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            return [(total // 2, total - total // 2) for total in totals]
+        return [(p, p) for p in module.padding]
 
     def _as_2d(self, module, x):
+        padding = self._padding(module)
         if self.spatial_dims == 2:
-            return x, module.kernel_size, module.dilation, module.padding, module.stride
+            return x, module.kernel_size, module.dilation, padding, module.stride
         return (
             x.unsqueeze(-2),
             (1, module.kernel_size[0]),
             (1, module.dilation[0]),
-            (0, module.padding[0]),
+            [(0, 0), padding[0]],
             (1, module.stride[0]),
         )
 
@@ -73,8 +86,9 @@ class ConvRule(LayerRule):
         # The patches are gathered by one strided copy straight into a d-major buffer
         # (d_in [+ 1], N, R): second moments then read contiguous rows, and no
         # (N, R, d) transpose of an unfold is ever made.
-        x2d, (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self._as_2d(module, x)
-        padded = F.pad(x2d, (pw, pw, ph, ph)) if ph or pw else x2d.contiguous()
+        x2d, (kh, kw), (dh, dw), ((top, bottom), (left, right)), (sh, sw) = self._as_2d(module, x)
+        pads = (left, right, top, bottom)
+        padded = F.pad(x2d, pads) if any(pads) else x2d.contiguous()
         N, C, H, W = padded.shape
         Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
         sN, sC, sH, sW = padded.stride()
