@@ -160,31 +160,40 @@ def _combine_rows_in_place(V: Tensor, m: int, Q: Tensor) -> None:
         V[:k, start : start + columns] = Qt @ V[:m, start : start + columns]
 
 
-def _orthogonalize(V: Tensor, w: Tensor) -> tuple[Tensor, float]:
-    """Coefficients h with w ← w − Vᵀh orthogonal to the rows of V, and ‖w‖ after.
+def _orthogonalize(basis: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of W made orthogonal to its own basis, in place: ``(h, norms)``.
 
-    The newest two rows first (where the three-term recurrence puts most of w),
-    then one classical Gram–Schmidt pass over all rows, repeated only when it
-    removed more than 1 − 1/√2 of what was left (the DGKS criterion; Daniel,
-    Gragg, Kaufman & Stewart 1976), which keeps the basis orthogonal to rounding
-    at about one pass over the basis per step. Updates are fused GEMVs
-    (``addmv_``): no temporaries the size of w.
+    ``basis`` is ``(p, j, n)`` (p bases of j orthonormal rows), ``W`` ``(p, n)``;
+    afterwards W_before = W + hᵀ basis per row, with ``h`` ``(p, j)``, and ``norms``
+    ``(p,)`` are the rows' norms. The newest two basis rows first (where the
+    three-term recurrence puts most of W), then one classical Gram–Schmidt pass
+    over all rows, repeated only when it removed more than 1 − 1/√2 of what was
+    left (the DGKS criterion; Daniel, Gragg, Kaufman & Stewart 1976), which keeps
+    the basis orthogonal to rounding at about one pass over it per step. Updates
+    are fused batched GEMVs (``baddbmm_``): no temporaries the size of W.
     """
-    h = torch.zeros(V.shape[0], dtype=w.dtype, device=w.device)
-    local = V[-2:]
-    coefficients = local @ w
-    w.addmv_(local.T, coefficients, alpha=-1)
-    h[-2:] += coefficients
-    norm = w.norm().item()
+    rows = W.unsqueeze(1)  # (p, 1, n), a view: rows − cᵀ B is written into W
+    h = torch.zeros(basis.shape[:2], dtype=W.dtype, device=W.device)
+    local = basis[:, -2:]
+    coefficients = torch.bmm(local, W.unsqueeze(2)).transpose(1, 2)  # (p, 1, ≤ 2)
+    rows.baddbmm_(coefficients, local, alpha=-1)
+    h[:, -2:] += coefficients[:, 0]
+    norms = W.norm(dim=1)
     for _ in range(3):
-        before = norm
-        coefficients = V @ w
-        w.addmv_(V.T, coefficients, alpha=-1)
-        h += coefficients
-        norm = w.norm().item()
-        if norm >= before / math.sqrt(2):
+        before = norms
+        coefficients = torch.bmm(basis, W.unsqueeze(2)).transpose(1, 2)
+        rows.baddbmm_(coefficients, basis, alpha=-1)
+        h += coefficients[:, 0]
+        norms = W.norm(dim=1)
+        if bool((norms >= before / math.sqrt(2)).all()):
             break
-    return h, norm
+    return h, norms
+
+
+def _orthogonalize_vector(V: Tensor, w: Tensor) -> tuple[Tensor, float]:
+    """``_orthogonalize`` of one vector w against the rows of V ``(j, n)``: ``(h, ‖w‖)``."""
+    h, norms = _orthogonalize(V.unsqueeze(0), w.unsqueeze(0))
+    return h[0], norms.item()
 
 
 def top_eigen(
@@ -259,7 +268,7 @@ def top_eigen(
         w = _matvec_into(C, V[size], V[size + 1])
         matvecs += 1
         bar.update(1)
-        h, beta = _orthogonalize(V[: size + 1], w)
+        h, beta = _orthogonalize_vector(V[: size + 1], w)
         if not math.isfinite(beta):
             raise _not_finite(matvecs)
         T[: size + 1, size] = h
@@ -272,7 +281,7 @@ def top_eigen(
             beta = 0.0
             if size < n:
                 w.copy_(_random_unit(n, dtype, device, generator))
-                _, norm = _orthogonalize(V[:size], w)
+                _, norm = _orthogonalize_vector(V[:size], w)
                 w /= norm
         else:
             w /= beta
@@ -357,21 +366,9 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
         alpha[:, j] = torch.bmm(Q[:, j].unsqueeze(1), W.unsqueeze(2)).reshape(p)  # no n-sized temporary
         if j + 1 == m:
             break  # the last step needs only α
-        # The three-term recurrence first (the two newest basis vectors hold most
-        # of W), then full reorthogonalization of every probe against its own
-        # basis, repeated only when a pass removed more than 1 − 1/√2 of what was
-        # left (DGKS, as in ``_orthogonalize``): each pass reads the whole basis.
-        rows = W.unsqueeze(1)  # (p, 1, n), a view: W − cᵀ B updated in place
-        local = Q[:, max(0, j - 1) : j + 1]
-        rows.baddbmm_(torch.bmm(local, W.unsqueeze(2)).transpose(1, 2), local, alpha=-1)
-        basis = Q[:, : j + 1]
-        norms = W.norm(dim=1)
-        for _ in range(3):
-            before = norms
-            rows.baddbmm_(torch.bmm(basis, W.unsqueeze(2)).transpose(1, 2), basis, alpha=-1)
-            norms = W.norm(dim=1)
-            if bool((norms >= before / math.sqrt(2)).all()):
-                break
+        # Full reorthogonalization of every probe against its own basis (α is
+        # taken above, from the product itself, as the recurrence defines it).
+        _, norms = _orthogonalize(Q[:, : j + 1], W)
         if not bool(torch.isfinite(norms).all()):
             raise _not_finite(j + 1)
         scale = torch.cat([alpha[:, : j + 1], beta[:, :j]], 1).abs().amax(1)
