@@ -69,6 +69,19 @@ class LossRule:
         """Number of loss terms the ``"mean"`` reduction divides by for this batch."""
         return target.numel()
 
+    def mask(self, target: Tensor) -> Tensor | None:
+        """Which output entries have a loss term: a bool tensor broadcastable to the output.
+
+        ``None`` when every entry has one (always, except cross-entropy targets equal
+        to ``ignore_index``). Curvature of an entry without a term is zero: callers
+        multiply their output-space vectors by the mask.
+        """
+        return None
+
+    def example_mask(self, target: Tensor) -> Tensor | None:
+        """Which examples have at least one loss term: bool ``(N,)``, or ``None`` for all."""
+        return None
+
     def sum_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss of the batch with ``reduction="sum"`` (a scalar)."""
         raise NotImplementedError
@@ -76,6 +89,14 @@ class LossRule:
     def output_gradient(self, output: Tensor, target: Tensor) -> Tensor:
         """R = ∇_f ℓ(f, y), shaped like ``output``."""
         raise NotImplementedError
+
+    def sampled_gradient(self, output: Tensor, sampled: Tensor) -> Tensor:
+        """∇_f ℓ(f, ŷ) for targets ŷ drawn from the model (``sample_targets``).
+
+        Unlike ``output_gradient`` no target is ever ignored: ``ignore_index`` marks
+        data, and a sampled class equal to it is an ordinary outcome.
+        """
+        return self.output_gradient(output, sampled)
 
     def hessian_vp(self, output: Tensor, u: Tensor) -> Tensor:
         """Λ u with Λ = ∇²_f ℓ, per example; ``u`` shaped like ``output``."""
@@ -177,10 +198,19 @@ class BCEWithLogitsRule(LossRule):
 
 
 class CrossEntropyRule(LossRule):
-    """``nn.CrossEntropyLoss`` on logits with class-index targets; classes on dim 1."""
+    """``nn.CrossEntropyLoss`` on logits with class-index targets; classes on dim 1.
+
+    Targets equal to ``ignore_index`` (default −100, e.g. padding in sequences) have
+    no loss term, as in torch: they add nothing to the loss, its gradient or any
+    curvature, and ``"mean"`` divides by the number of the other targets.
+    """
 
     loss_class = nn.CrossEntropyLoss
     name = "CrossEntropyLoss"
+
+    def __init__(self, loss_fn: nn.Module):
+        super().__init__(loss_fn)
+        self.ignore_index = loss_fn.ignore_index
 
     def validate(self, output, target):  # noqa: D102
         if target.is_floating_point():
@@ -194,9 +224,28 @@ class CrossEntropyRule(LossRule):
                 f"CrossEntropyLoss: model output has shape {tuple(output.shape)} (N, C, ...) "
                 f"so the target must have shape {expected}, got {tuple(target.shape)}"
             )
+        num_classes = output.shape[1]
+        valid = ((target >= 0) & (target < num_classes)) | (target == self.ignore_index)
+        if not bool(valid.all()):
+            bad = target[~valid].unique()[:5].tolist()
+            raise DataError(
+                f"CrossEntropyLoss: targets must be class indices in [0, {num_classes}) or "
+                f"ignore_index={self.ignore_index}; got {bad}"
+            )
+
+    def count(self, target):  # noqa: D102
+        return int((target != self.ignore_index).sum())
+
+    def mask(self, target):  # noqa: D102
+        kept = target != self.ignore_index
+        return None if bool(kept.all()) else kept.unsqueeze(1)  # (N, 1, ...): over the classes
+
+    def example_mask(self, target):  # noqa: D102
+        kept = (target != self.ignore_index).reshape(target.shape[0], -1).any(1)
+        return None if bool(kept.all()) else kept
 
     def sum_loss(self, output, target):  # noqa: D102
-        return F.cross_entropy(output, target, reduction="sum")
+        return F.cross_entropy(output, target, reduction="sum", ignore_index=self.ignore_index)
 
     @staticmethod
     def _onehot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -204,7 +253,14 @@ class CrossEntropyRule(LossRule):
         return onehot.movedim(-1, 1)
 
     def output_gradient(self, output, target):  # noqa: D102
-        return output.softmax(1) - self._onehot(target, output.shape[1], output.dtype)
+        mask = self.mask(target)
+        if mask is None:
+            return self.sampled_gradient(output, target)
+        classes = torch.where(target == self.ignore_index, 0, target)  # any class: masked below
+        return self.sampled_gradient(output, classes) * mask
+
+    def sampled_gradient(self, output, sampled):  # noqa: D102
+        return output.softmax(1) - self._onehot(sampled, output.shape[1], output.dtype)
 
     def hessian_vp(self, output, u):  # noqa: D102
         # Λ = diag(p) − p pᵀ along the class dimension.
@@ -263,8 +319,6 @@ def _check_options(loss_fn: nn.Module) -> None:
         unsupported.append("pos_weight")
     if getattr(loss_fn, "label_smoothing", 0.0) != 0.0:
         unsupported.append("label_smoothing")
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.ignore_index != -100:
-        unsupported.append("ignore_index")
     if unsupported:
         raise UnsupportedError(f"{name}: the options {unsupported} are not supported")
 
@@ -274,7 +328,7 @@ def rule_for(loss_fn: nn.Module) -> LossRule:
 
     Raises:
         UnsupportedError: for another loss class, ``reduction="none"`` or an
-            unsupported option (class weights, label smoothing, ignore_index).
+            unsupported option (class weights, label smoothing).
     """
     rule_class = _RULES.get(type(loss_fn))
     if rule_class is None:

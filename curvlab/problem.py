@@ -139,6 +139,9 @@ class Problem:
 
     def _count(self) -> tuple[int, int, int]:
         num_terms = num_examples = num_batches = 0
+        #: Examples with at least one loss term (fewer than num_examples only when
+        #: cross-entropy targets equal ignore_index); KFAC's and ACP's averages use it.
+        self.num_counted_examples = 0
         self.input_ndims: set[int] = set()  # X.dim() of the batches (MLP pass: {2})
         for index, (X, y) in enumerate(self._raw_batches()):
             self.input_ndims.add(X.dim())
@@ -148,9 +151,13 @@ class Problem:
                 )
             num_terms += self.loss_rule.count(y)
             num_examples += X.shape[0]
+            counted = self.loss_rule.example_mask(y)
+            self.num_counted_examples += X.shape[0] if counted is None else int(counted.sum())
             num_batches += 1
         if num_batches == 0 or num_examples == 0:
             raise DataError("data is empty: curvature needs at least one example")
+        if num_terms == 0:
+            raise DataError("no loss terms: every target equals the loss' ignore_index")
         return num_terms, num_examples, num_batches
 
     def _check_first_batch(self) -> None:
@@ -202,6 +209,23 @@ class Problem:
             ):
                 raise NonFiniteError(f"the inputs of batch {index} have NaN or Inf entries")
             yield X, y
+
+    def counted_batches(self):
+        """Yield ``(index, X, y)`` with only the examples that have a loss term.
+
+        The same as ``enumerate(batches())`` unless cross-entropy targets equal
+        ``ignore_index``: examples whose every target is ignored are left out (a
+        batch left empty is skipped; ``index`` stays the batch's position). The
+        layerwise statistics (KFAC's input factors average over the examples) use
+        this, so such examples count as if they were not in the data.
+        """
+        for index, (X, y) in enumerate(self.batches()):
+            counted = self.loss_rule.example_mask(y)
+            if counted is not None:
+                if not bool(counted.any()):
+                    continue
+                X, y = X[counted], y[counted]
+            yield index, X, y
 
     def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
         """Model output on ``X`` with the chosen parameters replaced by ``params``.

@@ -65,15 +65,18 @@ def _setup(problem):
 
 
 def _factor(loss_fn: nn.Module, y: Tensor, output_shape) -> float:
-    """C of THEORY.md: 1/(number of loss terms) for mean, 1 for sum."""
+    """C of THEORY.md: 1/(number of loss terms) for mean, 1 for sum (ignored targets are no terms)."""
     if loss_fn.reduction == "sum":
         return 1.0
-    terms = y.numel() if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.Size(output_shape).numel()
-    return 1.0 / terms
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return 1.0 / int((y != loss_fn.ignore_index).sum())
+    return 1.0 / torch.Size(output_shape).numel()
 
 
 def _sum_loss(loss_fn: nn.Module) -> nn.Module:
-    """The same loss class with ``reduction="sum"``: ℓ_n summed over the example."""
+    """The same loss with ``reduction="sum"`` (ℓ_n summed over the example), for the data's targets."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return nn.CrossEntropyLoss(reduction="sum", ignore_index=loss_fn.ignore_index)
     return type(loss_fn)(reduction="sum")
 
 
@@ -99,7 +102,7 @@ def _per_example_jacobians(problem, X, theta, f) -> Tensor:
 
 def _output_score_covariance(loss_fn: nn.Module, output: Tensor) -> Tensor:
     """E_ŷ[g gᵀ], g = ∇_f ℓ(f, ŷ) for one example's output ``f`` (shape (1, …))."""
-    sum_loss = _sum_loss(loss_fn)
+    sum_loss = type(loss_fn)(reduction="sum")  # sampled classes are never ignored
     d = output.numel()
     if isinstance(loss_fn, nn.MSELoss):
         # ŷ ~ N(f, ½ I), g = 2(f − ŷ): E[g gᵀ] = 4 · ½ I.
@@ -138,6 +141,8 @@ def fisher(problem) -> Tensor:
     J = _per_example_jacobians(problem, X, theta, f)
     result = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64, device=theta.device)
     for n in range(X.shape[0]):
+        if isinstance(problem.loss_fn, nn.CrossEntropyLoss) and y[n] == problem.loss_fn.ignore_index:
+            continue  # no loss term for this example
         covariance = _output_score_covariance(problem.loss_fn, outputs[n : n + 1])
         result += J[n].T @ covariance @ J[n]
     return c * result

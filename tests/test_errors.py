@@ -30,13 +30,27 @@ def test_reduction_none():
     [
         (nn.CrossEntropyLoss(weight=torch.ones(2)), "weight"),
         (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
-        (nn.CrossEntropyLoss(ignore_index=0), "ignore_index"),
         (nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "pos_weight"),
     ],
 )
 def test_unsupported_loss_options(loss, option):
     with pytest.raises(cl.UnsupportedError, match=option):
         _problem(loss=loss)
+
+
+@pytest.mark.parametrize("bad", [2, -1, -100], ids=["too-large", "negative", "ignore-index-of-another-loss"])
+def test_cross_entropy_targets_out_of_range(bad):
+    """A class index outside [0, C) that is not the loss' ignore_index is a DataError, not torch's."""
+    y = torch.tensor([0, 1, bad, 1, 0])
+    loss = nn.CrossEntropyLoss(ignore_index=7)
+    with pytest.raises(cl.DataError, match=r"class indices in \[0, 2\) or ignore_index=7; got \[" + str(bad)):
+        _problem(loss=loss, data=(torch.randn(5, 3), y))
+
+
+def test_every_target_ignored():
+    y = torch.full((5,), -100)
+    with pytest.raises(cl.DataError, match="no loss terms"):
+        _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), y))
 
 
 def test_parameter_not_in_model():

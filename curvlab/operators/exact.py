@@ -219,6 +219,7 @@ class OutputSpaceOperator(ProblemOperator):
     def _batch_matmat(self, X, y, index, Vs):
         params = self._detached_params()
         aux = self._prepare(X, y, index)
+        mask = self.problem.loss_rule.mask(y)  # entries without a loss term (ignore_index)
 
         def forward(*ps):
             return self.problem.forward(ps, X)
@@ -229,7 +230,10 @@ class OutputSpaceOperator(ProblemOperator):
 
             output, pullback, Jv = vjp(output_and_jvp, *params, has_aux=True)
             self.problem.loss_rule.check(output, y)
-            return pullback(self._middle(output, y, Jv, aux))
+            middle = self._middle(output, y, Jv, aux)
+            # M_n is block-diagonal over output locations: zeroing its rows at masked
+            # locations zeroes their columns too (m M m u = m (M u)).
+            return pullback(middle if mask is None else middle * mask)
 
         if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead
             return [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
@@ -308,7 +312,7 @@ class Fisher(OutputSpaceOperator):
         samples = aux.shape[0]
         sampled = rule.sample_targets(output, aux)  # (S, *y.shape)
         repeated = output.unsqueeze(0).expand(samples, *output.shape)
-        r = rule.output_gradient(
+        r = rule.sampled_gradient(
             repeated.reshape(-1, *output.shape[1:]), sampled.reshape(-1, *sampled.shape[2:])
         ).reshape(samples, *output.shape)  # (S, N, ...)
         dims = tuple(range(2, r.dim()))

@@ -93,6 +93,7 @@ class PrimalBatch:
     steps: list[_Linear | _Activation]
     output: Tensor  # f, (N, C)
     output_gradient: Tensor  # ∇_f ℓ (sum reduction), (N, C)
+    mask: Tensor | None  # entries with a loss term (None: all), broadcastable to (N, C)
 
 
 def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
@@ -110,7 +111,7 @@ def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
                 steps.append(_Activation(*activation_derivatives(module, x, second=True)))
                 x = module(x)
     problem.loss_rule.validate(x, y)
-    return PrimalBatch(steps, x, problem.loss_rule.output_gradient(x, y))
+    return PrimalBatch(steps, x, problem.loss_rule.output_gradient(x, y), problem.loss_rule.mask(y))
 
 
 def _propagate(batch: PrimalBatch, direction: list[Tensor], second_order: bool):
@@ -161,6 +162,8 @@ def quadratic_forms(
             f1, f2 = _propagate(batch, [V[j] for V in Vs], second_order)
             if f1 is None:  # no parameter of the problem in the direction's path
                 continue
+            if batch.mask is not None:  # rows without a loss term (ignore_index) add nothing
+                f1 = f1 * batch.mask
             forms[j] += torch.vdot(f1.reshape(-1), rule.hessian_vp(batch.output, f1).reshape(-1))
             if f2 is not None:
                 forms[j] += torch.vdot(batch.output_gradient.reshape(-1), f2.reshape(-1))

@@ -44,14 +44,14 @@ class ACP(BlockDiagonalOperator):
                 )
                 square = grads[layer.name].pow(2).max()
                 max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
-        scale = problem.reduction_factor * problem.num_examples
+        scale = problem.reduction_factor * problem.num_counted_examples
         shapes, names = [p.shape for p in problem.params], problem.param_names
         self.alphas = {}
         blocks = []
         for layer in self.layers:
             value = scale * max_square[layer.name].item() if alpha == "heuristic" else float(alpha)
             self.alphas[layer.name] = value
-            A = A_sum[layer.name] / problem.num_examples
+            A = A_sum[layer.name] / problem.num_counted_examples
             d_out = (problem.params[layer.weight if layer.weight is not None else layer.bias]).shape[0]
             G = value * torch.eye(d_out, dtype=problem.dtype, device=problem.device)
             indices = [i for i in (layer.weight, layer.bias) if i is not None]

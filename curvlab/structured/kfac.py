@@ -161,7 +161,7 @@ class KFAC(BlockDiagonalOperator):
                 if first_chunk:
                     accumulate(A_sum, layer.name, self._input_moment(inputs[layer.name]))
                 accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
-        c, N = self.problem.reduction_factor, self.problem.num_examples
+        c, N = self.problem.reduction_factor, self.problem.num_counted_examples
         return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
 
     def _input_moment(self, a: Tensor) -> Tensor:

@@ -265,7 +265,7 @@ def sequential_statistics(
     params = [p.detach() for p in problem.params]
     widths = [m.out_features for m in problem.model if type(m) is nn.Linear]
     memo: dict = {}  # factors of the weights (fixed during the pass), shared by all chunks
-    for index, (X, y) in enumerate(problem.batches()):
+    for index, X, y in problem.counted_batches():
         if X.dim() != 2:
             raise ValueError(f"the MLP pass needs (N, d) inputs, got shape {tuple(X.shape)}")
         with torch.no_grad():

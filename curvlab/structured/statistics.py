@@ -212,16 +212,19 @@ def backpropagated_vectors(
     """
     rule = problem.loss_rule
     output = output.detach()
-    if fisher_type == "type-2":
-        return rule.hessian_sqrt_columns(output)
     if fisher_type == "empirical":
-        return rule.output_gradient(output, y).unsqueeze(0)
-    generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
-    noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator, output.dtype).to(output.device)
-    sampled = rule.sample_targets(output, noise)
-    repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
-    r = rule.output_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
-    return r.reshape(mc_samples, *output.shape) / mc_samples**0.5
+        return rule.output_gradient(output, y).unsqueeze(0)  # zero where there is no loss term
+    if fisher_type == "type-2":
+        vectors = rule.hessian_sqrt_columns(output)
+    else:
+        generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
+        noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator, output.dtype).to(output.device)
+        sampled = rule.sample_targets(output, noise)
+        repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
+        r = rule.sampled_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
+        vectors = r.reshape(mc_samples, *output.shape) / mc_samples**0.5
+    mask = rule.mask(y)  # entries without a loss term (ignore_index) backpropagate nothing
+    return vectors if mask is None else vectors * mask
 
 
 def _pullback(output: Tensor, layer_outputs: list[Tensor], vectors: Tensor) -> list[Tensor]:
@@ -259,7 +262,7 @@ def layer_statistics(
     ``max_vectors`` backpropagated vectors (``None``: see ``vectors_per_pass``).
     """
     params = [p.detach().requires_grad_(True) for p in problem.params]
-    for index, (X, y) in enumerate(problem.batches()):
+    for index, X, y in problem.counted_batches():
         with capture(layers) as (inputs, outputs):
             output = problem.forward(params, X)
         problem.loss_rule.check(output, y)
