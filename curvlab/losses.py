@@ -225,7 +225,7 @@ class CrossEntropyRule(LossRule):
                 f"so the target must have shape {expected}, got {tuple(target.shape)}"
             )
         num_classes = output.shape[1]
-        valid = ((target >= 0) & (target < num_classes)) | (target == self.ignore_index)
+        valid = ((target >= 0) & (target < num_classes)) | ~self._kept(target)
         if not bool(valid.all()):
             bad = target[~valid].unique()[:5].tolist()
             raise DataError(
@@ -233,15 +233,19 @@ class CrossEntropyRule(LossRule):
                 f"ignore_index={self.ignore_index}; got {bad}"
             )
 
+    def _kept(self, target: Tensor) -> Tensor:
+        """Targets with a loss term: bool, shaped like ``target``."""
+        return target != self.ignore_index
+
     def count(self, target):  # noqa: D102
-        return int((target != self.ignore_index).sum())
+        return int(self._kept(target).sum())
 
     def mask(self, target):  # noqa: D102
-        kept = target != self.ignore_index
+        kept = self._kept(target)
         return None if bool(kept.all()) else kept.unsqueeze(1)  # (N, 1, ...): over the classes
 
     def example_mask(self, target):  # noqa: D102
-        kept = (target != self.ignore_index).reshape(target.shape[0], -1).any(1)
+        kept = self._kept(target).reshape(target.shape[0], -1).any(1)
         return None if bool(kept.all()) else kept
 
     def sum_loss(self, output, target):  # noqa: D102
@@ -256,7 +260,7 @@ class CrossEntropyRule(LossRule):
         mask = self.mask(target)
         if mask is None:
             return self.sampled_gradient(output, target)
-        classes = torch.where(target == self.ignore_index, 0, target)  # any class: masked below
+        classes = torch.where(mask.squeeze(1), target, 0)  # ignored: any class, masked below
         return self.sampled_gradient(output, classes) * mask
 
     def sampled_gradient(self, output, sampled):  # noqa: D102

@@ -85,7 +85,10 @@ class Problem:
         self.params: list[Tensor] = self._check_params(model, params)
         self.param_names: list[str] = self._names_of(model, self.params)
         self.data = self._as_reiterable(data)
-        self.num_terms, self.num_examples, self.num_batches = self._count()
+        # num_counted_examples: those with at least one loss term (fewer than
+        # num_examples only when cross-entropy targets equal ignore_index); KFAC's
+        # and ACP's averages over examples use it.
+        self.num_terms, self.num_examples, self.num_counted_examples, self.num_batches = self._count()
         self._check_first_batch()
 
     # ------------------------------------------------------------------ set-up
@@ -137,11 +140,8 @@ class Problem:
             return list(data)
         return data
 
-    def _count(self) -> tuple[int, int, int]:
-        num_terms = num_examples = num_batches = 0
-        #: Examples with at least one loss term (fewer than num_examples only when
-        #: cross-entropy targets equal ignore_index); KFAC's and ACP's averages use it.
-        self.num_counted_examples = 0
+    def _count(self) -> tuple[int, int, int, int]:
+        num_terms = num_examples = num_counted = num_batches = 0
         self.input_ndims: set[int] = set()  # X.dim() of the batches (MLP pass: {2})
         for index, (X, y) in enumerate(self._raw_batches()):
             self.input_ndims.add(X.dim())
@@ -152,13 +152,13 @@ class Problem:
             num_terms += self.loss_rule.count(y)
             num_examples += X.shape[0]
             counted = self.loss_rule.example_mask(y)
-            self.num_counted_examples += X.shape[0] if counted is None else int(counted.sum())
+            num_counted += X.shape[0] if counted is None else int(counted.sum())
             num_batches += 1
         if num_batches == 0 or num_examples == 0:
             raise DataError("data is empty: curvature needs at least one example")
         if num_terms == 0:
             raise DataError("no loss terms: every target equals the loss' ignore_index")
-        return num_terms, num_examples, num_batches
+        return num_terms, num_examples, num_counted, num_batches
 
     def _check_first_batch(self) -> None:
         X, y = next(iter(self.batches()))
@@ -211,13 +211,14 @@ class Problem:
             yield X, y
 
     def counted_batches(self):
-        """Yield ``(index, X, y)`` with only the examples that have a loss term.
+        """Yield ``(index, X, y, counted)`` with only the examples that have a loss term.
 
-        The same as ``enumerate(batches())`` unless cross-entropy targets equal
-        ``ignore_index``: examples whose every target is ignored are left out (a
-        batch left empty is skipped; ``index`` stays the batch's position). The
-        layerwise statistics (KFAC's input factors average over the examples) use
-        this, so such examples count as if they were not in the data.
+        The same as ``enumerate(batches())`` (``counted`` is ``None``) unless
+        cross-entropy targets equal ``ignore_index``: examples whose every target is
+        ignored are left out, ``counted`` the bool ``(N,)`` mask of the batch's
+        examples kept (a batch left empty is skipped; ``index`` stays the batch's
+        position). The layerwise statistics (KFAC's input factors average over the
+        examples) use this, so such examples count as if they were not in the data.
         """
         for index, (X, y) in enumerate(self.batches()):
             counted = self.loss_rule.example_mask(y)
@@ -225,7 +226,7 @@ class Problem:
                 if not bool(counted.any()):
                     continue
                 X, y = X[counted], y[counted]
-            yield index, X, y
+            yield index, X, y, counted
 
     def forward(self, params: Sequence[Tensor], X: Tensor) -> Tensor:
         """Model output on ``X`` with the chosen parameters replaced by ``params``.

@@ -127,3 +127,19 @@ def test_sequence_positions_against_dense_references(reduction):
     assert (
         cl.GGN(unmasked).to_dense() - ggn * (1 if reduction == "sum" else problem.num_terms)
     ).abs().max() > 1e-3
+
+
+def test_mc_kfac_draws_the_labels_of_the_mc_fisher():
+    """Ignored examples between counted ones do not shift the MC labels of the others.
+
+    One Linear layer and one counted example: KFAC's G ⊗ aaᵀ is the example's MC
+    Fisher block exactly, so equal labels give equal matrices.
+    """
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    X = torch.randn(3, 4, dtype=F64)
+    y = torch.tensor([-100, 2, -100])
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    fisher = cl.Fisher(problem, mc_samples=4, seed=5).to_dense()
+    kfac = cl.KFAC(problem, fisher_type="mc", mc_samples=4, seed=5).to_dense()
+    assert_close_rel(kfac, fisher, 1e-12, "MC KFAC vs MC Fisher")

@@ -202,13 +202,23 @@ def input_vectors(layer: Layer, x: Tensor) -> Tensor:
 
 
 def backpropagated_vectors(
-    problem: Problem, output: Tensor, y: Tensor, index: int, fisher_type: str, mc_samples: int, seed: int
+    problem: Problem,
+    output: Tensor,
+    y: Tensor,
+    index: int,
+    fisher_type: str,
+    mc_samples: int,
+    seed: int,
+    counted: Tensor | None = None,
 ) -> Tensor:
     """Output-space vectors ``(V, *output.shape)`` of a flavour.
 
     ``"type-2"``: columns of a square root of Λ; ``"mc"``: gradients for
     ``mc_samples`` sampled labels scaled by 1/√S (drawn on the CPU from ``seed``
     and the batch index); ``"empirical"``: the gradient for the true label.
+    ``counted``: the batch's examples kept by ``Problem.counted_batches`` (``None``:
+    all); labels are drawn for the whole batch and then selected, so each example
+    gets the same labels as in ``cl.Fisher(mc_samples=…)`` with the same seed.
     """
     rule = problem.loss_rule
     output = output.detach()
@@ -218,8 +228,13 @@ def backpropagated_vectors(
         vectors = rule.hessian_sqrt_columns(output)
     else:
         generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
-        noise = rule.draw_noise(rule.noise_shape(y, mc_samples), generator, output.dtype).to(output.device)
-        sampled = rule.sample_targets(output, noise)
+        shape = list(rule.noise_shape(y, mc_samples))  # (S, N, ...)
+        if counted is not None:
+            shape[1] = counted.shape[0]
+        noise = rule.draw_noise(tuple(shape), generator, output.dtype)
+        if counted is not None:
+            noise = noise[:, counted.cpu()]
+        sampled = rule.sample_targets(output, noise.to(output.device))
         repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
         r = rule.sampled_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
         vectors = r.reshape(mc_samples, *output.shape) / mc_samples**0.5
@@ -262,13 +277,13 @@ def layer_statistics(
     ``max_vectors`` backpropagated vectors (``None``: see ``vectors_per_pass``).
     """
     params = [p.detach().requires_grad_(True) for p in problem.params]
-    for index, X, y in problem.counted_batches():
+    for index, X, y, counted in problem.counted_batches():
         with capture(layers) as (inputs, outputs):
             output = problem.forward(params, X)
         problem.loss_rule.check(output, y)
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
-        vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed)
+        vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed, counted)
         for chunk in vectors.split(vectors_per_pass(layer_outputs, max_vectors)):
             grads = _pullback(output, layer_outputs, chunk)
             yield (
