@@ -1,4 +1,6 @@
-"""EKFAC against the exact block in its eigenbasis; ACP against the thesis' equations."""
+"""EKFAC against the exact block in its eigenbasis and against curvlinops; ACP against the thesis."""
+
+import warnings
 
 import pytest
 import torch
@@ -54,6 +56,55 @@ def test_ekfac_diagonal_is_exact_in_kfac_eigenbasis(model_name, loss_name, appro
         kfac_error = (kfac_block.to_dense() - exact).norm()
         roundoff = 1e-12 * exact.norm()  # both can be exact (e.g. a last layer under MSE)
         assert ekfac_error <= kfac_error + roundoff, f"EKFAC {ekfac_error:.3e} > KFAC {kfac_error:.3e}"
+
+
+def _curvlinops_ekfac(problem, **options):
+    curvlinops = pytest.importorskip("curvlinops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = curvlinops.EKFACLinearOperator(
+            problem.model, problem.loss_fn, problem.params, problem.data, check_deterministic=False, **options
+        )
+        return theirs @ torch.eye(problem.num_params, dtype=F64)
+
+
+@pytest.mark.parametrize("model_name, loss_name", [c for c in CASES if c[0] != "conv1d"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("separate", [False, True], ids=["folded_bias", "separate_bias"])
+def test_ekfac_expand_matches_curvlinops(model_name, loss_name, fisher_type, separate):
+    problem = _problem(model_name, loss_name)
+    options = {"fisher_type": fisher_type, "kfac_approx": "expand", "separate_weight_and_bias": separate}
+    expected = _curvlinops_ekfac(problem, **options)
+    assert_close_rel(cl.EKFAC(problem, **options).to_dense(), expected, 1e-10, "EKFAC vs curvlinops")
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_ekfac_reduce_matches_curvlinops_where_the_eigenbasis_is_unique(fisher_type):
+    """Reduce, with every factor eigenvalue simple: the two libraries must agree.
+
+    With reduce, a factor can have repeated eigenvalues (rank-deficient mean patches, low-rank
+    output gradients); inside such an eigenspace any basis is KFAC's, and EKFAC's refit depends on
+    which one eigh returns, so libraries may differ there.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 5)).double()
+    generator = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(40, 2, 4, 4, generator=generator, dtype=F64),
+            torch.randint(0, 5, (40,), generator=generator),
+        )
+    ]
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), data)
+    options = {"fisher_type": fisher_type, "kfac_approx": "reduce", "separate_weight_and_bias": False}
+    ours = cl.EKFAC(problem, **options)
+    for block in cl.KFAC(problem, **options).blocks():
+        for factor in (block.A, block.G):
+            values = torch.linalg.eigvalsh(factor)
+            assert torch.diff(values).min() > 1e-6 * values.max(), "precondition: simple eigenvalues"
+    assert_close_rel(
+        ours.to_dense(), _curvlinops_ekfac(problem, **options), 1e-9, "EKFAC reduce vs curvlinops"
+    )
 
 
 def test_ekfac_solve_and_eigenvalues():
