@@ -334,6 +334,28 @@ def test_pi_damping_is_the_factored_inverse():
     assert_close_rel(inverse.to_dense(), torch.linalg.inv(damped.to_dense()), 1e-10, "pi-damped inverse")
 
 
+def test_pi_damping_of_a_bias_on_its_own_is_exact_damping():
+    """A bias block G ⊗ [a] is a scaled matrix, nothing to factor: π-damping damps it exactly.
+
+    (curvlinops 3.0.1 applies the weight's damped G inverse to the bias instead.)
+    """
+    problem = _problem("conv2d", "ce")
+    kfac = cl.KFAC(problem, separate_weight_and_bias=True)
+    damping = 0.1
+    bias_blocks = [block for block in kfac.blocks(by="parameter") if block.A.shape[0] == 1]
+    assert len(bias_blocks) == 2
+    for block in bias_blocks:
+        exact = torch.linalg.inv(block.to_dense() + damping * torch.eye(block.shape[0], dtype=F64))
+        assert_close_rel(block.inverse(damping, pi_damping=True).to_dense(), exact, 1e-10, "bias block")
+    dense = kfac.inverse(damping, pi_damping=True).to_dense()
+    offsets = kfac.block_offsets()
+    for (index,), block in zip(kfac.block_indices, kfac.blocks(by="parameter")):
+        part = slice(offsets[index], offsets[index + 1])
+        assert_close_rel(
+            dense[part, part], block.inverse(damping, pi_damping=True).to_dense(), 1e-12, "layout"
+        )
+
+
 @pytest.mark.parametrize("other", ["exact", "diagonal"])
 @pytest.mark.parametrize("kind", [cl.KFAC, cl.EKFAC])
 def test_other_structure_for_unsupported_layers(other, kind):

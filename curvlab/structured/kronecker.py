@@ -216,10 +216,13 @@ class KroneckerBlock(LayerMatrixBlock):
 
         Exactly (G ⊗ A + λI)⁻¹ in the factors' eigenbases, or with ``pi_damping`` the
         factored Kronecker inverse (G + π√λ I)⁻¹ ⊗ (A + √λ/π I)⁻¹ (Martens & Grosse
-        2015, §6.3).
+        2015, §6.3). A block with a 1 × 1 factor (a bias on its own: A = [a]) is a scaled
+        matrix, nothing to factor: it is damped exactly under either option.
         """
         if damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if pi_damping and min(self.A.shape[0], self.G.shape[0]) == 1:
+            pi_damping = False
         if not pi_damping and self._G_scalar is not None and self._G_scalar > 0:
             # (cI ⊗ A + λI)⁻¹ = I ⊗ (cA + λI)⁻¹: one factor, by Cholesky (no eigensolver).
             A_inv = _spd_inverse(self._G_scalar * self.A, damping)
