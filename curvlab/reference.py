@@ -17,8 +17,6 @@ with at most a few thousand parameters and a few hundred outputs.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, jacrev, vmap
@@ -100,36 +98,53 @@ def _per_example_jacobians(problem, X, theta, f) -> Tensor:
     return vmap(lambda x: jacrev(lambda t: f(t, x.unsqueeze(0)).flatten())(theta))(X)
 
 
-def _output_score_covariance(loss_fn: nn.Module, output: Tensor) -> Tensor:
-    """E_ŷ[g gᵀ], g = ∇_f ℓ(f, ŷ) for one example's output ``f`` (shape (1, …))."""
-    sum_loss = type(loss_fn)(reduction="sum")  # sampled classes are never ignored
+def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+    """E_ŷ[g gᵀ], g = ∇_f ℓ(f, ŷ) for one example's output ``f`` (shape (1, …)), flat indices.
+
+    The model's distribution factorizes over the loss terms (positions of a cross-entropy
+    output (1, C, …), elements of a BCE output), so each term's outcomes are enumerated on
+    their own and different terms' scores are uncorrelated (each has mean zero). A
+    cross-entropy position whose data target is ``ignore_index`` has no term.
+    """
     d = output.numel()
+    covariance = torch.zeros(d, d, dtype=output.dtype, device=output.device)
     if isinstance(loss_fn, nn.MSELoss):
         # ŷ ~ N(f, ½ I), g = 2(f − ŷ): E[g gᵀ] = 4 · ½ I.
         return 2.0 * torch.eye(d, dtype=output.dtype, device=output.device)
-    outcomes = []
+    index = torch.arange(d, device=output.device).reshape(output.shape)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if output.dim() != 2:
-            raise ValueError("the reference Fisher supports cross-entropy on (N, C) outputs only")
-        probs = output.softmax(1).flatten()
-        for k in range(output.shape[1]):
-            target = torch.tensor([k], device=output.device)
-            outcomes.append((probs[k], target))
+
+        def term(z, k):
+            return nn.functional.cross_entropy(z[None], k[None], reduction="sum")
+
+        logits = output.movedim(1, -1).reshape(-1, output.shape[1])  # (positions, C)
+        flat_index = index.movedim(1, -1).reshape(-1, output.shape[1])
+        kept = (target != loss_fn.ignore_index).flatten()
+        for z, where, has_term in zip(logits, flat_index, kept):
+            if has_term:
+                classes = [(p, torch.tensor(k, device=z.device)) for k, p in enumerate(z.softmax(0))]
+                _accumulate(covariance, where, z, term, classes)
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        if d > 12:
-            raise ValueError("the reference Fisher enumerates 2^C outcomes: C ≤ 12")
-        s = torch.sigmoid(output).flatten()
-        for bits in itertools.product([0.0, 1.0], repeat=d):
-            target = torch.tensor(bits, dtype=output.dtype, device=output.device)
-            prob = torch.prod(torch.where(target > 0, s, 1 - s))
-            outcomes.append((prob, target.reshape(output.shape)))
+
+        def term(z, t):
+            return nn.functional.binary_cross_entropy_with_logits(z, t, reduction="sum")
+
+        for z, where in zip(output.flatten(), index.flatten()):
+            s = torch.sigmoid(z)
+            bits = [(s, torch.ones_like(z)[None]), (1 - s, torch.zeros_like(z)[None])]
+            _accumulate(covariance, where[None], z[None], term, bits)
     else:
         raise ValueError(f"no reference Fisher for {type(loss_fn).__name__}")
-    covariance = torch.zeros(d, d, dtype=output.dtype, device=output.device)
-    for prob, target in outcomes:
-        g = grad(lambda out, t=target: sum_loss(out, t))(output).flatten()
-        covariance += prob * torch.outer(g, g)
     return covariance
+
+
+def _accumulate(covariance: Tensor, index: Tensor, z: Tensor, term, outcomes) -> None:
+    """covariance[index, index] += Σ_outcomes p g gᵀ, g = ∇_z term(z, outcome)."""
+    block = torch.zeros(len(index), len(index), dtype=z.dtype, device=z.device)
+    for prob, outcome in outcomes:
+        g = grad(lambda w, t=outcome: term(w, t))(z).flatten()
+        block += prob * torch.outer(g, g)
+    covariance[index[:, None], index[None, :]] += block
 
 
 def fisher(problem) -> Tensor:
@@ -141,9 +156,7 @@ def fisher(problem) -> Tensor:
     J = _per_example_jacobians(problem, X, theta, f)
     result = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64, device=theta.device)
     for n in range(X.shape[0]):
-        if isinstance(problem.loss_fn, nn.CrossEntropyLoss) and y[n] == problem.loss_fn.ignore_index:
-            continue  # no loss term for this example
-        covariance = _output_score_covariance(problem.loss_fn, outputs[n : n + 1])
+        covariance = _output_score_covariance(problem.loss_fn, outputs[n : n + 1], y[n : n + 1])
         result += J[n].T @ covariance @ J[n]
     return c * result
 

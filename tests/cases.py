@@ -70,6 +70,21 @@ def _conv_net():
     )
 
 
+class ClassesFirst(nn.Module):
+    """(N, L, C) → (N, C, L): the layout CrossEntropyLoss takes for a sequence."""
+
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def _sequence_classifier():
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), ClassesFirst())
+
+
+def _segmentation_net():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 1))
+
+
 CASES = [
     Case("mlp_tanh_mse_mean", lambda: _mlp(5, 4, 3), (5,), (3,), "mse", "mean"),
     Case("mlp_sigmoid_ce_sum", lambda: _mlp(5, 6, 4, act=nn.Sigmoid), (5,), (4,), "ce", "sum"),
@@ -102,6 +117,10 @@ CASES = [
     Case("linear_ce_mean", lambda: nn.Linear(4, 3), (4,), (3,), "ce", "mean", (5, 4)),
     Case("linear_mse_sum", lambda: nn.Linear(4, 3), (4,), (3,), "mse", "sum"),
     Case("linear_bce_mean", lambda: nn.Linear(4, 2), (4,), (2,), "bce", "mean", (3, 5)),
+    # a loss term per position: (N, C, L) logits, (N, L, C) regression, (N, C, H, W) maps
+    Case("sequence_ce_mean", _sequence_classifier, (4, 3), (3, 4), "ce", "mean", (3, 2)),
+    Case("sequence_mse_sum", lambda: _mlp(3, 4, 2), (4, 3), (4, 2), "mse", "sum", (3,)),
+    Case("segmentation_bce_mean", _segmentation_net, (2, 3, 3), (2, 3, 3), "bce", "mean", (2,)),
 ]
 
 LINEAR_CASES = [c for c in CASES if c.name.startswith("linear_")]
