@@ -72,6 +72,28 @@ def test_top_eigen_thick_restart_finds_clustered_eigenvalues(basis_size):
     assert_close_rel(result.values, torch.tensor([3.0, 1.52, 1.51, 1.5], dtype=torch.float64), 1e-12)
 
 
+def test_top_eigen_default_basis_spans_a_small_space_without_restarts():
+    """Smallest eigenvalues of a small singular PSD matrix with a cluster near zero.
+
+    A thick-restarted 20-vector basis ran out of its 1000 products here without converging;
+    the default basis of a small problem holds the whole space, so at most n products.
+    """
+    eigenvalues = torch.cat(
+        [
+            torch.zeros(30, dtype=torch.float64),
+            torch.logspace(-8, -5, 30, dtype=torch.float64),
+            torch.linspace(1, 40, 30, dtype=torch.float64),
+        ]
+    )
+    tol = 1e-10
+    result = cl.top_eigen(_dense_operator(eigenvalues), 4, which="smallest", tol=tol, progress=False)
+    assert result.converged
+    assert result.num_matvecs <= len(eigenvalues) + 4  # the basis, plus the residual check
+    distance = (result.values[:, None] - eigenvalues[None, :]).abs().min(1).values
+    assert (distance <= tol * 40).all(), distance  # |θ − λ| ≤ residual ≤ tol · ‖C‖
+    assert result.values[0].abs() <= tol * 40
+
+
 @pytest.mark.parametrize("budget", [64, 10**9])
 def test_restart_combines_basis_rows_in_place_in_column_blocks(monkeypatch, budget):
     monkeypatch.setattr(lanczos, "block_budget", lambda device: budget)  # 64 B: two columns a block

@@ -196,6 +196,9 @@ def _orthogonalize_vector(V: Tensor, w: Tensor) -> tuple[Tensor, float]:
     return h[0], norms.item()
 
 
+_DEFAULT_BASIS_ENTRIES = 2**22  # a default basis of up to 16 MB (float32) when n is small
+
+
 def top_eigen(
     C,
     k: int = 1,
@@ -220,8 +223,11 @@ def top_eigen(
             Default 1e-6 in float64, 1e-4 in float32.
         max_matvecs: Product budget (default max(1000, 20·basis_size), at most
             enough to span the whole space a few times); a warning if it runs out.
-        basis_size: Krylov basis kept between restarts (default max(2k + 10, 20),
-            at most n). Memory: (basis_size + 1) · n entries.
+        basis_size: Krylov basis kept between restarts. Default max(2k + 10, 20), or
+            as many vectors as fit in 2²² entries if more (small problems: a basis
+            up to n never restarts and ends in at most n products, where clustered
+            small eigenvalues of a thick-restarted basis can take thousands); at
+            most n. Memory: (basis_size + 1) · n entries.
         seed: Seed of the random start (drawn on the CPU: device-independent).
         start: The Lanczos start vector. ``"random"``: a seeded Gaussian vector.
             ``"gradient"``: the normalised gradient ∇R of the operator's problem
@@ -250,7 +256,7 @@ def top_eigen(
         raise ValueError(f"k must be between 1 and n = {n}, got {k}")
     if tol is None:
         tol = 1e-6 if dtype == torch.float64 else 1e-4
-    m = min(n, basis_size if basis_size is not None else max(2 * k + 10, 20))
+    m = min(n, basis_size if basis_size is not None else max(2 * k + 10, 20, _DEFAULT_BASIS_ENTRIES // n))
     if m < k:
         raise ValueError(f"basis_size must be ≥ k = {k}, got {m}")
     if max_matvecs is None:
