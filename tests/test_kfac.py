@@ -81,6 +81,30 @@ def test_deep_linear_network_mse_type2_equals_block_diagonal_ggn(reduction):
         assert_close_rel(block.to_dense(), dense_ggn[index][:, index], 1e-11, "deep linear")
 
 
+def _as_conv2d_problem(problem):
+    """The same network with every Conv1d as a Conv2d of kernel (1, k) on (N, C, 1, L) inputs."""
+    layers = []
+    for module in problem.model:
+        if isinstance(module, nn.Conv1d):
+            conv = nn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                (1, module.kernel_size[0]),
+                stride=(1, module.stride[0]),
+                padding=(0, module.padding[0]),
+                dilation=(1, module.dilation[0]),
+                bias=module.bias is not None,
+            ).to(module.weight)
+            with torch.no_grad():
+                conv.weight.copy_(module.weight.unsqueeze(2))
+                if module.bias is not None:
+                    conv.bias.copy_(module.bias)
+            module = conv
+        layers.append(module)
+    data = [(X.unsqueeze(2), y) for X, y in problem.data]
+    return cl.Problem(nn.Sequential(*layers), problem.loss_fn, data)
+
+
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
@@ -89,14 +113,14 @@ def test_deep_linear_network_mse_type2_equals_block_diagonal_ggn(reduction):
 def test_matches_curvlinops(model_name, loss_name, fisher_type, approx, separate):
     curvlinops = pytest.importorskip("curvlinops")
     problem = _problem(model_name, loss_name)
-    if model_name == "conv1d":
-        pytest.skip("curvlinops 3 has no Conv1d rule; covered by test_conv_against_independent_reference")
     ours = cl.KFAC(problem, fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=separate)
+    # curvlinops 3 has no Conv1d rule: it gets the same network as a Conv2d on height-1 inputs
+    peer = _as_conv2d_problem(problem) if model_name == "conv1d" else problem
     theirs = curvlinops.KFACLinearOperator(
-        problem.model,
-        problem.loss_fn,
-        problem.params,
-        problem.data,
+        peer.model,
+        peer.loss_fn,
+        peer.params,
+        peer.data,
         fisher_type=fisher_type,
         kfac_approx=approx,
         separate_weight_and_bias=separate,
