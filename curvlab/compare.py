@@ -15,8 +15,9 @@ overall, for dense-able matrices A (approximation) and E (exact):
   pair of the rearrangement R(E) with R[(i,i'),(j,j')] = E[(i,j),(i',j')], error
   √(‖E‖_F² − σ₁²)), next to KFAC's own ``rel_frobenius``.
 
-When a matrix would not fit, ‖A − E‖_F is estimated matrix-free from Rademacher
-probes z (E‖(A − E)z‖² = ‖A − E‖_F²) with its standard error.
+When a matrix would not fit, ‖A − E‖_F and ``rel_frobenius`` are estimated
+matrix-free from Rademacher probes z (E‖(A − E)z‖² = ‖A − E‖_F², E‖Ez‖² = ‖E‖_F²,
+the same probes for both) with standard errors (``…_stderr``, delta method).
 """
 
 from __future__ import annotations
@@ -137,18 +138,59 @@ def _kron_permutation(block: LayerMatrixBlock) -> Tensor:
     return block._to_matrix([t.double() for t in as_list]).flatten().round().long()
 
 
+def _probe_squares(approx, exact, num_probes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """‖(A − E) z‖² and ‖E z‖² for Rademacher probes z: unbiased for ‖A − E‖_F², ‖E‖_F²."""
+    generator = torch.Generator().manual_seed(seed)
+    n = exact.shape[0]
+    Z = (torch.randint(0, 2, (n, num_probes), generator=generator) * 2 - 1).to(exact.device, exact.dtype)
+    EZ = exact @ Z
+    return (approx @ Z - EZ).pow(2).sum(0), EZ.pow(2).sum(0)
+
+
+def _frobenius_from_squares(squares: Tensor) -> tuple[float, float]:
+    """√(mean) and its standard error (delta method: se(√m) = se(m) / 2√m)."""
+    mean = squares.mean()
+    error = squares.std() / squares.numel() ** 0.5
+    value = mean.sqrt()
+    return value.item(), (error / (2 * value)).item() if value > 0 else 0.0
+
+
+def _relative_from_squares(squares: Tensor, exact_squares: Tensor) -> tuple[float, float]:
+    """√(mean d / mean e) and its standard error (delta method for a ratio of means)."""
+    d, e = squares.mean(), exact_squares.mean()
+    if e <= 0:
+        return float("nan"), float("nan")
+    ratio = d / e
+    ratio_error = (squares - ratio * exact_squares).std() / (squares.numel() ** 0.5 * e)
+    value = ratio.sqrt()
+    return value.item(), (ratio_error / (2 * value)).item() if value > 0 else 0.0
+
+
 def frobenius_estimate(
     approx: CurvatureOperator, exact: CurvatureOperator, num_probes: int = 20, seed: int = 0
 ):
     """Matrix-free ‖A − E‖_F and its standard error from Rademacher probes."""
-    generator = torch.Generator().manual_seed(seed)
-    n = exact.shape[0]
-    Z = (torch.randint(0, 2, (n, num_probes), generator=generator) * 2 - 1).to(exact.device, exact.dtype)
-    squares = ((approx @ Z) - (exact @ Z)).pow(2).sum(0)
-    mean = squares.mean()
-    error = squares.std() / num_probes**0.5
-    value = mean.sqrt()
-    return value.item(), (error / (2 * value)).item() if value > 0 else 0.0
+    return _frobenius_from_squares(_probe_squares(approx, exact, num_probes, seed)[0])
+
+
+def relative_frobenius_estimate(
+    approx: CurvatureOperator, exact: CurvatureOperator, num_probes: int = 20, seed: int = 0
+):
+    """Matrix-free ‖A − E‖_F / ‖E‖_F and its standard error, from the same probes for both norms."""
+    return _relative_from_squares(*_probe_squares(approx, exact, num_probes, seed))
+
+
+def _matrix_free_metrics(approx, exact, num_probes: int) -> dict:
+    squares, exact_squares = _probe_squares(approx, exact, num_probes, seed=0)
+    value, error = _frobenius_from_squares(squares)
+    relative, relative_error = _relative_from_squares(squares, exact_squares)
+    return {
+        "frobenius_difference": value,
+        "frobenius_difference_stderr": error,
+        "rel_frobenius": relative,
+        "rel_frobenius_stderr": relative_error,
+        "num_probes": num_probes,
+    }
 
 
 def _fits(n: int, dtype: torch.dtype, device) -> bool:
@@ -210,8 +252,7 @@ def compare(
         elif _fits(size, exact.dtype, exact.device):
             A, E = approx_block.to_dense(), exact._block(indices).to_dense()
         else:
-            value, error = frobenius_estimate(approx_block, exact._block(indices), num_probes)
-            row.update({"frobenius_difference": value, "frobenius_difference_stderr": error})
+            row.update(_matrix_free_metrics(approx_block, exact._block(indices), num_probes))
             rows.append(row)
             continue
         row.update(_dense_metrics(A, E, k))
@@ -225,8 +266,7 @@ def compare(
     if whole:
         overall = {"size": n, **_dense_metrics(A_full, E_full, k)}
     else:
-        value, error = frobenius_estimate(approx, exact, num_probes)
-        overall = {"size": n, "frobenius_difference": value, "frobenius_difference_stderr": error}
+        overall = {"size": n, **_matrix_free_metrics(approx, exact, num_probes)}
     return ComparisonReport(
         overall, rows, approx_name or type(approx).__name__, exact_name or type(exact).__name__
     )
@@ -237,4 +277,5 @@ __all__ = [
     "compare",
     "frobenius_estimate",
     "optimal_kronecker_rel_frobenius",
+    "relative_frobenius_estimate",
 ]

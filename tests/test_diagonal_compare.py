@@ -10,7 +10,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from curvlab.compare import frobenius_estimate, optimal_kronecker_rel_frobenius
+from curvlab.compare import frobenius_estimate, optimal_kronecker_rel_frobenius, relative_frobenius_estimate
 from tests.helpers import assert_close_rel
 from tests.test_kfac import LOSSES, MODELS, _problem
 
@@ -142,6 +142,37 @@ def test_matrix_free_frobenius_estimate():
     exact = (ef.to_dense() - ggn.to_dense()).norm().item()
     value, error = frobenius_estimate(ef, ggn, num_probes=400, seed=0)
     assert abs(value - exact) < 4 * error + 1e-12, f"{value} ± {error} vs {exact}"
+
+
+def test_matrix_free_relative_frobenius_estimate():
+    problem = _problem("mlp", "ce")
+    ggn, ef = cl.GGN(problem), cl.EmpiricalFisher(problem)
+    exact = ((ef.to_dense() - ggn.to_dense()).norm() / ggn.to_dense().norm()).item()
+    value, error = relative_frobenius_estimate(ef, ggn, num_probes=400, seed=0)
+    assert 0 < error < 0.1 * exact
+    assert abs(value - exact) < 4 * error, f"{value} ± {error} vs {exact}"
+
+
+def test_compare_of_matrices_that_do_not_fit_estimates_the_relative_error(monkeypatch, tmp_path):
+    compare_module = importlib.import_module("curvlab.compare")
+    problem = _problem("conv2d", "ce")
+    kfac, ggn = cl.KFAC(problem), cl.GGN(problem)
+    dense = cl.compare(kfac, ggn)
+    monkeypatch.setattr(compare_module, "_fits", lambda n, dtype, device: False)
+    estimated = cl.compare(kfac, ggn, num_probes=400)
+    for row, dense_row in zip([*estimated.blocks, estimated.overall], [*dense.blocks, dense.overall]):
+        assert "rel_spectral" not in row
+        assert (
+            abs(row["rel_frobenius"] - dense_row["rel_frobenius"]) < 4 * row["rel_frobenius_stderr"] + 1e-12
+        )
+        assert row["rel_frobenius_stderr"] < 0.2 * dense_row["rel_frobenius"] + 1e-12
+    overall_line = str(estimated).splitlines()[-1]
+    assert f"{estimated.overall['rel_frobenius']:.4g}" in overall_line  # the table shows the estimate
+    store = cl.Store(tmp_path / "estimated.h5")
+    store.save("kfac_vs_ggn", estimated)
+    (record,) = store.records()
+    assert record.data["overall"]["rel_frobenius"] == estimated.overall["rel_frobenius"]
+    assert record.data["overall"]["rel_frobenius_stderr"] == estimated.overall["rel_frobenius_stderr"]
 
 
 def test_compare_rejects_different_parameters():
