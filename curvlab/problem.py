@@ -164,6 +164,12 @@ class Problem:
         X, y = next(iter(self.batches()))
         with torch.no_grad():
             output = self.forward(self.params, X)
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedError(
+                f"the model returned a {type(output).__name__}, not a tensor: curvlab needs the "
+                "model's predictions as one tensor (the loss' input); wrap the model in an "
+                "nn.Module whose forward returns that tensor"
+            )
         self.loss_rule.check(output, y)
 
     def _raw_batches(self):

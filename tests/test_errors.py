@@ -102,6 +102,20 @@ def test_batch_that_is_not_a_pair():
         _problem(data=[torch.randn(5, 3)])
 
 
+class _ReturnsTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x), x
+
+
+def test_model_that_does_not_return_a_tensor():
+    with pytest.raises(cl.UnsupportedError, match="returned a tuple, not a tensor.*wrap the model"):
+        _problem(model=_ReturnsTuple())
+
+
 def test_to_dense_refuses_when_it_would_not_fit(monkeypatch):
     problem = _problem()
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
