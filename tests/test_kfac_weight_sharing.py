@@ -20,17 +20,11 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from tests.cases import ClassesFirst
 from tests.helpers import assert_close_rel
 
 F64 = torch.float64
 N, L, D_IN, HIDDEN, C = 3, 4, 3, 4, 3
-
-
-class ClassesFirst(nn.Module):
-    """(N, L, C) → (N, C, L), the layout CrossEntropyLoss takes for sequences."""
-
-    def forward(self, x):
-        return x.transpose(1, 2)
 
 
 def _sequence_problem(loss_name, reduction):
