@@ -107,10 +107,10 @@ def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor)
     cross-entropy position whose data target is ``ignore_index`` has no term.
     """
     d = output.numel()
-    covariance = torch.zeros(d, d, dtype=output.dtype, device=output.device)
     if isinstance(loss_fn, nn.MSELoss):
         # ŷ ~ N(f, ½ I), g = 2(f − ŷ): E[g gᵀ] = 4 · ½ I.
         return 2.0 * torch.eye(d, dtype=output.dtype, device=output.device)
+    covariance = torch.zeros(d, d, dtype=output.dtype, device=output.device)
     index = torch.arange(d, device=output.device).reshape(output.shape)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
 

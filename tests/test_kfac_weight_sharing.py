@@ -20,27 +20,26 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from tests.cases import ClassesFirst
+from tests.cases import _mlp, _sequence_classifier
 from tests.helpers import assert_close_rel
 
 F64 = torch.float64
-N, L, D_IN, HIDDEN, C = 3, 4, 3, 4, 3
+N, L, D_IN, HIDDEN, C = 3, 4, 3, 4, 3  # the widths of tests.cases' sequence models
 
 
 def _sequence_problem(loss_name, reduction):
     torch.manual_seed(0)
-    layers = [nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, C)]
+    model = _sequence_classifier() if loss_name == "ce" else _mlp(D_IN, HIDDEN, C)  # (N, C, L) / (N, L, C)
     generator = torch.Generator().manual_seed(1)
     X = torch.randn(N, L, D_IN, generator=generator, dtype=F64)
     if loss_name == "ce":
-        layers.append(ClassesFirst())
         y, loss = torch.randint(0, C, (N, L), generator=generator), nn.CrossEntropyLoss(reduction=reduction)
     elif loss_name == "bce":
         y = torch.randint(0, 2, (N, L, C), generator=generator).to(F64)
         loss = nn.BCEWithLogitsLoss(reduction=reduction)
     else:
         y, loss = torch.randn(N, L, C, generator=generator, dtype=F64), nn.MSELoss(reduction=reduction)
-    return cl.Problem(nn.Sequential(*layers).double(), loss, (X, y))
+    return cl.Problem(model.double(), loss, (X, y))
 
 
 def _segmentation_problem(reduction):

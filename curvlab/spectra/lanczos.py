@@ -221,8 +221,8 @@ def top_eigen(
             estimated by the largest Ritz value in magnitude (for the top
             eigenvalue of a PSD matrix this is the relative residual).
             Default 1e-6 in float64, 1e-4 in float32.
-        max_matvecs: Product budget (default max(1000, 20·basis_size), at most
-            enough to span the whole space a few times); a warning if it runs out.
+        max_matvecs: Product budget (default max(1000, 20·basis_size)); a warning
+            if it runs out.
         basis_size: Krylov basis kept between restarts. Default max(2k + 10, 20), or
             as many vectors as fit in 2²² entries if more (small problems: a basis
             up to n never restarts and ends in at most n products, where clustered
