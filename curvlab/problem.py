@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -36,6 +37,30 @@ def call_with(model: nn.Module, tensors: dict[str, Tensor], args: tuple):
                 store[name] = tensor
 
 
+def uses_in_graph(output: Tensor, leaves: Sequence[Tensor]) -> list[int]:
+    """How many edges of ``output``'s autograd graph end at each leaf tensor.
+
+    An edge is one operation reading the leaf (``nn.Linear`` reads its weight
+    once); 0 means the output does not depend on the leaf. Each graph node is
+    visited once, so this is linear in the size of the graph.
+    """
+    counts: Counter[int] = Counter()
+    root = output.grad_fn
+    stack, seen = ([root], {root}) if root is not None else ([], set())
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                counts[id(variable)] += 1
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return [counts[id(leaf)] for leaf in leaves]
+
+
 class Problem:
     r"""A model, a loss, data and the parameters θ that curvature is taken over.
 
@@ -59,6 +84,12 @@ class Problem:
         params: The parameters to differentiate, flattened in this order (each
             tensor row-major). Default: every model parameter that requires grad.
         eval_mode: Evaluate the model in eval mode (default ``True``).
+
+    Attributes:
+        param_uses: ``{name: count}``, how many operations of the first batch's
+            forward pass read each parameter (``nn.Linear`` reads its weight once;
+            0: unused, its curvature is 0). The layerwise approximations use it to
+            refuse shared or unused layers.
 
     Raises:
         UnsupportedError: unsupported loss, reduction or loss option.
@@ -161,9 +192,11 @@ class Problem:
         return num_terms, num_examples, num_counted, num_batches
 
     def _check_first_batch(self) -> None:
+        """Check the model's output on the first batch; count each parameter's uses in its graph."""
         X, y = next(iter(self.batches()))
-        with torch.no_grad():
-            output = self.forward(self.params, X)
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        with torch.enable_grad():
+            output = self.forward(leaves, X)
         if not isinstance(output, torch.Tensor):
             raise UnsupportedError(
                 f"the model returned a {type(output).__name__}, not a tensor: curvlab needs the "
@@ -171,6 +204,9 @@ class Problem:
                 "nn.Module whose forward returns that tensor"
             )
         self.loss_rule.check(output, y)
+        # param_uses[name]: how many operations of the forward pass read the parameter
+        # (0: not used, its curvature is 0; more than 1 for a layer: weight sharing).
+        self.param_uses: dict[str, int] = dict(zip(self.param_names, uses_in_graph(output, leaves)))
 
     def _raw_batches(self):
         for index, batch in enumerate(self.data):

@@ -492,14 +492,15 @@ def test_exact_diagonal_with_shared_weights_comes_from_products(name):
     assert_close_rel(diagonal.diagonal, torch.diagonal(reference.ggn(problem)), 1e-12, "diagonal")
 
 
-@pytest.mark.parametrize("name", ["same module twice", "tied parameter"])
+@pytest.mark.parametrize("name", ["same module twice", "tied parameter", "loop"])
 def test_shared_weights_take_the_other_structure(name):
     problem = _shared_problems()[name]
     approx = cl.KFAC(problem, other_structure="exact")
     ggn = reference.ggn(problem)
-    # Twice: the shared layer's exact block (its weight and bias); tied: every parameter
-    # touches the tied weight, so all of them get exact blocks, one per module.
-    expected = [[2, 3]] if name == "same module twice" else [[0, 1], [2]]
+    # Twice and loop: the shared layer's exact block (its weight and bias; the loop is
+    # found from the forward pass' graph); tied: every parameter touches the tied
+    # weight, so all of them get exact blocks, one per module.
+    expected = [[0, 1], [2]] if name == "tied parameter" else [[2, 3]]
     assert [indices for indices in approx.block_indices if indices in expected] == expected
     for indices, block in zip(approx.block_indices, approx.block_operators):
         if indices in expected:

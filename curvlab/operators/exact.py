@@ -95,6 +95,12 @@ class ProblemOperator(CurvatureOperator):
         return self.problem.gradient()
 
 
+def _gradient_with_graph(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """∇ loss with its graph; zeros (no graph) for parameters the loss does not use."""
+    gradient = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gradient, params)]
+
+
 class Hessian(ProblemOperator):
     """H = ∇²_θ R(θ), by differentiating the gradient once more (Pearlmutter 1994).
 
@@ -145,7 +151,7 @@ class Hessian(ProblemOperator):
         for X, y in self.problem.batches():
             params = [p.detach().requires_grad_(True) for p in self.problem.params]
             loss = self.problem.batch_loss(params, X, y) * self.problem.reduction_factor
-            gradient = torch.autograd.grad(loss, params, create_graph=True)
+            gradient = _gradient_with_graph(loss, params)
             connected = [i for i, g in enumerate(gradient) if g.requires_grad]
             graphs.append((params, gradient, connected))
         return graphs
@@ -181,7 +187,7 @@ class Hessian(ProblemOperator):
     def _batch_matmat(self, X, y, index, Vs):
         params = [p.detach().requires_grad_(True) for p in self.problem.params]
         loss = self.problem.batch_loss(params, X, y)
-        gradient = torch.autograd.grad(loss, params, create_graph=True)
+        gradient = _gradient_with_graph(loss, params)
         connected = [i for i, g in enumerate(gradient) if g.requires_grad]
         return self._pull_back(params, gradient, connected, Vs, retain_graph=False)
 
@@ -236,8 +242,12 @@ class OutputSpaceOperator(ProblemOperator):
             return pullback(middle if mask is None else middle * mask)
 
         if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead
-            return [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
-        return list(vmap(product)(*Vs))
+            results = [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
+        else:
+            results = list(vmap(product)(*Vs))
+        # A parameter the output does not use gets an expanded zero (one element in
+        # memory) from the pull-back: materialised, as the batch sums write in place.
+        return [r if r.is_contiguous() else r.contiguous() for r in results]
 
 
 def _per_example_dot(a: Tensor, b: Tensor) -> Tensor:

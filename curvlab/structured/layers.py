@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from curvlab.errors import UnsupportedError
 
 
+def module_label(name: str, module: nn.Module) -> str:
+    """How errors name a module: ``module 'encoder.0' (Linear)``, or the model itself."""
+    kind = type(module).__name__
+    return f"module {name!r} ({kind})" if name else f"the model itself ({kind})"
+
+
 class LayerRule:
     """How one layer type maps inputs and output gradients to Kronecker factors."""
 
@@ -50,10 +56,10 @@ class ConvRule(LayerRule):
 
     def check(self, module, name):  # noqa: D102
         if module.groups != 1:
-            raise UnsupportedError(f"{name} ({type(module).__name__}): groups={module.groups}, only 1")
+            raise UnsupportedError(f"{module_label(name, module)}: groups={module.groups}, only 1")
         if module.padding_mode != "zeros":
             raise UnsupportedError(
-                f"{name} ({type(module).__name__}): padding_mode={module.padding_mode!r}, only 'zeros'"
+                f"{module_label(name, module)}: padding_mode={module.padding_mode!r}, only 'zeros'"
             )
 
     @staticmethod
@@ -117,7 +123,7 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
     if rule is None:
         supported = ", ".join(cls.__name__ for cls in REGISTRY)
         raise UnsupportedError(
-            f"module {name!r} ({type(module).__name__}) has parameters but no Kronecker rule; "
+            f"{module_label(name, module)} has parameters but no Kronecker rule; "
             f"supported layers: {supported}. Pass other_structure='exact' or 'diagonal' to give "
             "its parameters an exact block or diagonal, or leave them out of the problem's params"
         )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from curvlab.errors import UnsupportedError
 from curvlab.operators.memory import block_budget
 from curvlab.problem import Problem
-from curvlab.structured.layers import LayerRule, rule_for
+from curvlab.structured.layers import LayerRule, module_label, rule_for
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 
@@ -107,18 +107,46 @@ class Layer:
 def _shared_message(module: nn.Module, name: str, uses: int | None = None) -> str:
     how = f"is used {uses} times" if uses else "shares a parameter with another module"
     return (
-        f"module {name!r} ({type(module).__name__}) {how} (weight sharing); Kronecker factors and the "
+        f"{module_label(name, module)} {how} (weight sharing); Kronecker factors and the "
         "layerwise statistics need each layer used once per forward pass. Pass other_structure='exact' "
         "or 'diagonal' to give its parameters an exact block or diagonal"
+    )
+
+
+def _check_used_once(problem: Problem, module: nn.Module, name: str, indices) -> None:
+    """UnsupportedError unless each of the module's parameters is read once by the forward pass.
+
+    Counted in the first batch's autograd graph (``Problem.param_uses``): 0 means
+    the module takes no part in the forward pass; more than 1 that it is called
+    again (a loop) or that its parameter is also used outside it (a decoder
+    reading an encoder's weight transposed), which no per-layer pass captures.
+    """
+    uses = {problem.param_uses[problem.param_names[i]] for i in indices}
+    if uses == {1}:
+        return
+    other = "Pass other_structure='exact' or 'diagonal' to give its parameters an exact block or diagonal"
+    if 0 in uses:
+        raise UnsupportedError(
+            f"{module_label(name, module)} takes no part in the model's forward pass "
+            "(its parameters get no gradient, so its curvature is 0); leave its parameters out of "
+            f"the problem's params. {other}"
+        )
+    raise UnsupportedError(
+        f"{module_label(name, module)} has a parameter read {max(uses)} times in one "
+        "forward pass: the module is called more than once (e.g. in a loop) or its parameter is "
+        "also used outside it (weight sharing); Kronecker factors and the layerwise statistics "
+        f"need each layer used once per forward pass. {other}"
     )
 
 
 def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[Layer]:
     """Group the problem's parameters by module; error on unsupported modules.
 
-    A module reachable by two paths (the same layer twice in a ``Sequential``) or
-    owning a parameter tied to another module counts as unsupported: its
-    parameters' curvature couples several uses, which no per-layer pass captures.
+    A module reachable by two paths (the same layer twice in a ``Sequential``),
+    owning a parameter tied to another module, or whose parameters the first
+    batch's forward pass reads more than once or never, counts as unsupported:
+    its parameters' curvature couples several uses, which no per-layer pass
+    captures (or is 0).
 
     Args:
         problem: The problem.
@@ -141,6 +169,7 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
             if paths[id(module)] > 1 or any(owners[id(problem.params[i])] > 1 for i in owned.values()):
                 uses = paths[id(module)]
                 raise UnsupportedError(_shared_message(module, name, uses if uses > 1 else None))
+            _check_used_once(problem, module, name, owned.values())
             rule = rule_for(module, name)
         except UnsupportedError:
             if unsupported is None:
@@ -149,9 +178,7 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
             continue
         unknown = set(owned) - {"weight", "bias"}
         if unknown:
-            raise UnsupportedError(
-                f"module {name!r} ({type(module).__name__}) has parameters {sorted(unknown)}"
-            )
+            raise UnsupportedError(f"{module_label(name, module)} has parameters {sorted(unknown)}")
         layers.append(Layer(name, module, rule, owned.get("weight"), owned.get("bias")))
     return layers
 
@@ -170,7 +197,7 @@ def capture(layers: list[Layer]):
         def hook(module, args, output):
             if name in inputs:  # a second call in one forward pass (e.g. in a loop)
                 raise UnsupportedError(
-                    f"module {name!r} ({type(module).__name__}) is called more than once in one forward "
+                    f"{module_label(name, module)} is called more than once in one forward "
                     "pass (weight sharing, e.g. in a loop); Kronecker factors and the layerwise statistics "
                     "need each layer used once. Leave its parameters out of the problem's params, or use "
                     "the exact operators (cl.GGN, cl.BlockDiagonal of them)"
@@ -281,6 +308,13 @@ def layer_statistics(
         with capture(layers) as (inputs, outputs):
             output = problem.forward(params, X)
         problem.loss_rule.check(output, y)
+        for layer in layers:
+            if layer.name not in inputs:
+                raise UnsupportedError(
+                    f"{module_label(layer.name, layer.module)} is not called in the forward "
+                    f"pass of batch {index} (it was in the first): Kronecker factors and the layerwise "
+                    "statistics need each layer used once in every forward pass"
+                )
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
         vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed, counted)
