@@ -180,17 +180,23 @@ def test_operator_needs_a_problem():
 
 
 def _nan_problem(where):
+    """A problem built on finite values, then given a NaN or Inf in place.
+
+    The way it happens in practice (a diverged training step), and past the
+    checks of the problem's construction, so each use must find it itself.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    if where == "parameter":
-        with torch.no_grad():
+    problem = cl.Problem(model, nn.MSELoss(), (X, y))
+    with torch.no_grad():
+        if where == "parameter":
             model[0].weight[0, 0] = float("nan")
-    elif where == "input":
-        X[2, 1] = float("inf")
-    else:
-        y[0, 0] = float("nan")
-    return cl.Problem(model, nn.MSELoss(), (X, y))
+        elif where == "input":
+            X[2, 1] = float("inf")
+        else:
+            y[0, 0] = float("nan")
+    return problem
 
 
 NAN_USES = {
@@ -199,6 +205,18 @@ NAN_USES = {
         cl.GGN(p), num_probes=2, lanczos_steps=4, progress=False
     ),
     "trace": lambda p: cl.trace(cl.Hessian(p), num_matvecs=6, progress=False),
+    "trace GGN": lambda p: cl.trace(cl.GGN(p), num_matvecs=6, progress=False),
+    "hutch++": lambda p: cl.trace(cl.Hessian(p), "hutch++", num_matvecs=6, progress=False),
+    "exact trace": lambda p: cl.trace(cl.GGN(p), method="exact"),
+    "products": lambda p: cl.Fisher(p, mc_samples=2) @ torch.ones(p.num_params, dtype=torch.float64),
+    "EF": lambda p: cl.EmpiricalFisher(p).to_dense(),
+    "gradient curvature": lambda p: cl.curvature_along_gradient(cl.Hessian(p)),
+    "EKFAC": lambda p: cl.EKFAC(p),
+    # plain MLPs: forms by forward propagation (taylor.py), no product
+    "GGN forms": lambda p: cl.GGN(p).quadratic_forms(torch.ones(p.num_params, 2, dtype=torch.float64)),
+    "Hessian forms": lambda p: cl.Hessian(p).quadratic_forms(
+        torch.ones(p.num_params, 2, dtype=torch.float64)
+    ),
     "eigvalsh": lambda p: cl.eigvalsh(cl.GGN(p)),
     "KFAC": lambda p: cl.KFAC(p),
     "MC KFAC": lambda p: cl.KFAC(p, fisher_type="mc"),
@@ -216,8 +234,9 @@ def test_nan_or_inf_is_an_error_naming_it_not_a_nan_result(use, where):
         "input": "the inputs of batch 0 have",
         "target": "the target has",
     }
+    problem = _nan_problem(where)
     with pytest.raises(cl.NonFiniteError, match=f"{what[where]} NaN or Inf"):
-        NAN_USES[use](_nan_problem(where))
+        NAN_USES[use](problem)
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
             else:
                 steps.append(_Activation(*activation_derivatives(module, x, second=True)))
                 x = module(x)
-    problem.loss_rule.validate(x, y)
+    problem.loss_rule.check(x, y)  # shapes, and NaN/Inf in the output or target
     return PrimalBatch(steps, x, problem.loss_rule.output_gradient(x, y), problem.loss_rule.mask(y))
 
 
