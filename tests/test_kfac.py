@@ -173,6 +173,49 @@ def test_same_padding_equals_explicit_zero_padding(approx, fisher_type):
     assert_close_rel(kfacs[0].to_dense(), kfacs[1].to_dense(), 1e-12, "same vs explicit padding")
 
 
+_PAD_MODULES = {
+    ("reflect", 2): nn.ReflectionPad2d,
+    ("replicate", 2): nn.ReplicationPad2d,
+    ("circular", 2): nn.CircularPad2d,
+    ("reflect", 1): nn.ReflectionPad1d,
+    ("replicate", 1): nn.ReplicationPad1d,
+    ("circular", 1): nn.CircularPad1d,
+}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 1])
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_padding_modes_equal_explicit_padding(padding_mode, spatial_dims, fisher_type):
+    """A conv with padding_mode gives the KFAC, EKFAC and ACP of the pad module + an unpadded conv."""
+    torch.manual_seed(0)
+    Conv = nn.Conv2d if spatial_dims == 2 else nn.Conv1d
+    padding, pads = ((1, 2), (2, 2, 1, 1)) if spatial_dims == 2 else (2, (2, 2))
+    conv = Conv(2, 3, 3, padding=padding, padding_mode=padding_mode, stride=2).double()
+    explicit = Conv(2, 3, 3, stride=2).double()
+    explicit.load_state_dict(conv.state_dict())
+    shape = (6, 2) + (5,) * spatial_dims
+    X, y = torch.randn(*shape, dtype=F64), torch.randint(0, 4, (6,))
+    features = conv(X).numel() // 6
+    head = nn.Linear(features, 4).double()
+    implicit = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    padded = nn.Sequential(
+        _PAD_MODULES[padding_mode, spatial_dims](pads), explicit, nn.Tanh(), nn.Flatten(), copy.deepcopy(head)
+    )
+    assert torch.allclose(implicit(X), padded(X))
+    problems = [cl.Problem(model, nn.CrossEntropyLoss(), (X, y)) for model in (implicit, padded)]
+    for approx in ("expand", "reduce"):
+        kfacs = [cl.KFAC(p, fisher_type=fisher_type, kfac_approx=approx).to_dense() for p in problems]
+        assert_close_rel(kfacs[0], kfacs[1], 1e-12, f"KFAC {approx}, {padding_mode} vs explicit padding")
+    ekfacs = [cl.EKFAC(p, fisher_type=fisher_type).to_dense() for p in problems]
+    assert_close_rel(ekfacs[0], ekfacs[1], 1e-10, "EKFAC")
+    acps = [cl.ACP(p).to_dense() for p in problems]
+    assert_close_rel(acps[0], acps[1], 1e-12, "ACP")
+    diagonal = cl.Diagonal(cl.GGN(problems[0]))  # one pass over the same patches
+    assert diagonal.method_used == "layerwise"
+    assert_close_rel(diagonal.diagonal, torch.diagonal(reference.ggn(problems[0])), 1e-12, "exact diagonal")
+
+
 @pytest.mark.parametrize("model_name", ["conv2d", "conv1d"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_conv_against_independent_reference(model_name, approx):

@@ -48,8 +48,17 @@ class LinearRule(LayerRule):
         return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
+# nn.Conv*d's padding modes; all but "zeros" are F.pad modes of the same name.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class ConvRule(LayerRule):
-    """``nn.Conv1d`` / ``nn.Conv2d``: any stride, dilation and zero padding (``"same"`` too); groups = 1."""
+    """``nn.Conv1d`` / ``nn.Conv2d``: any stride, dilation, padding (``"same"`` too), padding mode; groups 1.
+
+    The patches are those of the padded input, padded as the module pads it
+    (zeros, or ``F.pad`` with its ``padding_mode``, which is what ``nn.Conv*d``
+    does before an unpadded convolution).
+    """
 
     def __init__(self, spatial_dims: int):
         self.spatial_dims = spatial_dims
@@ -57,14 +66,15 @@ class ConvRule(LayerRule):
     def check(self, module, name):  # noqa: D102
         if module.groups != 1:
             raise UnsupportedError(f"{module_label(name, module)}: groups={module.groups}, only 1")
-        if module.padding_mode != "zeros":
+        if module.padding_mode not in PADDING_MODES:
             raise UnsupportedError(
-                f"{module_label(name, module)}: padding_mode={module.padding_mode!r}, only 'zeros'"
+                f"{module_label(name, module)}: padding_mode={module.padding_mode!r}, "
+                f"supported: {', '.join(map(repr, PADDING_MODES))}"
             )
 
     @staticmethod
     def _padding(module) -> list[tuple[int, int]]:
-        """(before, after) zero padding per spatial dim; string paddings as ``F.conv*d`` applies them.
+        """(before, after) padding per spatial dim; string paddings as ``F.conv*d`` applies them.
 
         ``"same"`` pads d·(k − 1) in all, the odd one on the far side (torch's rule,
         ``nn.modules.conv._ConvNd``); ``"valid"`` pads nothing.
@@ -94,7 +104,12 @@ class ConvRule(LayerRule):
         # (N, R, d) transpose of an unfold is ever made.
         x2d, (kh, kw), (dh, dw), ((top, bottom), (left, right)), (sh, sw) = self._as_2d(module, x)
         pads = (left, right, top, bottom)
-        padded = F.pad(x2d, pads) if any(pads) else x2d.contiguous()
+        if not any(pads):
+            padded = x2d.contiguous()
+        elif module.padding_mode == "zeros":
+            padded = F.pad(x2d, pads)
+        else:
+            padded = F.pad(x2d, pads, mode=module.padding_mode)
         N, C, H, W = padded.shape
         Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
         sN, sC, sH, sW = padded.stride()
