@@ -203,6 +203,13 @@ class CrossEntropyRule(LossRule):
     Targets equal to ``ignore_index`` (default −100, e.g. padding in sequences) have
     no loss term, as in torch: they add nothing to the loss, its gradient or any
     curvature, and ``"mean"`` divides by the number of the other targets.
+
+    ``label_smoothing`` ε trains on the target distribution t = (1 − ε) e_y + ε/C.
+    Its entries sum to 1, so the loss' Hessian in the logits is still
+    Λ = diag(p) − ppᵀ (GGN, KFAC type-2 unchanged); the gradient is p − t (empirical
+    Fisher, empirical KFAC, the Hessian's second term). The Fisher, exact and
+    Monte-Carlo, is the model's own: labels ŷ ~ p with the score p − e_ŷ of the
+    likelihood, whatever the training targets (THEORY.md), so it still equals the GGN.
     """
 
     loss_class = nn.CrossEntropyLoss
@@ -211,6 +218,7 @@ class CrossEntropyRule(LossRule):
     def __init__(self, loss_fn: nn.Module):
         super().__init__(loss_fn)
         self.ignore_index = loss_fn.ignore_index
+        self.label_smoothing = float(loss_fn.label_smoothing)
 
     def validate(self, output, target):  # noqa: D102
         if target.is_floating_point():
@@ -249,7 +257,13 @@ class CrossEntropyRule(LossRule):
         return None if bool(kept.all()) else kept
 
     def sum_loss(self, output, target):  # noqa: D102
-        return F.cross_entropy(output, target, reduction="sum", ignore_index=self.ignore_index)
+        return F.cross_entropy(
+            output,
+            target,
+            reduction="sum",
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
 
     @staticmethod
     def _onehot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -258,10 +272,12 @@ class CrossEntropyRule(LossRule):
 
     def output_gradient(self, output, target):  # noqa: D102
         mask = self.mask(target)
-        if mask is None:
-            return self.sampled_gradient(output, target)
-        classes = torch.where(mask.squeeze(1), target, 0)  # ignored: any class, masked below
-        return self.sampled_gradient(output, classes) * mask
+        classes = target if mask is None else torch.where(mask.squeeze(1), target, 0)  # ignored: masked below
+        gradient = self.sampled_gradient(output, classes)  # p − e_y
+        if self.label_smoothing:  # p − t, t = (1 − ε) e_y + ε/C
+            eps, num_classes = self.label_smoothing, output.shape[1]
+            gradient = (output.softmax(1) * eps - eps / num_classes).add_(gradient, alpha=1 - eps)
+        return gradient if mask is None else gradient * mask
 
     def sampled_gradient(self, output, sampled):  # noqa: D102
         return output.softmax(1) - self._onehot(sampled, output.shape[1], output.dtype)
@@ -321,8 +337,6 @@ def _check_options(loss_fn: nn.Module) -> None:
         unsupported.append("weight")
     if getattr(loss_fn, "pos_weight", None) is not None:
         unsupported.append("pos_weight")
-    if getattr(loss_fn, "label_smoothing", 0.0) != 0.0:
-        unsupported.append("label_smoothing")
     if unsupported:
         raise UnsupportedError(f"{name}: the options {unsupported} are not supported")
 
@@ -332,7 +346,7 @@ def rule_for(loss_fn: nn.Module) -> LossRule:
 
     Raises:
         UnsupportedError: for another loss class, ``reduction="none"`` or an
-            unsupported option (class weights, label smoothing).
+            unsupported option (class weights, ``pos_weight``).
     """
     rule_class = _RULES.get(type(loss_fn))
     if rule_class is None:

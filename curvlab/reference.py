@@ -74,7 +74,9 @@ def _factor(loss_fn: nn.Module, y: Tensor, output_shape) -> float:
 def _sum_loss(loss_fn: nn.Module) -> nn.Module:
     """The same loss with ``reduction="sum"`` (ℓ_n summed over the example), for the data's targets."""
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return nn.CrossEntropyLoss(reduction="sum", ignore_index=loss_fn.ignore_index)
+        return nn.CrossEntropyLoss(
+            reduction="sum", ignore_index=loss_fn.ignore_index, label_smoothing=loss_fn.label_smoothing
+        )
     return type(loss_fn)(reduction="sum")
 
 
@@ -114,7 +116,7 @@ def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor)
     index = torch.arange(d, device=output.device).reshape(output.shape)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
 
-        def term(z, k):
+        def term(z, k):  # the model's likelihood: no label smoothing (a loss option, not the model)
             return nn.functional.cross_entropy(z[None], k[None], reduction="sum")
 
         logits = output.movedim(1, -1).reshape(-1, output.shape[1])  # (positions, C)

@@ -38,6 +38,7 @@ class Case:
     reduction: str
     batch_sizes: tuple[int, ...] = (8,)
     params: Callable[[nn.Module], list] | None = None
+    loss_options: tuple[tuple[str, object], ...] = ()  # extra keyword arguments of the loss
 
     def build(self, dtype=torch.float64, device="cpu", seed=0) -> cl.Problem:
         """The ``cl.Problem`` of this case."""
@@ -52,7 +53,8 @@ class Case:
             y = y.to(dtype) if y.is_floating_point() else y
             data.append((X.to(device, dtype), y.to(device)))
         params = self.params(model) if self.params is not None else None
-        return cl.Problem(model, LOSSES[self.loss](reduction=self.reduction), data, params=params)
+        loss_fn = LOSSES[self.loss](reduction=self.reduction, **dict(self.loss_options))
+        return cl.Problem(model, loss_fn, data, params=params)
 
 
 def _mlp(*sizes, act=nn.Tanh):
@@ -121,6 +123,16 @@ CASES = [
     Case("sequence_ce_mean", _sequence_classifier, (4, 3), (3, 4), "ce", "mean", (3, 2)),
     Case("sequence_mse_sum", lambda: _mlp(3, 4, 2), (4, 3), (4, 2), "mse", "sum", (3,)),
     Case("segmentation_bce_mean", _segmentation_net, (2, 3, 3), (2, 3, 3), "bce", "mean", (2,)),
+    Case(
+        "mlp_ce_label_smoothing_mean",
+        lambda: _mlp(5, 4, 3),
+        (5,),
+        (3,),
+        "ce",
+        "mean",
+        (6, 3),
+        loss_options=(("label_smoothing", 0.2),),
+    ),
 ]
 
 LINEAR_CASES = [c for c in CASES if c.name.startswith("linear_")]

@@ -29,7 +29,6 @@ def test_reduction_none():
     "loss, option",
     [
         (nn.CrossEntropyLoss(weight=torch.ones(2)), "weight"),
-        (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
         (nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "pos_weight"),
     ],
 )

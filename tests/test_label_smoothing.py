@@ -1,0 +1,110 @@
+"""Cross-entropy with label smoothing: which quantities change and which do not.
+
+The smoothed targets t = (1 − ε) e_y + ε/C sum to 1, so the loss' Hessian in the
+logits is unchanged (GGN, type-2 KFAC), the gradient becomes p − t (empirical
+Fisher, empirical KFAC), and the Fisher stays the model's own (labels drawn from
+p, the likelihood's score). The exact operators are checked against the dense
+references on a shared case (``tests/cases.py``); these tests check the rest.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab as cl
+from curvlab import reference
+from tests.helpers import assert_close_rel
+
+F64 = torch.float64
+
+
+def _problem(label_smoothing, batch_sizes=(5, 3), seed=0, model=None):
+    torch.manual_seed(seed)
+    if model is None:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    data = [
+        (torch.randn(n, 4, generator=generator, dtype=F64), torch.randint(0, 3, (n,), generator=generator))
+        for n in batch_sizes
+    ]
+    return cl.Problem(model, nn.CrossEntropyLoss(label_smoothing=label_smoothing), data)
+
+
+def test_the_loss_and_its_gradient_are_torchs():
+    problem = _problem(0.3)
+    X = torch.cat([X for X, _ in problem.data])
+    y = torch.cat([y for _, y in problem.data])
+    params = list(problem.model.parameters())
+    expected = nn.CrossEntropyLoss(label_smoothing=0.3)(problem.model(X), y)
+    assert torch.allclose(problem.loss(), expected, rtol=1e-13, atol=0)
+    gradient = torch.cat([g.flatten() for g in torch.autograd.grad(expected, params)])
+    assert_close_rel(problem.gradient(), gradient, 1e-12, "gradient")
+    output = problem.model(X)
+    rule = problem.loss_rule
+    by_autograd = torch.func.grad(lambda f: rule.sum_loss(f, y))(output)
+    assert_close_rel(rule.output_gradient(output, y), by_autograd, 1e-13, "output gradient p − t")
+
+
+def test_ggn_fisher_and_type2_kfac_do_not_change():
+    smoothed, plain = _problem(0.3), _problem(0.0)
+    for kind in (cl.GGN, cl.Fisher):
+        assert_close_rel(kind(smoothed).to_dense(), kind(plain).to_dense(), 1e-13, kind.__name__)
+    mc = [cl.Fisher(p, mc_samples=4, seed=1).to_dense() for p in (smoothed, plain)]
+    assert_close_rel(mc[0], mc[1], 1e-13, "MC Fisher: labels from the model, its score")
+    for fisher_type in ("type-2", "mc"):
+        kfacs = [cl.KFAC(p, fisher_type=fisher_type).to_dense() for p in (smoothed, plain)]
+        assert_close_rel(kfacs[0], kfacs[1], 1e-13, f"{fisher_type} KFAC")
+
+
+def test_hessian_and_empirical_fisher_change():
+    smoothed, plain = _problem(0.3), _problem(0.0)
+    for kind in (cl.Hessian, cl.EmpiricalFisher):
+        a, b = kind(smoothed).to_dense(), kind(plain).to_dense()
+        assert (a - b).norm() > 1e-3 * b.norm(), kind.__name__
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["folded_bias", "separate_bias"])
+def test_single_example_empirical_kfac_equals_the_empirical_fisher_blocks(separate):
+    """One example, no weight sharing: g aᵀ per layer, so (a aᵀ) ⊗ (g gᵀ) is the exact EF block."""
+    problem = _problem(0.3, batch_sizes=(1,))
+    kfac = cl.KFAC(problem, fisher_type="empirical", separate_weight_and_bias=separate)
+    ef = reference.empirical_fisher(problem)
+    by = "parameter" if separate else "layer"
+    start = 0
+    for block in kfac.blocks(by=by):
+        size = block.shape[0]
+        expected = ef[start : start + size, start : start + size]
+        assert_close_rel(block.to_dense(), expected, 1e-12, "empirical KFAC block vs reference EF")
+        start += size
+
+
+def test_empirical_kfac_by_the_mlp_pass_and_by_autograd_agree():
+    """The plain-MLP pass and the autograd pass (a non-Sequential wrapper) give the same factors."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    mlp = _problem(0.2)
+    wrapped = _problem(0.2, model=Wrapped(copy.deepcopy(mlp.model)))
+    for flavour in ("empirical", "type-2"):
+        a = cl.KFAC(mlp, fisher_type=flavour).to_dense()
+        b = cl.KFAC(wrapped, fisher_type=flavour).to_dense()
+        assert_close_rel(a, b, 1e-12, f"{flavour}: MLP pass vs autograd pass")
+
+
+def test_label_smoothing_with_ignore_index():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=F64), torch.tensor([0, 2, -100, 1, -100, 2])
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.25)
+    problem = cl.Problem(model, loss_fn, (X, y))
+    assert torch.allclose(problem.loss(), loss_fn(model(X), y), rtol=1e-13, atol=0)
+    assert_close_rel(cl.EmpiricalFisher(problem).to_dense(), reference.empirical_fisher(problem), 1e-12, "EF")
+    assert_close_rel(cl.Hessian(problem).to_dense(), reference.hessian_matrix(problem), 1e-12, "Hessian")
