@@ -102,6 +102,16 @@ class LossRule:
         """Λ u with Λ = ∇²_f ℓ, per example; ``u`` shaped like ``output``."""
         raise NotImplementedError
 
+    def hessian_scale(self, target: Tensor) -> Tensor | None:
+        """The s ≥ 0 with ∇²_f ℓ = s · Λ(f) per loss term, broadcastable to the output (``None``: 1).
+
+        ``hessian_vp``, ``hessian_sqrt_columns`` and ``diagonal_hessian_sqrt`` give Λ(f),
+        which depends on the model output only; callers with the targets at hand
+        multiply by s (or √s on square-root columns). Only cross-entropy with
+        probability targets that do not sum to 1 has s ≠ 1.
+        """
+        return None
+
     def fisher_vp(self, output: Tensor, u: Tensor) -> Tensor:
         """E_ŷ[r̂ r̂ᵀ] u computed from the likelihood (not from Λ), per example."""
         raise NotImplementedError
@@ -198,7 +208,7 @@ class BCEWithLogitsRule(LossRule):
 
 
 class CrossEntropyRule(LossRule):
-    """``nn.CrossEntropyLoss`` on logits with class-index targets; classes on dim 1.
+    """``nn.CrossEntropyLoss`` on logits; classes on dim 1; class-index or probability targets.
 
     Targets equal to ``ignore_index`` (default −100, e.g. padding in sequences) have
     no loss term, as in torch: they add nothing to the loss, its gradient or any
@@ -207,9 +217,17 @@ class CrossEntropyRule(LossRule):
     ``label_smoothing`` ε trains on the target distribution t = (1 − ε) e_y + ε/C.
     Its entries sum to 1, so the loss' Hessian in the logits is still
     Λ = diag(p) − ppᵀ (GGN, KFAC type-2 unchanged); the gradient is p − t (empirical
-    Fisher, empirical KFAC, the Hessian's second term). The Fisher, exact and
-    Monte-Carlo, is the model's own: labels ŷ ~ p with the score p − e_ŷ of the
-    likelihood, whatever the training targets (THEORY.md), so it still equals the GGN.
+    Fisher, empirical KFAC, the Hessian's second term).
+
+    Probability (float) targets ``(N, C, …)``, non-negative, work as in torch:
+    ℓ = −Σ_c t_c log p_c with t' = (1 − ε) t + ε/C under smoothing, one loss term
+    per position (``"mean"`` divides by N·d₁·…), no ``ignore_index``. Then
+    ∇_f ℓ = s p − t and ∇²_f ℓ = s (diag(p) − ppᵀ) with s = Σ_c t_c
+    (``hessian_scale``; 1 for soft labels that are distributions).
+
+    The Fisher, exact and Monte-Carlo, is the model's own in every case: labels
+    ŷ ~ p with the score p − e_ŷ of the likelihood, whatever the training targets
+    (THEORY.md); it equals the GGN where s = 1.
     """
 
     loss_class = nn.CrossEntropyLoss
@@ -222,10 +240,14 @@ class CrossEntropyRule(LossRule):
 
     def validate(self, output, target):  # noqa: D102
         if target.is_floating_point():
-            raise UnsupportedError(
-                "CrossEntropyLoss: probability (float) targets are not supported; "
-                "pass class indices of dtype long"
-            )
+            if output.dim() < 2 or target.shape != output.shape:
+                raise DataError(
+                    f"CrossEntropyLoss: probability targets must have the output's shape (N, C, ...) "
+                    f"{tuple(output.shape)}, got {tuple(target.shape)}"
+                )
+            if bool((target < 0).any()):
+                raise DataError("CrossEntropyLoss: probability targets must be non-negative")
+            return
         expected = (output.shape[0], *output.shape[2:])
         if output.dim() < 2 or tuple(target.shape) != expected:
             raise DataError(
@@ -242,19 +264,35 @@ class CrossEntropyRule(LossRule):
             )
 
     def _kept(self, target: Tensor) -> Tensor:
-        """Targets with a loss term: bool, shaped like ``target``."""
+        """Targets with a loss term: bool, shaped like ``target`` (class indices)."""
         return target != self.ignore_index
 
     def count(self, target):  # noqa: D102
+        if target.is_floating_point():  # one term per position
+            return target.numel() // target.shape[1]
         return int(self._kept(target).sum())
 
     def mask(self, target):  # noqa: D102
+        if target.is_floating_point():
+            return None
         kept = self._kept(target)
         return None if bool(kept.all()) else kept.unsqueeze(1)  # (N, 1, ...): over the classes
 
     def example_mask(self, target):  # noqa: D102
+        if target.is_floating_point():
+            return None
         kept = self._kept(target).reshape(target.shape[0], -1).any(1)
         return None if bool(kept.all()) else kept
+
+    def _target_distribution(self, target: Tensor) -> Tensor:
+        """Probability targets with label smoothing applied: t' = (1 − ε) t + ε/C."""
+        eps = self.label_smoothing
+        return target if not eps else target * (1 - eps) + eps / target.shape[1]
+
+    def hessian_scale(self, target):  # noqa: D102
+        if not target.is_floating_point():
+            return None  # class indices: the (smoothed) target distribution sums to 1
+        return self._target_distribution(target).sum(1, keepdim=True)
 
     def sum_loss(self, output, target):  # noqa: D102
         return F.cross_entropy(
@@ -271,6 +309,9 @@ class CrossEntropyRule(LossRule):
         return onehot.movedim(-1, 1)
 
     def output_gradient(self, output, target):  # noqa: D102
+        if target.is_floating_point():  # s p − t for the distribution t (s = Σ_c t_c)
+            t = self._target_distribution(target)
+            return output.softmax(1) * t.sum(1, keepdim=True) - t
         mask = self.mask(target)
         classes = target if mask is None else torch.where(mask.squeeze(1), target, 0)  # ignored: masked below
         gradient = self.sampled_gradient(output, classes)  # p − e_y
@@ -311,6 +352,8 @@ class CrossEntropyRule(LossRule):
         return (residuals * weights).sum(2)
 
     def noise_shape(self, target, num_samples):  # noqa: D102
+        if target.is_floating_point():  # one class index per position
+            return (num_samples, target.shape[0], *target.shape[2:])
         return (num_samples, *target.shape)
 
     def sample_targets(self, output, noise):  # noqa: D102
@@ -346,7 +389,7 @@ def rule_for(loss_fn: nn.Module) -> LossRule:
 
     Raises:
         UnsupportedError: for another loss class, ``reduction="none"`` or an
-            unsupported option (class weights, ``pos_weight``).
+            unsupported option (class ``weight``, ``pos_weight``).
     """
     rule_class = _RULES.get(type(loss_fn))
     if rule_class is None:

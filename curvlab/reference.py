@@ -67,6 +67,8 @@ def _factor(loss_fn: nn.Module, y: Tensor, output_shape) -> float:
     if loss_fn.reduction == "sum":
         return 1.0
     if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if y.is_floating_point():  # probability targets (N, C, ...): a term per position
+            return 1.0 / (y.numel() // y.shape[1])
         return 1.0 / int((y != loss_fn.ignore_index).sum())
     return 1.0 / torch.Size(output_shape).numel()
 
@@ -121,7 +123,10 @@ def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor)
 
         logits = output.movedim(1, -1).reshape(-1, output.shape[1])  # (positions, C)
         flat_index = index.movedim(1, -1).reshape(-1, output.shape[1])
-        kept = (target != loss_fn.ignore_index).flatten()
+        if target.is_floating_point():  # probability targets: every position has a term
+            kept = torch.ones(logits.shape[0], dtype=torch.bool)
+        else:
+            kept = (target != loss_fn.ignore_index).flatten()
         for z, where, has_term in zip(logits, flat_index, kept):
             if has_term:
                 classes = [(p, torch.tensor(k, device=z.device)) for k, p in enumerate(z.softmax(0))]

@@ -18,12 +18,17 @@ import curvlab as cl
 def _targets(loss: str, outputs_shape: tuple[int, ...], generator, dtype) -> torch.Tensor:
     if loss == "ce":
         return torch.randint(0, outputs_shape[1], (outputs_shape[0], *outputs_shape[2:]), generator=generator)
-    if loss == "bce":
+    if loss in ("bce", "ce_soft"):  # ce_soft: probability targets, sums ≠ 1 on purpose
         return torch.rand(outputs_shape, generator=generator, dtype=dtype)
     return torch.randn(outputs_shape, generator=generator, dtype=dtype)
 
 
-LOSSES = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
+LOSSES = {
+    "mse": nn.MSELoss,
+    "ce": nn.CrossEntropyLoss,
+    "bce": nn.BCEWithLogitsLoss,
+    "ce_soft": nn.CrossEntropyLoss,
+}
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,17 @@ CASES = [
         "mean",
         (6, 3),
         loss_options=(("label_smoothing", 0.2),),
+    ),
+    Case("mlp_ce_probability_targets_sum", lambda: _mlp(5, 4, 3), (5,), (3,), "ce_soft", "sum", (6, 3)),
+    Case(
+        "sequence_ce_probability_targets_smoothing_mean",
+        _sequence_classifier,
+        (4, 3),
+        (3, 4),
+        "ce_soft",
+        "mean",
+        (3, 2),
+        loss_options=(("label_smoothing", 0.1),),
     ),
 ]
 

@@ -86,9 +86,11 @@ def test_mismatch_in_a_later_batch_is_caught():
         cl.GGN(problem).to_dense()
 
 
-def test_cross_entropy_float_targets():
-    with pytest.raises(cl.UnsupportedError, match="probability .*targets"):
-        _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), torch.rand(5, 2)))
+def test_cross_entropy_probability_targets_of_the_wrong_shape():
+    """Float targets are probabilities (supported): they must be shaped like the logits."""
+    assert _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), torch.rand(5, 2))).num_terms == 5
+    with pytest.raises(cl.DataError, match="probability targets must have the output's shape"):
+        _problem(loss=nn.CrossEntropyLoss(), data=(torch.randn(5, 3), torch.rand(5, 3)))
 
 
 def test_cross_entropy_wrong_target_shape():

@@ -59,7 +59,8 @@ CURVLINOPS = {"hessian": "HessianLinearOperator", "ggn": "GGNLinearOperator", "e
 
 
 def _terms_per_example(case):
-    return torch.Size(case.output_shape[1:] if case.loss == "ce" else case.output_shape[:-1]).numel()
+    classes_first = case.loss in ("ce", "ce_soft")
+    return torch.Size(case.output_shape[1:] if classes_first else case.output_shape[:-1]).numel()
 
 
 @pytest.mark.parametrize("kind", list(CURVLINOPS))
@@ -67,6 +68,10 @@ def test_dense_matches_curvlinops(case, kind):
     curvlinops = pytest.importorskip("curvlinops")
     if kind == "ef" and _terms_per_example(case) > 1:
         pytest.skip("EF conventions differ with several loss terms per example: see the test below")
+    if kind == "ef" and case.loss == "ce_soft":
+        pytest.skip(
+            "curvlinops 3.0.1's EF reshapes cross-entropy targets as class indices (no probabilities)"
+        )
     problem = case.build(torch.float64)
     theirs = getattr(curvlinops, CURVLINOPS[kind])(
         problem.model, problem.loss_fn, problem.params, problem.data, check_deterministic=False

@@ -260,7 +260,10 @@ class GGN(OutputSpaceOperator):
     r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (THEORY.md)."""
 
     def _middle(self, output, y, u, aux):
-        return self.problem.loss_rule.hessian_vp(output, u)
+        rule = self.problem.loss_rule
+        product = rule.hessian_vp(output, u)
+        scale = rule.hessian_scale(y)  # None but for cross-entropy's probability targets
+        return product if scale is None else product * scale
 
     def _quadratic_forms(self, V):
         """vᵢᵀ G vᵢ = c Σₙ (J v)ᵀ Λ (J v); plain MLPs by one forward propagation (``taylor``)."""

@@ -1,10 +1,11 @@
-"""Cross-entropy with label smoothing: which quantities change and which do not.
+"""Cross-entropy with label smoothing and with probability targets.
 
 The smoothed targets t = (1 − ε) e_y + ε/C sum to 1, so the loss' Hessian in the
 logits is unchanged (GGN, type-2 KFAC), the gradient becomes p − t (empirical
 Fisher, empirical KFAC), and the Fisher stays the model's own (labels drawn from
-p, the likelihood's score). The exact operators are checked against the dense
-references on a shared case (``tests/cases.py``); these tests check the rest.
+p, the likelihood's score). Probability targets t give ∇ = s p − t and
+∇² = s (diag(p) − ppᵀ), s = Σ_c t_c. The exact operators are checked against the
+dense references on shared cases (``tests/cases.py``); these tests check the rest.
 """
 
 import copy
@@ -30,6 +31,17 @@ def _problem(label_smoothing, batch_sizes=(5, 3), seed=0, model=None):
         for n in batch_sizes
     ]
     return cl.Problem(model, nn.CrossEntropyLoss(label_smoothing=label_smoothing), data)
+
+
+class _Wrapped(nn.Module):
+    """The same MLP behind a wrapper: KFAC takes the autograd pass, not the MLP pass."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
 
 
 def test_the_loss_and_its_gradient_are_torchs():
@@ -82,17 +94,8 @@ def test_single_example_empirical_kfac_equals_the_empirical_fisher_blocks(separa
 
 def test_empirical_kfac_by_the_mlp_pass_and_by_autograd_agree():
     """The plain-MLP pass and the autograd pass (a non-Sequential wrapper) give the same factors."""
-
-    class Wrapped(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
-
     mlp = _problem(0.2)
-    wrapped = _problem(0.2, model=Wrapped(copy.deepcopy(mlp.model)))
+    wrapped = _problem(0.2, model=_Wrapped(copy.deepcopy(mlp.model)))
     for flavour in ("empirical", "type-2"):
         a = cl.KFAC(mlp, fisher_type=flavour).to_dense()
         b = cl.KFAC(wrapped, fisher_type=flavour).to_dense()
@@ -108,3 +111,79 @@ def test_label_smoothing_with_ignore_index():
     assert torch.allclose(problem.loss(), loss_fn(model(X), y), rtol=1e-13, atol=0)
     assert_close_rel(cl.EmpiricalFisher(problem).to_dense(), reference.empirical_fisher(problem), 1e-12, "EF")
     assert_close_rel(cl.Hessian(problem).to_dense(), reference.hessian_matrix(problem), 1e-12, "Hessian")
+
+
+def _soft_problem(batch_sizes=(1,), label_smoothing=0.0, model=None, seed=0):
+    """Probability targets that do not sum to 1 (s ≠ 1 exercises the Hessian's scale)."""
+    torch.manual_seed(seed)
+    if model is None:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    data = [
+        (
+            torch.randn(n, 4, generator=generator, dtype=F64),
+            2 * torch.rand(n, 3, generator=generator, dtype=F64),
+        )
+        for n in batch_sizes
+    ]
+    return cl.Problem(model, nn.CrossEntropyLoss(label_smoothing=label_smoothing), data)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_probability_targets_loss_and_output_gradient_are_torchs(label_smoothing):
+    problem = _soft_problem((5, 3), label_smoothing)
+    X = torch.cat([X for X, _ in problem.data])
+    y = torch.cat([y for _, y in problem.data])
+    expected = nn.CrossEntropyLoss(label_smoothing=label_smoothing)(problem.model(X), y)
+    assert torch.allclose(problem.loss(), expected, rtol=1e-13, atol=0)
+    output = problem.model(X).detach()
+    rule = problem.loss_rule
+    by_autograd = torch.func.grad(lambda f: rule.sum_loss(f, y))(output)
+    assert_close_rel(rule.output_gradient(output, y), by_autograd, 1e-13, "output gradient s p − t")
+    hessian = torch.func.hessian(lambda f: rule.sum_loss(f[None], y[:1]))(output[0])
+    u = torch.randn(3, dtype=F64)
+    scaled = rule.hessian_vp(output[:1], u[None]) * rule.hessian_scale(y[:1])
+    assert_close_rel(scaled[0], hessian @ u, 1e-13, "s Λ u")
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["mlp_pass", "autograd_pass"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_single_example_kfac_with_probability_targets_equals_exact_blocks(wrapped, label_smoothing):
+    problem = _soft_problem((1,), label_smoothing)
+    if wrapped:
+        problem = cl.Problem(_Wrapped(problem.model), problem.loss_fn, problem.data)
+    for fisher_type, dense in (("type-2", reference.ggn), ("empirical", reference.empirical_fisher)):
+        expected = dense(problem)
+        start = 0
+        for block in cl.KFAC(problem, fisher_type=fisher_type).blocks(by="layer"):
+            size = block.shape[0]
+            rows = slice(start, start + size)
+            assert_close_rel(block.to_dense(), expected[rows, rows], 1e-12, f"{fisher_type} block")
+            start += size
+
+
+def test_monte_carlo_fisher_is_the_models_whatever_the_targets():
+    soft = _soft_problem((5, 3))
+    hard_data = [(X, y.argmax(1)) for X, y in soft.data]
+    hard = cl.Problem(soft.model, nn.CrossEntropyLoss(), hard_data)
+    for samples in (None, 3):
+        a = cl.Fisher(soft, mc_samples=samples, seed=1).to_dense()
+        b = cl.Fisher(hard, mc_samples=samples, seed=1).to_dense()
+        assert_close_rel(a, b, 1e-13, f"Fisher, mc_samples={samples}")
+    a = cl.KFAC(soft, fisher_type="mc", mc_samples=2, seed=4).to_dense()
+    b = cl.KFAC(hard, fisher_type="mc", mc_samples=2, seed=4).to_dense()
+    assert_close_rel(a, b, 1e-13, "MC KFAC")
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (-torch.rand(4, 3, dtype=F64), "non-negative"),
+        (torch.rand(4, 2, dtype=F64), "must have the output's shape"),
+    ],
+    ids=["negative", "shape"],
+)
+def test_bad_probability_targets_are_a_data_error(target, message):
+    model = nn.Linear(4, 3).double()
+    with pytest.raises(cl.DataError, match=message):
+        cl.Problem(model, nn.CrossEntropyLoss(), (torch.randn(4, 4, dtype=F64), target))
