@@ -177,16 +177,41 @@ class MSERule(LossRule):
 
 
 class BCEWithLogitsRule(LossRule):
-    """``nn.BCEWithLogitsLoss``: independent Bernoulli(σ(f)) per output entry."""
+    """``nn.BCEWithLogitsLoss``: independent Bernoulli(σ(f)) per output entry.
+
+    ``pos_weight`` w (broadcast over the output like torch does) weighs the
+    positive term: ℓ = −w y log σ − (1 − y) log(1 − σ), so ∇_f ℓ = s σ − w y and
+    ∇²_f ℓ = s σ(1 − σ) with s = 1 + (w − 1) y (``hessian_scale``): the GGN, the
+    Hessian, the empirical Fisher and KFAC follow it. The Fisher, exact and
+    Monte-Carlo, stays the model's Bernoulli likelihood (ŷ ~ σ, score σ − ŷ).
+    """
 
     loss_class = nn.BCEWithLogitsLoss
     name = "BCEWithLogitsLoss"
 
+    def __init__(self, loss_fn: nn.Module):
+        super().__init__(loss_fn)
+        self.pos_weight = loss_fn.pos_weight
+
+    def _weight_like(self, t: Tensor) -> Tensor:
+        return self.pos_weight.to(t.device, t.dtype)
+
     def sum_loss(self, output, target):  # noqa: D102
-        return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
+        pos_weight = None if self.pos_weight is None else self._weight_like(output)
+        return F.binary_cross_entropy_with_logits(output, target, reduction="sum", pos_weight=pos_weight)
 
     def output_gradient(self, output, target):  # noqa: D102
-        return torch.sigmoid(output) - target
+        if self.pos_weight is None:
+            return torch.sigmoid(output) - target
+        return torch.sigmoid(output) * self.hessian_scale(target) - self._weight_like(output) * target
+
+    def sampled_gradient(self, output, sampled):  # noqa: D102
+        return torch.sigmoid(output) - sampled  # the likelihood's score: no pos_weight
+
+    def hessian_scale(self, target):  # noqa: D102
+        if self.pos_weight is None:
+            return None
+        return 1 + (self._weight_like(target) - 1) * target
 
     def hessian_vp(self, output, u):  # noqa: D102
         s = torch.sigmoid(output)
@@ -378,8 +403,6 @@ def _check_options(loss_fn: nn.Module) -> None:
     unsupported = []
     if getattr(loss_fn, "weight", None) is not None:
         unsupported.append("weight")
-    if getattr(loss_fn, "pos_weight", None) is not None:
-        unsupported.append("pos_weight")
     if unsupported:
         raise UnsupportedError(f"{name}: the options {unsupported} are not supported")
 
@@ -389,7 +412,7 @@ def rule_for(loss_fn: nn.Module) -> LossRule:
 
     Raises:
         UnsupportedError: for another loss class, ``reduction="none"`` or an
-            unsupported option (class ``weight``, ``pos_weight``).
+            unsupported option (``weight``).
     """
     rule_class = _RULES.get(type(loss_fn))
     if rule_class is None:

@@ -79,6 +79,8 @@ def _sum_loss(loss_fn: nn.Module) -> nn.Module:
         return nn.CrossEntropyLoss(
             reduction="sum", ignore_index=loss_fn.ignore_index, label_smoothing=loss_fn.label_smoothing
         )
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return nn.BCEWithLogitsLoss(reduction="sum", pos_weight=loss_fn.pos_weight)
     return type(loss_fn)(reduction="sum")
 
 
@@ -133,7 +135,7 @@ def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor)
                 _accumulate(covariance, where, z, term, classes)
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
 
-        def term(z, t):
+        def term(z, t):  # the model's likelihood: no pos_weight (a loss option, not the model)
             return nn.functional.binary_cross_entropy_with_logits(z, t, reduction="sum")
 
         for z, where in zip(output.flatten(), index.flatten()):

@@ -140,6 +140,26 @@ CASES = [
     ),
     Case("mlp_ce_probability_targets_sum", lambda: _mlp(5, 4, 3), (5,), (3,), "ce_soft", "sum", (6, 3)),
     Case(
+        "mlp_bce_pos_weight_mean",
+        lambda: _mlp(4, 5, 3),
+        (4,),
+        (3,),
+        "bce",
+        "mean",
+        (5, 2),
+        loss_options=(("pos_weight", torch.tensor([0.5, 3.0, 1.5])),),
+    ),
+    Case(
+        "segmentation_bce_pos_weight_sum",
+        _segmentation_net,
+        (2, 3, 3),
+        (2, 3, 3),
+        "bce",
+        "sum",
+        (2,),
+        loss_options=(("pos_weight", torch.tensor([[[2.0]], [[0.25]]])),),  # per channel
+    ),
+    Case(
         "sequence_ce_probability_targets_smoothing_mean",
         _sequence_classifier,
         (4, 3),

@@ -1,6 +1,9 @@
-"""The one comparator of the test suite."""
+"""The one comparator of the test suite, and pieces shared by tests."""
 
 import torch
+from torch import nn
+
+import curvlab as cl
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, what: str = ""):
@@ -11,3 +14,25 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     error = (actual.to(expected) - expected).norm().item()
     scale = max(expected.norm().item(), 1e-300)
     assert error <= rtol * scale, f"{what}: relative error {error / scale:.3e} > {rtol:.1e}"
+
+
+class Wrapped(nn.Module):
+    """A model behind a wrapper: KFAC then takes the autograd pass, not the plain-MLP pass."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def assert_same_model_fisher(first: cl.Problem, second: cl.Problem) -> None:
+    """Exact and MC Fisher and MC KFAC equal: the model's own, whatever the loss options or targets."""
+    for samples in (None, 3):
+        a = cl.Fisher(first, mc_samples=samples, seed=1).to_dense()
+        b = cl.Fisher(second, mc_samples=samples, seed=1).to_dense()
+        assert_close_rel(a, b, 1e-13, f"Fisher, mc_samples={samples}")
+    a = cl.KFAC(first, fisher_type="mc", mc_samples=2, seed=4).to_dense()
+    b = cl.KFAC(second, fisher_type="mc", mc_samples=2, seed=4).to_dense()
+    assert_close_rel(a, b, 1e-13, "MC KFAC")

@@ -16,7 +16,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from tests.helpers import assert_close_rel
+from tests.helpers import Wrapped, assert_close_rel, assert_same_model_fisher
 
 F64 = torch.float64
 
@@ -31,17 +31,6 @@ def _problem(label_smoothing, batch_sizes=(5, 3), seed=0, model=None):
         for n in batch_sizes
     ]
     return cl.Problem(model, nn.CrossEntropyLoss(label_smoothing=label_smoothing), data)
-
-
-class _Wrapped(nn.Module):
-    """The same MLP behind a wrapper: KFAC takes the autograd pass, not the MLP pass."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
 
 
 def test_the_loss_and_its_gradient_are_torchs():
@@ -95,7 +84,7 @@ def test_single_example_empirical_kfac_equals_the_empirical_fisher_blocks(separa
 def test_empirical_kfac_by_the_mlp_pass_and_by_autograd_agree():
     """The plain-MLP pass and the autograd pass (a non-Sequential wrapper) give the same factors."""
     mlp = _problem(0.2)
-    wrapped = _problem(0.2, model=_Wrapped(copy.deepcopy(mlp.model)))
+    wrapped = _problem(0.2, model=Wrapped(copy.deepcopy(mlp.model)))
     for flavour in ("empirical", "type-2"):
         a = cl.KFAC(mlp, fisher_type=flavour).to_dense()
         b = cl.KFAC(wrapped, fisher_type=flavour).to_dense()
@@ -151,7 +140,7 @@ def test_probability_targets_loss_and_output_gradient_are_torchs(label_smoothing
 def test_single_example_kfac_with_probability_targets_equals_exact_blocks(wrapped, label_smoothing):
     problem = _soft_problem((1,), label_smoothing)
     if wrapped:
-        problem = cl.Problem(_Wrapped(problem.model), problem.loss_fn, problem.data)
+        problem = cl.Problem(Wrapped(problem.model), problem.loss_fn, problem.data)
     for fisher_type, dense in (("type-2", reference.ggn), ("empirical", reference.empirical_fisher)):
         expected = dense(problem)
         start = 0
@@ -166,13 +155,7 @@ def test_monte_carlo_fisher_is_the_models_whatever_the_targets():
     soft = _soft_problem((5, 3))
     hard_data = [(X, y.argmax(1)) for X, y in soft.data]
     hard = cl.Problem(soft.model, nn.CrossEntropyLoss(), hard_data)
-    for samples in (None, 3):
-        a = cl.Fisher(soft, mc_samples=samples, seed=1).to_dense()
-        b = cl.Fisher(hard, mc_samples=samples, seed=1).to_dense()
-        assert_close_rel(a, b, 1e-13, f"Fisher, mc_samples={samples}")
-    a = cl.KFAC(soft, fisher_type="mc", mc_samples=2, seed=4).to_dense()
-    b = cl.KFAC(hard, fisher_type="mc", mc_samples=2, seed=4).to_dense()
-    assert_close_rel(a, b, 1e-13, "MC KFAC")
+    assert_same_model_fisher(soft, hard)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ def test_reduction_none():
     "loss, option",
     [
         (nn.CrossEntropyLoss(weight=torch.ones(2)), "weight"),
-        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "pos_weight"),
+        (nn.BCEWithLogitsLoss(weight=torch.ones(2)), "weight"),
     ],
 )
 def test_unsupported_loss_options(loss, option):
