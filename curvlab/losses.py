@@ -8,7 +8,8 @@ vectors ``u`` have the shape of ``f``.
 The curvature matrices differ only in the output-space matrix M_n placed between
 the Jacobians, C = c Σ_n J_nᵀ M_n J_n:
 
-* GGN: M_n = Λ_n = ∇²_f ℓ_n (``hessian_vp``),
+* GGN: M_n = Λ_n = ∇²_f ℓ_n (``hessian_vp``; it depends on the targets only through a
+  scale s, ``hessian_scale``),
 * exact Fisher: M_n = E_{ŷ~p(·|f_n)}[∇_f ℓ(f_n, ŷ) ∇_f ℓ(f_n, ŷ)ᵀ] (``fisher_vp``),
 * Monte-Carlo Fisher: the expectation replaced by samples (``sample_targets``),
 * empirical Fisher: M_n = r_n r_nᵀ with r_n = ∇_f ℓ(f_n, y_n) (``output_gradient``).
@@ -29,6 +30,10 @@ from torch import Tensor, nn
 from curvlab.errors import DataError, NonFiniteError, UnsupportedError
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
+
+
+def _scaled(t: Tensor, scale: Tensor | None) -> Tensor:
+    return t if scale is None else t * scale
 
 
 class LossRule:
@@ -98,40 +103,56 @@ class LossRule:
         """
         return self.output_gradient(output, sampled)
 
-    def hessian_vp(self, output: Tensor, u: Tensor) -> Tensor:
-        """Λ u with Λ = ∇²_f ℓ, per example; ``u`` shaped like ``output``."""
-        raise NotImplementedError
+    def hessian_vp(self, output: Tensor, u: Tensor, target: Tensor) -> Tensor:
+        """∇²_f ℓ u = s · Λ(f) u per example for these targets; ``u`` shaped like ``output``."""
+        return _scaled(self._lambda_vp(output, u), self.hessian_scale(target))
+
+    def hessian_sqrt_columns(self, output: Tensor, target: Tensor) -> Tensor:
+        """Columns r_v with ∇²_f ℓ_n = Σ_v r_v r_vᵀ per example: ``(V, *output.shape)``.
+
+        V is the number of output entries per example; these are the vectors
+        type-2 KFAC backpropagates (√s times the square-root columns of Λ(f)).
+        """
+        return _scaled(self._lambda_sqrt_columns(output), self._sqrt_scale(target))
+
+    def diagonal_hessian_sqrt(self, output: Tensor, target: Tensor) -> Tensor | None:
+        """√(∇²_f ℓ) entrywise, shaped like ``output``, where it is diagonal; else ``None``."""
+        root = self._lambda_diagonal_sqrt(output)
+        return None if root is None else _scaled(root, self._sqrt_scale(target))
 
     def hessian_scale(self, target: Tensor) -> Tensor | None:
         """The s ≥ 0 with ∇²_f ℓ = s · Λ(f) per loss term, broadcastable to the output (``None``: 1).
 
-        ``hessian_vp``, ``hessian_sqrt_columns`` and ``diagonal_hessian_sqrt`` give Λ(f),
-        which depends on the model output only; callers with the targets at hand
-        multiply by s (or √s on square-root columns). Only cross-entropy with
-        probability targets that do not sum to 1 has s ≠ 1.
+        Λ(f) (``_lambda_*``) depends on the model output only; the three methods
+        above apply s for the targets. Only BCE's ``pos_weight`` and cross-entropy
+        probability targets that do not sum to 1 have s ≠ 1.
         """
         return None
+
+    def _sqrt_scale(self, target: Tensor) -> Tensor | None:
+        scale = self.hessian_scale(target)
+        return None if scale is None else scale.sqrt()
 
     def fisher_vp(self, output: Tensor, u: Tensor) -> Tensor:
         """E_ŷ[r̂ r̂ᵀ] u computed from the likelihood (not from Λ), per example."""
         raise NotImplementedError
 
-    def hessian_sqrt_columns(self, output: Tensor) -> Tensor:
-        """Columns s_v with Λ_n = Σ_v s_v s_vᵀ per example: ``(V, *output.shape)``.
+    def _lambda_vp(self, output: Tensor, u: Tensor) -> Tensor:
+        """Λ(f) u per example, Λ(f) the output Hessian without the targets' scale."""
+        raise NotImplementedError
 
-        V is the number of output entries per example; these are the vectors
-        type-2 KFAC backpropagates.
-        """
-        diagonal = self.diagonal_hessian_sqrt(output)
+    def _lambda_sqrt_columns(self, output: Tensor) -> Tensor:
+        """Columns s_v with Λ(f)_n = Σ_v s_v s_vᵀ per example: ``(V, *output.shape)``."""
+        diagonal = self._lambda_diagonal_sqrt(output)
         if diagonal is None:
-            raise NotImplementedError(f"{type(self).__name__} must define hessian_sqrt_columns")
+            raise NotImplementedError(f"{type(self).__name__} must define _lambda_sqrt_columns")
         per_example = output[0].numel()
         eye = torch.eye(per_example, dtype=output.dtype, device=output.device)
         columns = eye.reshape(per_example, 1, *output.shape[1:])
         return columns * diagonal.unsqueeze(0)
 
-    def diagonal_hessian_sqrt(self, output: Tensor) -> Tensor | None:
-        """√Λ entrywise, shaped like ``output``, where Λ_n is diagonal; else ``None``."""
+    def _lambda_diagonal_sqrt(self, output: Tensor) -> Tensor | None:
+        """√Λ(f) entrywise, shaped like ``output``, where Λ(f)_n is diagonal; else ``None``."""
         return None
 
     def noise_shape(self, target: Tensor, num_samples: int) -> tuple[int, ...]:
@@ -159,10 +180,10 @@ class MSERule(LossRule):
     def output_gradient(self, output, target):  # noqa: D102
         return 2.0 * (output - target)
 
-    def hessian_vp(self, output, u):  # noqa: D102
+    def _lambda_vp(self, output, u):
         return 2.0 * u
 
-    def diagonal_hessian_sqrt(self, output):  # noqa: D102
+    def _lambda_diagonal_sqrt(self, output):
         return torch.full_like(output, math.sqrt(2.0))
 
     def fisher_vp(self, output, u):  # noqa: D102
@@ -213,11 +234,11 @@ class BCEWithLogitsRule(LossRule):
             return None
         return 1 + (self._weight_like(target) - 1) * target
 
-    def hessian_vp(self, output, u):  # noqa: D102
+    def _lambda_vp(self, output, u):
         s = torch.sigmoid(output)
         return s * (1 - s) * u
 
-    def diagonal_hessian_sqrt(self, output):  # noqa: D102
+    def _lambda_diagonal_sqrt(self, output):
         s = torch.sigmoid(output)
         return (s * (1 - s)).sqrt()
 
@@ -348,12 +369,12 @@ class CrossEntropyRule(LossRule):
     def sampled_gradient(self, output, sampled):  # noqa: D102
         return output.softmax(1) - self._onehot(sampled, output.shape[1], output.dtype)
 
-    def hessian_vp(self, output, u):  # noqa: D102
+    def _lambda_vp(self, output, u):
         # Λ = diag(p) − p pᵀ along the class dimension.
         p = output.softmax(1)
         return p * u - p * (p * u).sum(1, keepdim=True)
 
-    def hessian_sqrt_columns(self, output):  # noqa: D102
+    def _lambda_sqrt_columns(self, output):
         # Λ = diag(p) − ppᵀ = Σ_j s_j s_jᵀ with s_j = √p_j (e_j − p), per location t;
         # column (j, t) is non-zero only at location t.
         N, C = output.shape[:2]

@@ -147,14 +147,15 @@ class Hessian(ProblemOperator):
         The graph is that of c · (batch loss), so its pull-backs are already
         scaled by the reduction factor (no extra pass over each product).
         """
-        graphs = []
-        for X, y in self.problem.batches():
-            params = [p.detach().requires_grad_(True) for p in self.problem.params]
-            loss = self.problem.batch_loss(params, X, y) * self.problem.reduction_factor
-            gradient = _gradient_with_graph(loss, params)
-            connected = [i for i, g in enumerate(gradient) if g.requires_grad]
-            graphs.append((params, gradient, connected))
-        return graphs
+        c = self.problem.reduction_factor
+        return [self._gradient_graph(X, y, c) for X, y in self.problem.batches()]
+
+    def _gradient_graph(self, X, y, scale: float = 1.0):
+        """(leaf parameters, ∇(scale · batch loss) with its graph, indices whose gradient has one)."""
+        params = [p.detach().requires_grad_(True) for p in self.problem.params]
+        gradient = _gradient_with_graph(self.problem.batch_loss(params, X, y) * scale, params)
+        connected = [i for i, g in enumerate(gradient) if g.requires_grad]
+        return params, gradient, connected
 
     def _cached_graphs(self):
         return self._memo("_cache", self._gradient_graphs)
@@ -185,11 +186,7 @@ class Hessian(ProblemOperator):
         return total  # already scaled: the cached graphs are those of c · loss
 
     def _batch_matmat(self, X, y, index, Vs):
-        params = [p.detach().requires_grad_(True) for p in self.problem.params]
-        loss = self.problem.batch_loss(params, X, y)
-        gradient = _gradient_with_graph(loss, params)
-        connected = [i for i, g in enumerate(gradient) if g.requires_grad]
-        return self._pull_back(params, gradient, connected, Vs, retain_graph=False)
+        return self._pull_back(*self._gradient_graph(X, y), Vs, retain_graph=False)
 
     @staticmethod
     def _pull_back(params, gradient, connected, Vs, retain_graph: bool) -> list[Tensor]:
@@ -260,10 +257,7 @@ class GGN(OutputSpaceOperator):
     r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (THEORY.md)."""
 
     def _middle(self, output, y, u, aux):
-        rule = self.problem.loss_rule
-        product = rule.hessian_vp(output, u)
-        scale = rule.hessian_scale(y)  # None but for cross-entropy's probability targets
-        return product if scale is None else product * scale
+        return self.problem.loss_rule.hessian_vp(output, u, y)
 
     def _quadratic_forms(self, V):
         """vᵢᵀ G vᵢ = c Σₙ (J v)ᵀ Λ (J v); plain MLPs by one forward propagation (``taylor``)."""

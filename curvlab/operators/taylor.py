@@ -94,7 +94,7 @@ class PrimalBatch:
     output: Tensor  # f, (N, C)
     output_gradient: Tensor  # ∇_f ℓ (sum reduction), (N, C)
     mask: Tensor | None  # entries with a loss term (None: all), broadcastable to (N, C)
-    hessian_scale: Tensor | None  # s of ∇²ℓ = s Λ (None: 1), broadcastable to (N, C)
+    target: Tensor  # y, for the loss' output Hessian
 
 
 def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
@@ -113,7 +113,7 @@ def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
                 x = module(x)
     problem.loss_rule.check(x, y)  # shapes, and NaN/Inf in the output or target
     rule = problem.loss_rule
-    return PrimalBatch(steps, x, rule.output_gradient(x, y), rule.mask(y), rule.hessian_scale(y))
+    return PrimalBatch(steps, x, rule.output_gradient(x, y), rule.mask(y), y)
 
 
 def _propagate(batch: PrimalBatch, direction: list[Tensor], second_order: bool):
@@ -166,9 +166,7 @@ def quadratic_forms(
                 continue
             if batch.mask is not None:  # rows without a loss term (ignore_index) add nothing
                 f1 = f1 * batch.mask
-            curvature = rule.hessian_vp(batch.output, f1)
-            if batch.hessian_scale is not None:
-                curvature = curvature * batch.hessian_scale
+            curvature = rule.hessian_vp(batch.output, f1, batch.target)
             forms[j] += torch.vdot(f1.reshape(-1), curvature.reshape(-1))
             if f2 is not None:
                 forms[j] += torch.vdot(batch.output_gradient.reshape(-1), f2.reshape(-1))

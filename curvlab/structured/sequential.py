@@ -271,10 +271,7 @@ def sequential_statistics(
         with torch.no_grad():
             output, inputs, steps = _forward(problem, layers, params, X)
         problem.loss_rule.check(output, y)
-        diagonal = problem.loss_rule.diagonal_hessian_sqrt(output) if fisher_type == "type-2" else None
-        scale = problem.loss_rule.hessian_scale(y)  # ∇²ℓ = s Λ (BCE's pos_weight): √s on the roots
-        if diagonal is not None and scale is not None:
-            diagonal = diagonal * scale.sqrt()
+        diagonal = problem.loss_rule.diagonal_hessian_sqrt(output, y) if fisher_type == "type-2" else None
         if diagonal is not None:
             vectors = diagonal  # (N, V)
             V = vectors.shape[1]

@@ -252,10 +252,7 @@ def backpropagated_vectors(
     if fisher_type == "empirical":
         return rule.output_gradient(output, y).unsqueeze(0)  # zero where there is no loss term
     if fisher_type == "type-2":
-        vectors = rule.hessian_sqrt_columns(output)
-        scale = rule.hessian_scale(y)  # ∇²ℓ = s Λ: columns times √s
-        if scale is not None:
-            vectors = vectors * scale.sqrt()
+        vectors = rule.hessian_sqrt_columns(output, y)
     else:
         generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
         shape = list(rule.noise_shape(y, mc_samples))  # (S, N, ...)
