@@ -223,8 +223,6 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    # A deprecation notice from inside torch (not actionable here), as in the `curvlab` command.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -228,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``curvlab`` console script."""
     args = build_parser().parse_args(argv)
-    # torch.func emits this deprecation from inside its own transforms; not actionable here.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     return args.handler(args)
 
 

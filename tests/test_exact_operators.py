@@ -1,5 +1,8 @@
 """Each exact operator against the independent dense float64 reference, in every format."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +169,26 @@ def test_products_over_some_parameters_carry_no_graph_to_the_others():
         for kind in (cl.GGN, cl.Hessian, cl.Fisher, cl.EmpiricalFisher):
             product = kind(block) @ v
             assert product.grad_fn is None and not product.requires_grad, kind.__name__
+
+
+WORKFLOW = """
+import torch
+from torch import nn
+import curvlab as cl
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+problem = cl.Problem(model, nn.CrossEntropyLoss(), (torch.randn(8, 4), torch.randint(0, 3, (8,))))
+operators = [cl.GGN(problem), cl.Fisher(problem, mc_samples=2), cl.EmpiricalFisher(problem)]
+operators.append(cl.Hessian(problem))
+for C in operators:
+    C.to_dense()
+    cl.top_eigen(C, 2)
+"""
+
+
+def test_products_warn_nothing_in_a_fresh_process():
+    """The first forward-mode product in a process raises torch's FutureWarning; users never see it."""
+    completed = subprocess.run(
+        [sys.executable, "-W", "error", "-c", WORKFLOW], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]

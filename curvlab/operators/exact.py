@@ -10,6 +10,9 @@ reverse pass (Jᵀ ·), all vectorised over the k columns with ``torch.func.vmap
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
@@ -17,6 +20,19 @@ from torch.func import jvp, vjp, vmap
 from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
+
+
+@functools.cache
+def _load_forward_mode_quietly() -> None:
+    """Load torch's forward-mode AD decompositions once, without their deprecation warning.
+
+    torch's first forward-mode product imports decompositions that call
+    ``torch.jit.script``, which recent torch versions flag with a ``FutureWarning``
+    that would reach every user of the GGN/Fisher products and that they cannot act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
 class ProblemOperator(CurvatureOperator):
@@ -220,6 +236,7 @@ class OutputSpaceOperator(ProblemOperator):
         raise NotImplementedError
 
     def _batch_matmat(self, X, y, index, Vs):
+        _load_forward_mode_quietly()
         params = self._detached_params()
         aux = self._prepare(X, y, index)
         mask = self.problem.loss_rule.mask(y)  # entries without a loss term (ignore_index)
