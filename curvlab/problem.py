@@ -83,7 +83,12 @@ class Problem:
             to the parameters' dtype.
         params: The parameters to differentiate, flattened in this order (each
             tensor row-major). Default: every model parameter that requires grad.
-        eval_mode: Evaluate the model in eval mode (default ``True``).
+        eval_mode: Evaluate the model in eval mode (default ``True``). ``False``:
+            in the model's own mode; a batch norm in training then normalizes by
+            each batch's statistics, so an example's output depends on its batch
+            and every curvature is that of the batch function (per-example terms
+            are derivatives of ℓ_n(F(θ, X)_n)). Its running statistics are never
+            updated by curvature computations.
 
     Attributes:
         param_uses: ``{name: count}``, how many operations of the first batch's
@@ -92,7 +97,9 @@ class Problem:
             refuse shared or unused layers.
 
     Raises:
-        UnsupportedError: unsupported loss, reduction or loss option.
+        UnsupportedError: unsupported loss, reduction or loss option; a model
+            whose forward pass writes one of its buffers (batch norm's running
+            statistics are left alone instead).
         DataError: empty data, a batch that is not an ``(X, y)`` pair, inputs and
             targets of different lengths, or outputs that do not fit the targets.
         ValueError: a parameter that is not in ``model``, a duplicate, or
@@ -195,8 +202,19 @@ class Problem:
         """Check the model's output on the first batch; count each parameter's uses in its graph."""
         X, y = next(iter(self.batches()))
         leaves = [p.detach().requires_grad_(True) for p in self.params]
+        buffers = list(self.model.named_buffers())
+        before = [(b._version, b.clone()) for _, b in buffers]
         with torch.enable_grad():
             output = self.forward(leaves, X)
+        for (name, buffer), (version, copy) in zip(buffers, before):
+            if buffer._version != version:  # written in place by the forward pass
+                with torch.no_grad():
+                    buffer.copy_(copy)  # undone: the model is left as it was
+                raise UnsupportedError(
+                    f"the model's forward pass writes its buffer {name!r} in place (a running "
+                    "statistic?); curvature evaluates the model many times and must not change "
+                    "it. Use eval_mode=True (the default), or a module that leaves its buffers alone"
+                )
         if not isinstance(output, torch.Tensor):
             raise UnsupportedError(
                 f"the model returned a {type(output).__name__}, not a tensor: curvlab needs the "
@@ -204,9 +222,27 @@ class Problem:
                 "nn.Module whose forward returns that tensor"
             )
         self.loss_rule.check(output, y)
+        if not self.eval_mode:
+            self._check_deterministic(leaves, X, output.detach())
         # param_uses[name]: how many operations of the forward pass read the parameter
         # (0: not used, its curvature is 0; more than 1 for a layer: weight sharing).
         self.param_uses: dict[str, int] = dict(zip(self.param_names, uses_in_graph(output, leaves)))
+
+    def _check_deterministic(self, params: list[Tensor], X: Tensor, output: Tensor) -> None:
+        """UnsupportedError if a second forward pass of the first batch gives another output.
+
+        In its own mode a model may be random (dropout in training): every product
+        would then see another function, and the results would be noise.
+        """
+        with torch.no_grad():
+            again = self.forward(params, X)
+        scale = output.abs().max().item() if output.numel() else 0.0
+        if not torch.allclose(again, output, rtol=1e-5, atol=1e-6 * scale):
+            raise UnsupportedError(
+                "with eval_mode=False the model gives different outputs for the same batch in two "
+                "forward passes (dropout or another random module in training mode?); curvature "
+                "needs one function. Use eval_mode=True (the default) or put those modules in eval mode"
+            )
 
     def _raw_batches(self):
         for index, batch in enumerate(self.data):
@@ -279,7 +315,7 @@ class Problem:
         """
         tensors = {name: p.detach() for name, p in self._other_trainable()}
         tensors.update(zip(self.param_names, params))
-        with self._mode():
+        with self.model_mode():
             return call_with(self.model, tensors, (X,))
 
     def _other_trainable(self) -> list[tuple[str, Tensor]]:
@@ -335,15 +371,28 @@ class Problem:
         )
 
     @contextlib.contextmanager
-    def _mode(self):
-        if not self.eval_mode:
-            yield
-            return
-        modes = [(m, m.training) for m in self.model.modules()]
+    def model_mode(self):
+        """The model as curvature sees it: eval mode, or its own mode without side effects.
+
+        In the model's own mode, a batch norm in training normalizes by the batch
+        statistics as usual, but with ``track_running_stats`` off for the call its
+        running statistics (and ``num_batches_tracked``) stay untouched: curvature
+        evaluates the loss, it does not take a training step.
+        """
+        if self.eval_mode:
+            saved = [(m, "training", m.training) for m in self.model.modules()]
+            settings = [(m, "training", False) for m, _, _ in saved]
+        else:
+            saved = [
+                (m, "track_running_stats", m.track_running_stats)
+                for m in self.model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            ]
+            settings = [(m, attribute, False) for m, attribute, _ in saved]
         try:
-            for m, _ in modes:
-                m.training = False
+            for m, attribute, value in settings:
+                setattr(m, attribute, value)
             yield
         finally:
-            for m, training in modes:
-                m.training = training
+            for m, attribute, value in saved:
+                setattr(m, attribute, value)

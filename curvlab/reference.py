@@ -2,9 +2,17 @@ r"""Dense float64 ground truth for tiny models, written independently of the ope
 
 Each function concatenates all batches of a ``Problem`` into one batch, copies
 the parameters to float64, and builds the matrix straight from its definition
-with ``torch.func`` (``hessian``, ``jacrev``, ``vmap``) and the user's own loss
+with ``torch.func`` reverse mode (``jacrev``, ``grad``) and the user's own loss
 object — none of curvlab's loss rules or operators are used. Intended for models
 with at most a few thousand parameters and a few hundred outputs.
+
+Every derivative is taken of the whole batch's output: an example's output
+f_n = F(θ, X_all)_n and loss ℓ_n may depend on the other examples (batch norm
+in training mode), as they do for the operators when the data is one batch.
+Second derivatives are ``jacrev(grad(·))``: through batch norm in training mode
+torch's ``jacfwd(jacrev(·))`` (``torch.func.hessian``, see pytorch/pytorch#196699)
+and ``jacrev(jacrev(·))`` both return wrong ones (checked against finite differences
+in ``tests/test_batch_norm.py``).
 
 * ``hessian``: ∇²_θ of ``loss_fn(model(X_all), y_all)``.
 * ``ggn``: Jᵀ (∇²_F L) J with J = ∂F/∂θ of the stacked outputs F and L the loss
@@ -12,14 +20,15 @@ with at most a few thousand parameters and a few hundred outputs.
 * ``fisher``: c Σ_n J_nᵀ E_ŷ[g g ᵀ] J_n with g = ∇_f ℓ(f_n, ŷ) by autodiff and the
   expectation by enumeration (classes for cross-entropy, all 2^C outcomes for
   BCE) or, for MSE, the covariance of the Gaussian with variance 1/2.
-* ``empirical_fisher``: c Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ from ``vmap(grad)`` per example.
+* ``empirical_fisher``: c Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ, the gradients of the per-example
+  losses from one Jacobian.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, jacrev
 
 from curvlab.problem import call_with
 
@@ -45,19 +54,13 @@ def _setup(problem):
         for name, t in list(model.named_parameters()) + list(model.named_buffers())
         if name not in names
     }
-    training = [(m, m.training) for m in model.modules()]
 
     def f(theta_flat: Tensor, inputs: Tensor) -> Tensor:
         tensors = [t.reshape(s) for t, s in zip(theta_flat.split(sizes), shapes)]
         state = dict(others)
         state.update(zip(names, tensors))
-        for m, _ in training:
-            m.training = not problem.eval_mode and m.training
-        try:
+        with problem.model_mode():  # eval mode, or the model's own without side effects
             return call_with(model, state, (inputs,))
-        finally:
-            for m, mode in training:
-                m.training = mode
 
     return X, y, theta, f
 
@@ -87,7 +90,7 @@ def _sum_loss(loss_fn: nn.Module) -> nn.Module:
 def hessian_matrix(problem) -> Tensor:
     """Dense Hessian of the risk, (n, n) float64."""
     X, y, theta, f = _setup(problem)
-    return hessian(lambda t: problem.loss_fn(f(t, X), y))(theta)
+    return _second_derivative(lambda t: problem.loss_fn(f(t, X), y), theta)
 
 
 def ggn(problem) -> Tensor:
@@ -95,13 +98,19 @@ def ggn(problem) -> Tensor:
     X, y, theta, f = _setup(problem)
     F = f(theta, X)
     J = jacrev(lambda t: f(t, X).flatten())(theta)  # (N·C, n)
-    output_hessian = hessian(lambda out: problem.loss_fn(out.reshape(F.shape), y))(F.flatten())
+    output_hessian = _second_derivative(lambda out: problem.loss_fn(out.reshape(F.shape), y), F.flatten())
     return J.T @ output_hessian @ J
 
 
+def _second_derivative(scalar_function, x: Tensor) -> Tensor:
+    """∇² of a scalar function at ``x`` (flat): the Jacobian of its gradient, reverse over reverse."""
+    return jacrev(grad(scalar_function))(x)
+
+
 def _per_example_jacobians(problem, X, theta, f) -> Tensor:
-    """J_n = ∂f_n/∂θ for every example: (N, outputs per example, n)."""
-    return vmap(lambda x: jacrev(lambda t: f(t, x.unsqueeze(0)).flatten())(theta))(X)
+    """J_n = ∂f_n/∂θ for every example, through the whole batch: (N, outputs per example, n)."""
+    J = jacrev(lambda t: f(t, X))(theta)  # (N, *output shape, n)
+    return J.reshape(X.shape[0], -1, theta.numel())
 
 
 def _output_score_covariance(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
@@ -178,8 +187,9 @@ def empirical_fisher(problem) -> Tensor:
         outputs = f(theta, X)
     c = _factor(problem.loss_fn, y, outputs.shape)
 
-    def example_loss(t, x, target):
-        return sum_loss(f(t, x.unsqueeze(0)), target.unsqueeze(0))
+    def example_losses(t):  # ℓ_n of the whole batch's outputs: (N,)
+        F = f(t, X)
+        return torch.stack([sum_loss(F[n : n + 1], y[n : n + 1]) for n in range(X.shape[0])])
 
-    G = vmap(grad(example_loss), in_dims=(None, 0, 0))(theta, X, y)  # (N, n)
+    G = jacrev(example_losses)(theta)  # (N, n)
     return c * G.T @ G

@@ -102,7 +102,7 @@ def primal(problem: Problem, X: Tensor, y: Tensor) -> PrimalBatch:
     index_of = {id(p): i for i, p in enumerate(problem.params)}
     steps: list[_Linear | _Activation] = []
     x = X
-    with torch.no_grad(), problem._mode():
+    with torch.no_grad(), problem.model_mode():
         for module in problem.model:
             if type(module) is nn.Linear:
                 bias_index = None if module.bias is None else index_of.get(id(module.bias))
