@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab.errors import DataError, NonFiniteError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
@@ -378,6 +379,12 @@ class Problem:
         statistics as usual, but with ``track_running_stats`` off for the call its
         running statistics (and ``num_batches_tracked``) stay untouched: curvature
         evaluates the loss, it does not take a training step.
+
+        Attention is computed from its differentiable parts: the fused kernels of
+        ``F.scaled_dot_product_attention`` (flash, memory-efficient) and the fast
+        path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` in eval mode
+        have no forward-mode derivative and no double backward, which the
+        GGN/Fisher products and the Hessian need. Both are switched off for the call.
         """
         if self.eval_mode:
             saved = [(m, "training", m.training) for m in self.model.modules()]
@@ -389,10 +396,14 @@ class Problem:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
             ]
             settings = [(m, attribute, False) for m, attribute, _ in saved]
+        fast_path = torch.backends.mha.get_fastpath_enabled()
         try:
             for m, attribute, value in settings:
                 setattr(m, attribute, value)
-            yield
+            torch.backends.mha.set_fastpath_enabled(False)
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
         finally:
+            torch.backends.mha.set_fastpath_enabled(fast_path)
             for m, attribute, value in saved:
                 setattr(m, attribute, value)
