@@ -385,6 +385,8 @@ class Problem:
         path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` in eval mode
         have no forward-mode derivative and no double backward, which the
         GGN/Fisher products and the Hessian need. Both are switched off for the call.
+        So is cuDNN for a model with recurrent modules (``nn.RNN``/``LSTM``/``GRU``):
+        its RNN kernels have no backward in eval mode and no double backward.
         """
         if self.eval_mode:
             saved = [(m, "training", m.training) for m in self.model.modules()]
@@ -396,14 +398,17 @@ class Problem:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
             ]
             settings = [(m, attribute, False) for m, attribute, _ in saved]
-        fast_path = torch.backends.mha.get_fastpath_enabled()
+        fast_path, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
+        recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
         try:
             for m, attribute, value in settings:
                 setattr(m, attribute, value)
             torch.backends.mha.set_fastpath_enabled(False)
+            torch.backends.cudnn.enabled = cudnn and not recurrent
             with sdpa_kernel(SDPBackend.MATH):
                 yield
         finally:
             torch.backends.mha.set_fastpath_enabled(fast_path)
+            torch.backends.cudnn.enabled = cudnn
             for m, attribute, value in saved:
                 setattr(m, attribute, value)

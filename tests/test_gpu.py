@@ -227,3 +227,33 @@ def test_cuda_compare_and_store_match_cpu(case, tmp_path):
     assert [r.name for r in records] == ["kfac_vs_ggn", "ggn_top"]
     assert records[1].provenance["device"].startswith("cuda")
     assert_close_rel(torch.as_tensor(records[1].data["values"]), top.values.cpu(), 1e-12, "stored values")
+
+
+def _device_models():
+    from tests.test_batch_norm import _model, _problem
+    from tests.test_fused_kernels import _causal_problem, _recurrent_problem
+
+    return {
+        "lstm": lambda device: _moved(_recurrent_problem(), device),
+        "attention": lambda device: _moved(_causal_problem(), device),
+        "batch_norm_training": lambda device: _moved(_problem(_model()), device),
+    }
+
+
+def _moved(problem: cl.Problem, device: str) -> cl.Problem:
+    """The same problem with its model and data on ``device``."""
+    model = problem.model.to(device)
+    data = [(X.to(device), y.to(device)) for X, y in problem.data]
+    return cl.Problem(model, problem.loss_fn, data, eval_mode=problem.eval_mode)
+
+
+@pytest.mark.parametrize("model", ["lstm", "attention", "batch_norm_training"])
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_cuda_models_without_fused_second_derivatives(model, name):
+    """CuDNN RNNs, fused attention and batch norm in training give the CPU's curvature on CUDA."""
+    operator_class, _ = OPERATORS[name]
+    build = _device_models()[model]
+    cuda = operator_class(build("cuda")).to_dense()
+    cpu = operator_class(build("cpu")).to_dense()
+    assert_close_rel(cuda.cpu(), cpu, 1e-9, f"{model} {name}")
+    assert torch.backends.cudnn.enabled and torch.backends.mha.get_fastpath_enabled()

@@ -1,9 +1,11 @@
-"""Attention models: the exact operators work where torch's fused attention has no second derivatives.
+"""Models whose fused torch kernels lack the derivatives curvature needs: attention, recurrent.
 
 ``F.scaled_dot_product_attention`` runs fused kernels (no forward-mode derivative, no double
 backward) and ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` in eval mode take a fused
 fast path (no forward-mode derivative); every curvature product needs one or the other. The
-model's curvature mode computes attention from its differentiable parts instead.
+model's curvature mode computes attention from its differentiable parts instead. On CUDA, cuDNN's
+RNN kernels have neither a backward in eval mode nor a double backward: cuDNN is off for models
+with recurrent modules (the CUDA half of that is in ``test_gpu.py``).
 """
 
 import warnings
@@ -69,6 +71,24 @@ class Encoder(nn.Module):
         return self.head(h.mean(1))
 
 
+class LastStep(nn.Module):
+    """An LSTM read out at its last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _recurrent_problem() -> cl.Problem:
+    torch.manual_seed(0)
+    model = LastStep().to(F64).eval()
+    X, y = torch.randn(4, 5, 3, dtype=F64), torch.randint(0, 2, (4,))
+    return cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+
+
 def _causal_problem(**kwargs) -> cl.Problem:
     torch.manual_seed(0)
     model = CausalBlock().to(F64)
@@ -97,6 +117,14 @@ def test_fast_path_modules_in_eval_mode(kind, name):
     operator, dense_reference = EXACT[name]
     assert_close_rel(operator(problem).to_dense(), dense_reference(problem), 1e-10, name)
     assert torch.backends.mha.get_fastpath_enabled()  # the global switch is restored
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_lstm(name):
+    problem = _recurrent_problem()
+    operator, dense_reference = EXACT[name]
+    assert_close_rel(operator(problem).to_dense(), dense_reference(problem), 1e-10, name)
+    assert torch.backends.cudnn.enabled  # restored
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
