@@ -71,6 +71,11 @@ def _mlp(*sizes, act=nn.Tanh):
     return nn.Sequential(*layers)
 
 
+def _scalar_regressor():
+    """One number per example: outputs (N,), as ``model(x).squeeze(-1)`` gives."""
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0))
+
+
 def _conv_net():
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(8, 4)
@@ -138,6 +143,8 @@ CASES = [
         (6, 3),
         loss_options=(("label_smoothing", 0.2),),
     ),
+    Case("scalar_regressor_mse_mean", _scalar_regressor, (4,), (), "mse", "mean", (5, 3)),
+    Case("scalar_regressor_bce_sum", _scalar_regressor, (4,), (), "bce", "sum", (6,)),
     Case("mlp_ce_probability_targets_sum", lambda: _mlp(5, 4, 3), (5,), (3,), "ce_soft", "sum", (6, 3)),
     Case(
         "mlp_bce_pos_weight_mean",

@@ -64,6 +64,25 @@ def test_single_example_type2_equals_exact_ggn_blocks(loss_name, separate):
         assert_close_rel(kfac_block.to_dense(), exact_block.to_dense(), 1e-12, "single example")
 
 
+@pytest.mark.parametrize("loss_name", ["mse", "bce"])
+def test_single_example_blocks_with_one_output_number_per_example(loss_name):
+    """Outputs (N,) (``model(x).squeeze(-1)``): type-2 and empirical KFAC, EKFAC on one example."""
+    from tests.cases import CASES
+
+    case = next(c for c in CASES if c.name.startswith("scalar_regressor") and c.loss == loss_name)
+    built = case.build(torch.float64)
+    X, y = built.data[0]
+    problem = cl.Problem(built.model, built.loss_fn, (X[:1], y[:1]))
+    assert problem.model(X[:1]).shape == (1,)
+    for fisher_type, exact in (("type-2", cl.GGN(problem)), ("empirical", cl.EmpiricalFisher(problem))):
+        for structured in (
+            cl.KFAC(problem, fisher_type=fisher_type),
+            cl.EKFAC(problem, fisher_type=fisher_type),
+        ):
+            for block, exact_block in zip(structured.blocks(by="layer"), exact.blocks(by="layer")):
+                assert_close_rel(block.to_dense(), exact_block.to_dense(), 1e-12, fisher_type)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_deep_linear_network_mse_type2_equals_block_diagonal_ggn(reduction):
     torch.manual_seed(0)

@@ -68,6 +68,8 @@ def test_dense_matches_curvlinops(case, kind):
     curvlinops = pytest.importorskip("curvlinops")
     if kind == "ef" and _terms_per_example(case) > 1:
         pytest.skip("EF conventions differ with several loss terms per example: see the test below")
+    if kind == "ef" and case.output_shape == ():
+        pytest.skip("curvlinops 3.0.1's EF fails on (N,) outputs (its einops pattern needs a class dim)")
     if kind == "ef" and case.loss == "ce_soft":
         pytest.skip(
             "curvlinops 3.0.1's EF reshapes cross-entropy targets as class indices (no probabilities)"

@@ -264,10 +264,14 @@ class OutputSpaceOperator(ProblemOperator):
         return [r if r.is_contiguous() else r.contiguous() for r in results]
 
 
-def _per_example_dot(a: Tensor, b: Tensor) -> Tensor:
-    """⟨a_n, b_n⟩ over all non-leading dims, kept broadcastable: shape (N, 1, …, 1)."""
-    dims = tuple(range(1, a.dim()))
-    return (a * b).sum(dim=dims, keepdim=True)
+def _per_example_dot(a: Tensor, b: Tensor, leading: int = 1) -> Tensor:
+    """⟨a_n, b_n⟩ over all but the ``leading`` dims, kept broadcastable: shape (N, 1, …, 1).
+
+    Outputs (N,) (one number per example) have no dims to sum: the product itself.
+    (``sum(dim=())`` would sum over everything, coupling the examples.)
+    """
+    dims = tuple(range(leading, a.dim()))
+    return (a * b).sum(dim=dims, keepdim=True) if dims else a * b
 
 
 class GGN(OutputSpaceOperator):
@@ -339,6 +343,5 @@ class Fisher(OutputSpaceOperator):
         r = rule.sampled_gradient(
             repeated.reshape(-1, *output.shape[1:]), sampled.reshape(-1, *sampled.shape[2:])
         ).reshape(samples, *output.shape)  # (S, N, ...)
-        dims = tuple(range(2, r.dim()))
-        weights = (r * u.unsqueeze(0)).sum(dim=dims, keepdim=True)
+        weights = _per_example_dot(r, u.unsqueeze(0), leading=2)  # (S, N, 1, …)
         return (r * weights).sum(0) / samples
