@@ -85,11 +85,12 @@ class Problem:
         params: The parameters to differentiate, flattened in this order (each
             tensor row-major). Default: every model parameter that requires grad.
         eval_mode: Evaluate the model in eval mode (default ``True``). ``False``:
-            in the model's own mode; a batch norm in training then normalizes by
-            each batch's statistics, so an example's output depends on its batch
-            and every curvature is that of the batch function (per-example terms
-            are derivatives of ℓ_n(F(θ, X)_n)). Its running statistics are never
-            updated by curvature computations.
+            in the model's own mode, except that dropout is off; a batch norm in
+            training then normalizes by each batch's statistics, so an example's
+            output depends on its batch and every curvature is that of the batch
+            function (per-example terms are derivatives of ℓ_n(F(θ, X)_n)). Its
+            running statistics are never updated by curvature computations. A
+            model that is still random (a noise module of its own) is refused.
 
     Attributes:
         param_uses: ``{name: count}``, how many operations of the first batch's
@@ -232,7 +233,7 @@ class Problem:
     def _check_deterministic(self, params: list[Tensor], X: Tensor, output: Tensor) -> None:
         """UnsupportedError if a second forward pass of the first batch gives another output.
 
-        In its own mode a model may be random (dropout in training): every product
+        In its own mode a model may be random (a noise layer in training): every product
         would then see another function, and the results would be noise.
         """
         with torch.no_grad():
@@ -241,8 +242,9 @@ class Problem:
         if not torch.allclose(again, output, rtol=1e-5, atol=1e-6 * scale):
             raise UnsupportedError(
                 "with eval_mode=False the model gives different outputs for the same batch in two "
-                "forward passes (dropout or another random module in training mode?); curvature "
-                "needs one function. Use eval_mode=True (the default) or put those modules in eval mode"
+                "forward passes (a random module in training mode? dropout is switched off, other "
+                "noise is not); curvature needs one function. Use eval_mode=True (the default) or put "
+                "those modules in eval mode"
             )
 
     def _raw_batches(self):
@@ -378,7 +380,8 @@ class Problem:
         In the model's own mode, a batch norm in training normalizes by the batch
         statistics as usual, but with ``track_running_stats`` off for the call its
         running statistics (and ``num_batches_tracked``) stay untouched: curvature
-        evaluates the loss, it does not take a training step.
+        evaluates the loss, it does not take a training step. Dropout is off: with a
+        new random mask in every pass, products would not be of one matrix.
 
         Attention is computed from its differentiable parts: the fused kernels of
         ``F.scaled_dot_product_attention`` (flash, memory-efficient) and the fast
@@ -390,14 +393,18 @@ class Problem:
         """
         if self.eval_mode:
             saved = [(m, "training", m.training) for m in self.model.modules()]
-            settings = [(m, "training", False) for m, _, _ in saved]
         else:
             saved = [
                 (m, "track_running_stats", m.track_running_stats)
                 for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
             ]
-            settings = [(m, attribute, False) for m, attribute, _ in saved]
+            saved += [  # dropout modules, and attention's own dropout
+                (m, "training", True)
+                for m in self.model.modules()
+                if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)) and m.training
+            ]
+        settings = [(m, attribute, False) for m, attribute, _ in saved]
         fast_path, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
         recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
         try:

@@ -1,4 +1,4 @@
-"""Batch norm in eval mode, or in training mode without side effects; random modules refused.
+"""Batch norm in eval mode, or in training mode without side effects; dropout off, other noise refused.
 
 With ``eval_mode=False`` a batch norm in training normalizes by the batch's own
 statistics, so the examples of a batch are coupled: every curvature matrix is
@@ -159,12 +159,23 @@ def test_a_forward_pass_that_writes_a_buffer_is_refused_and_undone():
     assert model.calls.item() == 0
 
 
-def test_dropout_in_training_mode_is_refused_with_eval_mode_false():
+def test_dropout_is_off_in_training_mode_and_other_noise_is_refused():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).to(F64).train()
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).to(F64).train()
     X, y = torch.randn(8, 4, dtype=F64), torch.randn(8, 3, dtype=F64)
+    problem = cl.Problem(model, nn.MSELoss(), (X, y), eval_mode=False)
+    without = nn.Sequential(model[0], model[2], model[3])  # the same function with no dropout at all
+    assert_close_rel(
+        cl.GGN(problem).to_dense(), reference.ggn(cl.Problem(without, nn.MSELoss(), (X, y))), 1e-10
+    )
+    assert_close_rel(cl.Hessian(problem).to_dense(), reference.hessian_matrix(problem), 1e-10)
+    assert model[1].training
+
+    class Noise(nn.Module):
+        def forward(self, x):
+            return x + 0.1 * torch.randn_like(x) if self.training else x
+
+    noisy = nn.Sequential(nn.Linear(4, 6), Noise(), nn.Linear(6, 3)).to(F64).train()
     with pytest.raises(cl.UnsupportedError, match="different outputs for the same batch"):
-        cl.Problem(model, nn.MSELoss(), (X, y), eval_mode=False)
-    problem = cl.Problem(model, nn.MSELoss(), (X, y))  # eval mode: dropout off, deterministic
-    assert_close_rel(cl.GGN(problem).to_dense(), reference.ggn(problem), 1e-10)
-    assert model.training
+        cl.Problem(noisy, nn.MSELoss(), (X, y), eval_mode=False)
+    cl.Problem(noisy, nn.MSELoss(), (X, y))  # eval mode: deterministic

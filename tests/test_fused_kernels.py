@@ -160,3 +160,16 @@ def test_kfac_of_the_linear_layers_around_attention_matches_curvlinops(approx):
             check_deterministic=False,
         )
     assert_close_rel(ours, theirs @ torch.eye(restricted.num_params, dtype=F64), 1e-10, "KFAC")
+
+
+def test_attention_dropout_is_off_in_training_mode():
+    """Dropout modules and multi-head attention's own dropout, in a layer left in training mode."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=4, dropout=0.3, batch_first=True).to(F64)
+    model = nn.Sequential(nn.Linear(3, 4), layer, nn.Flatten(), nn.Linear(12, 2)).to(F64).train()
+    X, y = torch.randn(5, 3, 3, dtype=F64), torch.randint(0, 2, (5,))
+    training = cl.Problem(model, nn.CrossEntropyLoss(), (X, y), eval_mode=False)
+    evaluated = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    assert_close_rel(cl.GGN(training).to_dense(), cl.GGN(evaluated).to_dense(), 1e-12, "GGN")
+    assert_close_rel(cl.Hessian(training).to_dense(), cl.Hessian(evaluated).to_dense(), 1e-12, "Hessian")
+    assert all(m.training for m in model.modules())

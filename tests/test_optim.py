@@ -10,6 +10,7 @@ from torch import nn
 import curvlab as cl
 from curvlab import optim, reference
 from curvlab.errors import CurvlabError
+from tests.helpers import assert_close_rel
 
 
 def _regression(n=40, d=3, out=2, seed=0):
@@ -150,6 +151,28 @@ def test_curvature_is_a_regular_curvature_object():
     report = cl.compare(opt.curvature, cl.GGN(problem), k=2)
     assert 0 <= report.overall["rel_frobenius"] < 1
     assert cl.top_eigen(opt.curvature, 1, progress=False).values[0] > 0
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training_mode", "eval_mode"])
+def test_curvature_is_of_the_function_being_trained(train):
+    """A model trained in training mode: batch norm's batch statistics, dropout off; in eval mode, eval."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.3), nn.Tanh(), nn.Linear(5, 2))
+    model = model.double().train(train)
+    with torch.no_grad():
+        model[1].running_mean.normal_()  # far from the batch statistics
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = optim.KFAC(model, loss_fn, fisher_type="type-2", lr=0.1, ema_decay=0.0, other_structure="exact")
+    before_step = copy.deepcopy(model)
+    opt.step(lambda: loss_fn(model(X), y), batch=(X, y))
+    expected = cl.KFAC(cl.Problem(before_step, loss_fn, (X, y), eval_mode=not train), other_structure="exact")
+    assert_close_rel(opt.curvature.to_dense(), expected.to_dense(), 1e-12, "optimizer curvature")
+    if train:  # not the eval-mode curvature
+        other = cl.KFAC(cl.Problem(before_step, loss_fn, (X, y)), other_structure="exact").to_dense()
+        assert (other - expected.to_dense()).norm() > 1e-3 * other.norm()
+    # Only the closure's forward pass counted as a training batch; the curvature passes did not.
+    assert model[1].num_batches_tracked.item() == (1 if train else 0)
 
 
 def test_parameter_groups_have_their_own_learning_rates():

@@ -197,7 +197,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__} builds curvature from the minibatch: call step(closure, batch=(X, y))"
             )
-        return Problem(self.model, self.loss_fn, tuple(batch), params=self._params())
+        # The curvature of the function being trained: in training mode a batch norm uses
+        # the batch's statistics (dropout is off either way; see Problem's eval_mode).
+        return Problem(
+            self.model, self.loss_fn, tuple(batch), params=self._params(), eval_mode=not self.model.training
+        )
 
     def _refresh_inverse(self, damping: float, curvature: CurvatureOperator | None = None) -> None:
         """Damped inverse of ``curvature`` (default: the current one).

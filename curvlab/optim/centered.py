@@ -91,7 +91,9 @@ class CenteredSGD(torch.optim.Optimizer):
     def centered_gradient(self, batch) -> list[torch.Tensor]:
         """The centered gradient: c Σ_n δ_n (h_n − h̄)ᵀ for weights, c Σ_n δ_n for biases."""
         params = [p for group in self.param_groups for p in group["params"]]
-        problem = Problem(self.model, self.loss_fn, tuple(batch), params=params)
+        problem = Problem(
+            self.model, self.loss_fn, tuple(batch), params=params, eval_mode=not self.model.training
+        )
         layers = find_layers(problem)
         result = [torch.zeros_like(p) for p in params]
         c = problem.reduction_factor

@@ -20,4 +20,5 @@ def curvature_learning_rate(
     if curvature not in classes:
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     lanczos.setdefault("progress", False)
-    return learning_rate(classes[curvature](Problem(model, loss_fn, tuple(batch))), **lanczos)
+    problem = Problem(model, loss_fn, tuple(batch), eval_mode=not model.training)  # the trained function
+    return learning_rate(classes[curvature](problem), **lanczos)
