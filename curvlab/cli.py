@@ -21,8 +21,9 @@ import curvlab as cl
 from curvlab import plot
 from curvlab.analysis import SUMMARY_HEADER, Settings, train_and_analyse
 from curvlab.data import load_digits, load_mnist_idx, load_npz
+from curvlab.errors import CurvlabError
 from curvlab.models import mlp
-from curvlab.storage import StoreError, read
+from curvlab.storage import read
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -51,6 +52,8 @@ def analyze(args) -> int:
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CurvlabError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     (X, y), (X_test, y_test), dataset = _load_data(args, dtype)
     if args.examples and dataset.startswith("digits"):
         X, y = X[: args.examples], y[: args.examples]
@@ -119,11 +122,7 @@ def _fisher_ggn_gap(path) -> float:
 
 def show(args) -> int:
     """Summarise a store file: header, then one line per record."""
-    try:
-        records = read(args.file)
-    except StoreError as error:
-        print(f"curvlab: {error}", file=sys.stderr)
-        return 2
+    records = read(args.file)
     import h5py
 
     with h5py.File(args.file, "r") as f:
@@ -175,11 +174,7 @@ def _describe(r) -> str:
 
 def plot_command(args) -> int:
     """Redraw the figures of a store file."""
-    try:
-        figures = plot.plot_store(args.file, args.out or Path(args.file).parent / "figures")
-    except StoreError as error:
-        print(f"curvlab: {error}", file=sys.stderr)
-        return 2
+    figures = plot.plot_store(args.file, args.out or Path(args.file).parent / "figures")
     for figure in figures:
         print(figure)
     return 0
@@ -227,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``curvlab`` console script."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (CurvlabError, OSError) as error:  # bad input: one line, not a traceback
+        print(f"curvlab: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

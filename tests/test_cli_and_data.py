@@ -122,3 +122,17 @@ def test_npz_loader(tmp_path):
     np.savez(tmp_path / "e.npz", inputs=np.ones(3))
     with pytest.raises(DataError, match="named 'X' and 'y'"):
         load_npz(tmp_path / "e.npz")
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
+    np.savez(tmp_path / "e.npz", inputs=np.ones(3))
+    cases = [
+        (["--npz", str(tmp_path / "e.npz")], "named 'X' and 'y'"),
+        (["--npz", str(tmp_path / "missing.npz")], "No such file"),
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases.append((["--device", "cuda"], "no CUDA device is available here"))
+    for flags, message in cases:
+        assert cli.main(["analyze", *flags, "--steps", "1", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1
