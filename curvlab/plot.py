@@ -36,6 +36,8 @@ def save(fig: Figure, path, dpi: int = 150) -> Path:
 def _array(x) -> np.ndarray:
     if isinstance(x, Record):
         return np.asarray(x.data["values"])
+    if hasattr(x, "to_dense") and not hasattr(x, "detach"):  # a curvature operator or block
+        x = x.to_dense()
     if hasattr(x, "detach"):
         return x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=float)
@@ -214,7 +216,8 @@ def block_heatmaps(exact, approx, labels=("exact", "approximation"), title: str 
     """A dense block next to its approximation and their difference, one colour scale.
 
     Args:
-        exact: ``(n, n)`` tensor/array or a ``dense_block`` record.
+        exact: ``(n, n)`` tensor/array, a curvature operator or block (made
+            dense), or a ``dense_block`` record.
         approx: Same shape.
         labels: Panel titles of the first two panels.
         title: Figure title.

@@ -72,3 +72,13 @@ def test_plot_store_writes_the_standard_figures(filled_store, tmp_path):
 def test_heatmaps_reject_mismatched_blocks():
     with pytest.raises(ValueError, match="differ in shape"):
         plot.block_heatmaps(torch.eye(3), torch.eye(4))
+
+
+def test_heatmaps_of_live_blocks_match_those_of_their_dense_matrices(filled_store, tmp_path):
+    problem, _ = filled_store
+    exact, kfac = cl.GGN(problem).blocks("layer")[-1], cl.KFAC(problem).blocks()[-1]
+    live = plot.block_heatmaps(exact, kfac)
+    dense = plot.block_heatmaps(exact.to_dense(), kfac.to_dense())
+    for a, b in zip(live.axes[:3], dense.axes[:3]):
+        assert (a.images[0].get_array() == b.images[0].get_array()).all()
+    _png(live, tmp_path, "live_blocks")
