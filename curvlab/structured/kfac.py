@@ -23,6 +23,7 @@ The conventions agree with curvlinops 3.x ``KFACLinearOperator``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from curvlab.problem import Problem
@@ -153,14 +154,32 @@ class KFAC(BlockDiagonalOperator):
             return {}
         A_sum: dict[str, Tensor] = {}
         G_sum: dict[str, Tensor] = {}
-        seen_batches = set()
+        seen = set()
+        # Inputs of a batch not yet in A_sum. The autograd pass repeats a batch's inputs
+        # for every chunk of vectors (index: the batch); the MLP pass hands out a few
+        # examples per chunk (index: (batch, first example)), gathered here so that each
+        # batch's input moment is one GEMM, not one per chunk of a handful of rows.
+        pending: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        pending_batch = None
+
+        def add_pending():
+            for name, rows in pending.items():
+                if rows:
+                    accumulate(A_sum, name, self._input_moment(torch.cat(rows)))
+                    rows.clear()
+
         for index, inputs, grads in self._statistics():
-            first_chunk = index not in seen_batches
-            seen_batches.add(index)
+            batch = index[0] if isinstance(index, tuple) else index
+            if batch != pending_batch:
+                add_pending()
+                pending_batch = batch
+            if index not in seen:
+                seen.add(index)
+                for layer in self.layers:
+                    pending[layer.name].append(inputs[layer.name])
             for layer in self.layers:
-                if first_chunk:
-                    accumulate(A_sum, layer.name, self._input_moment(inputs[layer.name]))
                 accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
+        add_pending()
         c, N = self.problem.reduction_factor, self.problem.num_counted_examples
         return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
 
