@@ -173,3 +173,83 @@ def test_attention_dropout_is_off_in_training_mode():
     assert_close_rel(cl.GGN(training).to_dense(), cl.GGN(evaluated).to_dense(), 1e-12, "GGN")
     assert_close_rel(cl.Hessian(training).to_dense(), cl.Hessian(evaluated).to_dense(), 1e-12, "Hessian")
     assert all(m.training for m in model.modules())
+
+
+class Cube(torch.autograd.Function):
+    """An old-style autograd.Function (no jvp, no setup_context): torch.func cannot differentiate it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class WithFunction(nn.Module):
+    def __init__(self, custom: bool):
+        super().__init__()
+        self.custom, self.first, self.second = custom, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(Cube.apply(h) if self.custom else h**3)
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_operations_without_forward_mode_derivative_use_reverse_mode(name):
+    """GGN, Fisher and EF products fall back to reverse mode (J v by double backward)."""
+    torch.manual_seed(0)
+    custom = WithFunction(custom=True).to(F64)
+    plain = WithFunction(custom=False).to(F64)
+    plain.load_state_dict(custom.state_dict())
+    X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    operator, dense_reference = EXACT[name]
+    ours = operator(cl.Problem(custom, nn.CrossEntropyLoss(), (X, y)))
+    expected = dense_reference(cl.Problem(plain, nn.CrossEntropyLoss(), (X, y)))
+    assert_close_rel(ours.to_dense(), expected, 1e-10, name)
+    v = torch.randn(ours.shape[0], dtype=F64)
+    assert_close_rel(ours @ v, expected @ v, 1e-10, f"{name} matvec")
+
+
+def _finite_difference_hessian(problem: cl.Problem, step: float = 1e-6) -> torch.Tensor:
+    theta = torch.cat([p.detach().flatten() for p in problem.params])
+    sizes = [p.numel() for p in problem.params]
+    X, y = problem.data[0]
+
+    def gradient(t):
+        t = t.clone().requires_grad_(True)
+        params = [part.reshape(p.shape) for part, p in zip(t.split(sizes), problem.params)]
+        return torch.autograd.grad(problem.reduction_factor * problem.batch_loss(params, X, y), t)[0]
+
+    columns = [
+        (gradient(theta + step * e) - gradient(theta - step * e)) / (2 * step)
+        for e in torch.eye(len(theta), dtype=F64)
+    ]
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: nn.utils.parametrizations.weight_norm(m),
+        lambda m: nn.utils.parametrizations.weight_norm(m, dim=None),
+        lambda m: nn.utils.weight_norm(m),  # the older hook-based form
+    ],
+    ids=["parametrization", "parametrization_whole_tensor", "hook"],
+)
+def test_weight_norm(wrap):
+    """The fused weight norm kernel has no forward-mode derivative and a wrong double backward."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook form is deprecated
+        model = nn.Sequential(wrap(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    assert_close_rel(cl.Hessian(problem).to_dense(), _finite_difference_hessian(problem), 1e-7, "Hessian")
+    for name, (operator, dense_reference) in EXACT.items():
+        assert_close_rel(operator(problem).to_dense(), dense_reference(problem), 1e-10, name)
+    assert torch._weight_norm.__name__ == "_weight_norm"  # torch's own again

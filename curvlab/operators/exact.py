@@ -235,7 +235,50 @@ class OutputSpaceOperator(ProblemOperator):
         """M u per example for u shaped like ``output``."""
         raise NotImplementedError
 
+    _reverse_only = False  # set once an operation of the model lacks a forward-mode derivative
+
     def _batch_matmat(self, X, y, index, Vs):
+        if not self._reverse_only:
+            try:
+                return self._batch_matmat_forward_mode(X, y, index, Vs)
+            except (NotImplementedError, RuntimeError) as error:
+                if not _lacks_forward_mode(error):
+                    raise
+                self._reverse_only = True
+        return self._batch_matmat_reverse_mode(X, y, index, Vs)
+
+    def _batch_matmat_reverse_mode(self, X, y, index, Vs):
+        """The same product with reverse mode only, for models torch.func cannot push tangents through.
+
+        J v is the derivative of the pull-back u ↦ Jᵀu, itself linear in u: one backward
+        through the pull-back's graph (double backward) per vector, then Jᵀ (M J v).
+        Vector by vector: slower than the vectorised forward-mode product, used only
+        where an operation has no forward-mode derivative (a fused kernel, an
+        ``autograd.Function`` without ``jvp``).
+        """
+        params = [p.detach().requires_grad_(True) for p in self.problem.params]
+        aux = self._prepare(X, y, index)
+        mask = self.problem.loss_rule.mask(y)
+        with torch.enable_grad():
+            output = self.problem.forward(params, X)
+            u = torch.zeros_like(output, requires_grad=True)
+            pulled = torch.autograd.grad(output, params, u, create_graph=True, allow_unused=True)
+        self.problem.loss_rule.check(output.detach(), y)
+        connected = [i for i, g in enumerate(pulled) if g is not None and g.requires_grad]
+        results = [torch.zeros_like(V) for V in Vs]
+        for j in range(Vs[0].shape[0]):
+            Jv = torch.autograd.grad(
+                [pulled[i] for i in connected], u, [Vs[i][j] for i in connected], retain_graph=True
+            )[0]
+            middle = self._middle(output.detach(), y, Jv, aux)
+            middle = middle if mask is None else middle * mask
+            products = torch.autograd.grad(output, params, middle, retain_graph=True, allow_unused=True)
+            for i, product in enumerate(products):
+                if product is not None:
+                    results[i][j] = product
+        return results
+
+    def _batch_matmat_forward_mode(self, X, y, index, Vs):
         _load_forward_mode_quietly()
         params = self._detached_params()
         aux = self._prepare(X, y, index)
@@ -262,6 +305,12 @@ class OutputSpaceOperator(ProblemOperator):
         # A parameter the output does not use gets an expanded zero (one element in
         # memory) from the pull-back: materialised, as the batch sums write in place.
         return [r if r.is_contiguous() else r.contiguous() for r in results]
+
+
+def _lacks_forward_mode(error: Exception) -> bool:
+    """Whether torch refused a forward-mode (or torch.func) derivative of one of the model's operations."""
+    message = str(error)
+    return "forward AD" in message or ("autograd.Function" in message and "functorch" in message)
 
 
 def _per_example_dot(a: Tensor, b: Tensor, leading: int = 1) -> Tensor:
