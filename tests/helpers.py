@@ -36,3 +36,23 @@ def assert_same_model_fisher(first: cl.Problem, second: cl.Problem) -> None:
     a = cl.KFAC(first, fisher_type="mc", mc_samples=2, seed=4).to_dense()
     b = cl.KFAC(second, fisher_type="mc", mc_samples=2, seed=4).to_dense()
     assert_close_rel(a, b, 1e-13, "MC KFAC")
+
+
+def finite_difference_hessian(problem: cl.Problem, step: float = 1e-6) -> torch.Tensor:
+    """Central differences of the risk's gradient (first-order autodiff only), one batch: ``(n, n)``.
+
+    Independent of torch's second derivatives, which some fused kernels get wrong.
+    """
+    theta = torch.cat([p.detach().flatten() for p in problem.params])
+    sizes = [p.numel() for p in problem.params]
+    X, y = problem.data[0]
+
+    def gradient(t):
+        t = t.clone().requires_grad_(True)
+        params = [part.reshape(p.shape) for part, p in zip(t.split(sizes), problem.params)]
+        return torch.autograd.grad(problem.reduction_factor * problem.batch_loss(params, X, y), t)[0]
+
+    basis = torch.eye(len(theta), dtype=theta.dtype)
+    return torch.stack(
+        [(gradient(theta + step * e) - gradient(theta - step * e)) / (2 * step) for e in basis], 1
+    )

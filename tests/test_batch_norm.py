@@ -13,7 +13,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, finite_difference_hessian
 
 F64 = torch.float64
 EXACT = {
@@ -67,21 +67,7 @@ def test_training_mode_hessian_equals_finite_differences():
     """Independent of autodiff's second derivatives, which torch gets wrong in forward-over-reverse."""
     model = _model()
     problem = _problem(model)
-    theta = torch.cat([p.detach().flatten() for p in problem.params])
-    sizes = [p.numel() for p in problem.params]
-
-    def gradient(t):
-        t = t.clone().requires_grad_(True)
-        params = [part.reshape(p.shape) for part, p in zip(t.split(sizes), problem.params)]
-        X, y = problem.data[0]
-        return torch.autograd.grad(problem.reduction_factor * problem.batch_loss(params, X, y), t)[0]
-
-    step = 1e-6
-    columns = [
-        (gradient(theta + step * e) - gradient(theta - step * e)) / (2 * step)
-        for e in torch.eye(len(theta), dtype=F64)
-    ]
-    finite_differences = torch.stack(columns, 1)
+    finite_differences = finite_difference_hessian(problem)
     assert_close_rel(cl.Hessian(problem).to_dense(), finite_differences, 1e-7, "Hessian")
 
 

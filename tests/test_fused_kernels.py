@@ -17,7 +17,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, finite_difference_hessian
 
 F64 = torch.float64
 EXACT = {
@@ -215,23 +215,6 @@ def test_operations_without_forward_mode_derivative_use_reverse_mode(name):
     assert_close_rel(ours @ v, expected @ v, 1e-10, f"{name} matvec")
 
 
-def _finite_difference_hessian(problem: cl.Problem, step: float = 1e-6) -> torch.Tensor:
-    theta = torch.cat([p.detach().flatten() for p in problem.params])
-    sizes = [p.numel() for p in problem.params]
-    X, y = problem.data[0]
-
-    def gradient(t):
-        t = t.clone().requires_grad_(True)
-        params = [part.reshape(p.shape) for part, p in zip(t.split(sizes), problem.params)]
-        return torch.autograd.grad(problem.reduction_factor * problem.batch_loss(params, X, y), t)[0]
-
-    columns = [
-        (gradient(theta + step * e) - gradient(theta - step * e)) / (2 * step)
-        for e in torch.eye(len(theta), dtype=F64)
-    ]
-    return torch.stack(columns, 1)
-
-
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -249,7 +232,7 @@ def test_weight_norm(wrap):
         model = nn.Sequential(wrap(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 3)).to(F64)
     X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
     problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
-    assert_close_rel(cl.Hessian(problem).to_dense(), _finite_difference_hessian(problem), 1e-7, "Hessian")
+    assert_close_rel(cl.Hessian(problem).to_dense(), finite_difference_hessian(problem), 1e-7, "Hessian")
     for name, (operator, dense_reference) in EXACT.items():
         assert_close_rel(operator(problem).to_dense(), dense_reference(problem), 1e-10, name)
     assert torch._weight_norm.__name__ == "_weight_norm"  # torch's own again
