@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab import reference
+from curvlab import optim, reference
 from tests.helpers import assert_close_rel
 
 F64 = torch.float64
@@ -331,9 +331,18 @@ def test_unsupported_layer_names_the_module():
     model = nn.Sequential(nn.Linear(4, 3).double(), _Scale())
     problem = cl.Problem(model, nn.MSELoss(), (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)))
     with pytest.raises(
-        cl.UnsupportedError, match=r"'1' \(_Scale\).*supported layers: Linear, Conv1d, Conv2d"
+        cl.UnsupportedError,
+        match=r"'1' \(_Scale\).*supported layers: Linear, Conv1d, Conv2d. Pass other_structure",
     ):
         cl.KFAC(problem)
+    # Each caller offers its own remedy: ACP and CenteredSGD have no other_structure.
+    with pytest.raises(cl.UnsupportedError, match=r"'1' \(_Scale\).*ACP covers those layers only") as error:
+        cl.ACP(problem)
+    assert "other_structure" not in str(error.value)
+    centered = optim.CenteredSGD(model, nn.MSELoss(), lr=0.1)
+    with pytest.raises(cl.UnsupportedError, match="CenteredSGD centers those layers only") as error:
+        centered.centered_gradient(problem.data[0])
+    assert "other_structure" not in str(error.value)
 
 
 def test_grouped_conv_is_rejected():

@@ -94,7 +94,9 @@ class CenteredSGD(torch.optim.Optimizer):
         problem = Problem(
             self.model, self.loss_fn, tuple(batch), params=params, eval_mode=not self.model.training
         )
-        layers = find_layers(problem)
+        layers = find_layers(
+            problem, remedy="CenteredSGD centers those layers only: leave its parameters out of params"
+        )
         result = [torch.zeros_like(p) for p in params]
         c = problem.reduction_factor
         for _, inputs, grads in layer_statistics(problem, layers, "empirical"):

@@ -35,7 +35,9 @@ class ACP(BlockDiagonalOperator):
         if alpha != "heuristic" and not (isinstance(alpha, (int, float)) and alpha > 0):
             raise ValueError(f"alpha must be a positive number or 'heuristic', got {alpha!r}")
         self.problem = problem
-        self.layers = find_layers(problem)
+        self.layers = find_layers(
+            problem, remedy="ACP covers those layers only: leave its parameters out of the problem's params"
+        )
         A_sum, max_square = {}, {}
         for _, inputs, grads in layer_statistics(problem, self.layers, "empirical"):
             for layer in self.layers:

@@ -139,8 +139,7 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
         supported = ", ".join(cls.__name__ for cls in REGISTRY)
         raise UnsupportedError(
             f"{module_label(name, module)} has parameters but no Kronecker rule; "
-            f"supported layers: {supported}. Pass other_structure='exact' or 'diagonal' to give "
-            "its parameters an exact block or diagonal, or leave them out of the problem's params"
+            f"supported layers: {supported}"
         )
     rule.check(module, name)
     return rule

@@ -108,8 +108,7 @@ def _shared_message(module: nn.Module, name: str, uses: int | None = None) -> st
     how = f"is used {uses} times" if uses else "shares a parameter with another module"
     return (
         f"{module_label(name, module)} {how} (weight sharing); Kronecker factors and the "
-        "layerwise statistics need each layer used once per forward pass. Pass other_structure='exact' "
-        "or 'diagonal' to give its parameters an exact block or diagonal"
+        "layerwise statistics need each layer used once per forward pass"
     )
 
 
@@ -124,22 +123,28 @@ def _check_used_once(problem: Problem, module: nn.Module, name: str, indices) ->
     uses = {problem.param_uses[problem.param_names[i]] for i in indices}
     if uses == {1}:
         return
-    other = "Pass other_structure='exact' or 'diagonal' to give its parameters an exact block or diagonal"
     if 0 in uses:
         raise UnsupportedError(
             f"{module_label(name, module)} takes no part in the model's forward pass "
-            "(its parameters get no gradient, so its curvature is 0); leave its parameters out of "
-            f"the problem's params. {other}"
+            "(its parameters get no gradient, so its curvature is 0)"
         )
     raise UnsupportedError(
         f"{module_label(name, module)} has a parameter read {max(uses)} times in one "
         "forward pass: the module is called more than once (e.g. in a loop) or its parameter is "
         "also used outside it (weight sharing); Kronecker factors and the layerwise statistics "
-        f"need each layer used once per forward pass. {other}"
+        "need each layer used once per forward pass"
     )
 
 
-def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[Layer]:
+OTHER_STRUCTURE_REMEDY = (
+    "Pass other_structure='exact' or 'diagonal' to give its parameters an exact block or diagonal, "
+    "or leave them out of the problem's params"
+)
+
+
+def find_layers(
+    problem: Problem, unsupported: list[int] | None = None, remedy: str = OTHER_STRUCTURE_REMEDY
+) -> list[Layer]:
     """Group the problem's parameters by module; error on unsupported modules.
 
     A module reachable by two paths (the same layer twice in a ``Sequential``),
@@ -152,6 +157,8 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
         problem: The problem.
         unsupported: If given, indices of parameters of modules without a rule are
             appended to it instead of raising.
+        remedy: The sentence the error ends with: what the caller offers instead
+            (``other_structure`` for the KFAC family).
     """
     index_of = {id(p): i for i, p in enumerate(problem.params)}
     paths = Counter(id(m) for _, m in problem.model.named_modules(remove_duplicate=False))
@@ -171,9 +178,9 @@ def find_layers(problem: Problem, unsupported: list[int] | None = None) -> list[
                 raise UnsupportedError(_shared_message(module, name, uses if uses > 1 else None))
             _check_used_once(problem, module, name, owned.values())
             rule = rule_for(module, name)
-        except UnsupportedError:
+        except UnsupportedError as error:
             if unsupported is None:
-                raise
+                raise UnsupportedError(f"{error}. {remedy}") from None
             unsupported.extend(i for i in owned.values() if i not in unsupported)
             continue
         unknown = set(owned) - {"weight", "bias"}
