@@ -106,10 +106,9 @@ class ConvRule(LayerRule):
         pads = (left, right, top, bottom)
         if not any(pads):
             padded = x2d.contiguous()
-        elif module.padding_mode == "zeros":
-            padded = F.pad(x2d, pads)
-        else:
-            padded = F.pad(x2d, pads, mode=module.padding_mode)
+        else:  # "zeros" is F.pad's "constant"; the other modes have F.pad's names
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            padded = F.pad(x2d, pads, mode=mode)
         N, C, H, W = padded.shape
         Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
         sN, sC, sH, sW = padded.stride()

@@ -104,12 +104,13 @@ class Layer:
     bias: int | None
 
 
+# Why a layer used several times (or not at all) has no layerwise statistics.
+_ONCE = "Kronecker factors and the layerwise statistics need each layer used once per forward pass"
+
+
 def _shared_message(module: nn.Module, name: str, uses: int | None = None) -> str:
     how = f"is used {uses} times" if uses else "shares a parameter with another module"
-    return (
-        f"{module_label(name, module)} {how} (weight sharing); Kronecker factors and the "
-        "layerwise statistics need each layer used once per forward pass"
-    )
+    return f"{module_label(name, module)} {how} (weight sharing); {_ONCE}"
 
 
 def _check_used_once(problem: Problem, module: nn.Module, name: str, indices) -> None:
@@ -131,8 +132,7 @@ def _check_used_once(problem: Problem, module: nn.Module, name: str, indices) ->
     raise UnsupportedError(
         f"{module_label(name, module)} has a parameter read {max(uses)} times in one "
         "forward pass: the module is called more than once (e.g. in a loop) or its parameter is "
-        "also used outside it (weight sharing); Kronecker factors and the layerwise statistics "
-        "need each layer used once per forward pass"
+        f"also used outside it (weight sharing); {_ONCE}"
     )
 
 
@@ -205,9 +205,8 @@ def capture(layers: list[Layer]):
             if name in inputs:  # a second call in one forward pass (e.g. in a loop)
                 raise UnsupportedError(
                     f"{module_label(name, module)} is called more than once in one forward "
-                    "pass (weight sharing, e.g. in a loop); Kronecker factors and the layerwise statistics "
-                    "need each layer used once. Leave its parameters out of the problem's params, or use "
-                    "the exact operators (cl.GGN, cl.BlockDiagonal of them)"
+                    f"pass (weight sharing, e.g. in a loop); {_ONCE}. Leave its parameters out of the "
+                    "problem's params, or use the exact operators (cl.GGN, cl.BlockDiagonal of them)"
                 )
             inputs[name] = args[0].detach()
             outputs[name] = output
@@ -319,8 +318,7 @@ def layer_statistics(
             if layer.name not in inputs:
                 raise UnsupportedError(
                     f"{module_label(layer.name, layer.module)} is not called in the forward "
-                    f"pass of batch {index} (it was in the first): Kronecker factors and the layerwise "
-                    "statistics need each layer used once in every forward pass"
+                    f"pass of batch {index} (it was in the first): {_ONCE}, in every batch"
                 )
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
