@@ -11,7 +11,7 @@ from curvlab import reference
 from curvlab.errors import DataError
 from curvlab.spectra import lanczos
 from curvlab.spectra.lanczos import _random_unit, _start_vector, lanczos_tridiagonal
-from curvlab.spectra.trace import _project_out, orthonormal_basis, rademacher
+from curvlab.spectra.trace import _project_out, orthonormal_basis, probe_buffer, rademacher
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
 
@@ -441,6 +441,24 @@ def test_rademacher_probes_are_balanced_signs_and_chunk_independent():
     assert set(V.unique().tolist()) == {-1.0, 1.0} and abs(V.mean().item()) < 0.05
     first = rademacher(1001, 2, torch.Generator().manual_seed(0), torch.float64, "cpu")
     assert torch.equal(first, V[:, :2])
+
+
+def test_rademacher_probes_written_into_a_reused_buffer():
+    generator = torch.Generator().manual_seed(0)
+    expected = rademacher(1001, 5, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    # Each byte's eight signs are its bits, lowest first: the bit unpacking, written out.
+    seeded = torch.Generator().manual_seed(0)
+    random_bytes = torch.randint(0, 256, (5, 126), generator=seeded, dtype=torch.uint8)
+    bits = torch.stack([(random_bytes.int() >> j) & 1 for j in range(8)], -1).reshape(5, -1)[:, :1001]
+    assert torch.equal(expected, (2.0 * bits - 1).double().T)
+    buffer = probe_buffer(1001, 3, torch.float64, "cpu")
+    chunks = [rademacher(1001, k, generator, torch.float64, "cpu", out=buffer).clone() for k in (3, 2)]
+    assert torch.equal(torch.cat(chunks, 1), expected)
+    assert rademacher(1001, 2, generator, torch.float64, "cpu", out=buffer).data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="buffer"):
+        rademacher(1001, 4, generator, torch.float64, "cpu", out=buffer)  # 3 rows only
+    with pytest.raises(ValueError, match="buffer"):
+        rademacher(1001, 2, generator, torch.float32, "cpu", out=buffer)
 
 
 @pytest.mark.parametrize("layout", ["row-major", "probe-major"])

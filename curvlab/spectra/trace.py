@@ -33,21 +33,58 @@ class TraceEstimate:
         return self.value
 
 
-def rademacher(n: int, k: int, generator: torch.Generator, dtype, device) -> Tensor:
+def rademacher(
+    n: int, k: int, generator: torch.Generator, dtype, device, out: Tensor | None = None
+) -> Tensor:
     """``(n, k)`` random signs drawn on the CPU, probe after probe (probe-major layout).
 
     The i-th probe of a seed is the same however the probes are chunked, and on
     every device. Eight signs per random byte (bits), which is several times
     faster than one integer draw per entry for millions of parameters; only the
-    bytes cross to the device, where they are unpacked (on a GPU, unpacking on
-    the CPU and copying the signs cost ten times the products of a trace).
+    bytes cross to the device, where each is looked up in a 256 × 8 table of its
+    signs (on a GPU, unpacking on the CPU and copying the signs cost ten times
+    the products of a trace).
+
+    Args:
+        n: Probe length.
+        k: Number of probes.
+        generator: CPU generator the bytes are drawn from.
+        dtype: Float dtype of the signs.
+        device: Where the signs go.
+        out: A ``(≥ k, 8 ⌈n/8⌉)`` buffer of ``dtype`` on ``device`` to write into
+            (``probe_buffer``): probes drawn chunk after chunk then reuse one
+            allocation, where fresh memory for every chunk costs more in page
+            faults than drawing the signs. The result is a view of it.
     """
     size = (n + 7) // 8
     random_bytes = torch.randint(0, 256, (k, size), generator=generator, dtype=torch.uint8).to(device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = (random_bytes.unsqueeze(-1) >> shifts) & 1  # (k, size, 8)
-    signs = bits.reshape(k, size * 8)[:, :n].to(dtype).mul_(2).sub_(1)
-    return signs.T
+    if out is None:
+        out = probe_buffer(n, k, dtype, device)
+    elif (
+        out.shape[0] < k
+        or out.shape[1] != 8 * size
+        or (out.dtype, out.device) != (dtype, random_bytes.device)
+    ):
+        raise ValueError(
+            f"out must be a ({k}+, {8 * size}) {dtype} buffer on {device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    signs = out[:k]
+    table = _sign_table(dtype, device)
+    torch.index_select(table, 0, random_bytes.reshape(-1).int(), out=signs.view(k * size, 8))
+    return signs[:, :n].T
+
+
+def probe_buffer(n: int, k: int, dtype, device) -> Tensor:
+    """Storage for ``k`` probes of length ``n`` from ``rademacher``: ``(k, 8 ⌈n/8⌉)``."""
+    return torch.empty(k, 8 * ((n + 7) // 8), dtype=dtype, device=device)
+
+
+def _sign_table(dtype, device) -> Tensor:
+    """``(256, 8)``: row b holds the signs 2 bit_j(b) − 1 of byte b, lowest bit first."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> shifts) & 1
+    return bits.to(dtype).mul_(2).sub_(1).to(device)
 
 
 def orthonormal_basis(Y: Tensor) -> Tensor:
@@ -89,9 +126,10 @@ def _quadratic_forms(
     """vᵢᵀ C vᵢ for ``count`` Rademacher probes (optionally projected first)."""
     values = []
     done = 0
+    buffer = probe_buffer(n, min(chunk, count), C.dtype, C.device)  # one allocation for every chunk
     while done < count:
         k = min(chunk, count - done)
-        V = rademacher(n, k, generator, C.dtype, C.device)
+        V = rademacher(n, k, generator, C.dtype, C.device, out=buffer)
         if project is not None:
             V = project(V)
         values.append(quadratic_forms(C, V))
