@@ -17,6 +17,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
+from curvlab.operators import taylor
 from tests.helpers import assert_close_rel, finite_difference_hessian
 
 F64 = torch.float64
@@ -236,3 +237,10 @@ def test_weight_norm(wrap):
     for name, (operator, dense_reference) in EXACT.items():
         assert_close_rel(operator(problem).to_dense(), dense_reference(problem), 1e-10, name)
     assert torch._weight_norm.__name__ == "_weight_norm"  # torch's own again
+    # The weight is computed from g and v: not a plain MLP for the closed forms
+    # (they took the hook form's weight as fixed: traces missed g and v).
+    assert not taylor.supports(problem)
+    V = torch.randn(problem.num_params, 3, dtype=F64)
+    for operator, matrix in ((cl.Hessian, reference.hessian_matrix), (cl.GGN, reference.ggn)):
+        expected = (V * (matrix(problem) @ V)).sum(0)
+        assert_close_rel(operator(problem).quadratic_forms(V), expected, 1e-10, f"{operator.__name__} forms")

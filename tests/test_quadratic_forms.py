@@ -5,13 +5,16 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab import reference
 from curvlab.operators import taylor
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
 
 
 def _dense_forms(C, V):
-    return (V * (C.to_dense() @ V)).sum(0)
+    """Forms of the dense reference matrices (torch.func, ``curvlab.reference``), built independently."""
+    matrix = reference.hessian_matrix(C.problem) if isinstance(C, cl.Hessian) else reference.ggn(C.problem)
+    return (V * (matrix @ V)).sum(0)
 
 
 def _no_products(C):
@@ -52,18 +55,16 @@ def _odd_mlp():
     ).double()
 
 
-@pytest.mark.parametrize(
-    "pick",
-    [
-        lambda m: None,  # all parameters
-        lambda m: [m[7].weight],  # only the last layer: no direction until the output
-        lambda m: [m[4].bias, m[0].weight],  # a bias alone, reversed order
-        lambda m: [m[2].weight, m[4].weight],  # no biases
-    ],
-    ids=["all", "last-weight", "bias-and-first", "weights"],
-)
-@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
-def test_forms_other_activations_and_parameter_subsets(pick, loss):
+PICKS = [
+    lambda m: None,  # all parameters
+    lambda m: [m[7].weight],  # only the last layer: no direction until the output
+    lambda m: [m[4].bias, m[0].weight],  # a bias alone, reversed order
+    lambda m: [m[2].weight, m[4].weight],  # no biases
+]
+PICK_IDS = ["all", "last-weight", "bias-and-first", "weights"]
+
+
+def _odd_problem(pick, loss):
     model = _odd_mlp()
     X = torch.randn(9, 4, dtype=torch.float64)
     y = {
@@ -74,6 +75,13 @@ def test_forms_other_activations_and_parameter_subsets(pick, loss):
     loss_fn = {"ce": nn.CrossEntropyLoss(), "mse": nn.MSELoss(reduction="sum"), "bce": nn.BCEWithLogitsLoss()}
     problem = cl.Problem(model, loss_fn[loss], [(X[:5], y[:5]), (X[5:], y[5:])], params=pick(model))
     assert taylor.supports(problem)
+    return problem
+
+
+@pytest.mark.parametrize("pick", PICKS, ids=PICK_IDS)
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_forms_other_activations_and_parameter_subsets(pick, loss):
+    problem = _odd_problem(pick, loss)
     V = torch.randn(problem.num_params, 4, dtype=torch.float64)
     for operator_class in (cl.Hessian, cl.GGN):
         expected = _dense_forms(operator_class(problem), V)
@@ -151,3 +159,51 @@ def test_forms_of_a_wrong_shape_or_dtype_name_the_problem():
         H.quadratic_forms(torch.randn(38, 2, dtype=torch.float64))
     with pytest.raises(DataError, match="dtype"):
         H.quadratic_forms(torch.randn(39, 2))
+
+
+def _no_autograd_hessian(H):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain MLP's Hessian product built an autograd graph")
+
+    H._gradient_graph = refuse
+    return H
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name.startswith(("mlp_", "subset_"))], ids=lambda c: c.name
+)
+@pytest.mark.parametrize("cache", [None, False])
+def test_closed_form_hessian_products_of_plain_mlps(case, cache):
+    problem = case.build(torch.float64)
+    H = _no_autograd_hessian(cl.Hessian(problem, cache_graph=cache))
+    dense = reference.hessian_matrix(problem)
+    V = torch.randn(problem.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert_close_rel(H @ V, dense @ V, 1e-10, "products")
+    assert_close_rel(H @ V[:, 1], dense @ V[:, 1], 1e-10, "one column")
+    assert_close_rel(H.to_dense(), dense, 1e-10, "to_dense")
+    assert_close_rel(H.gradient(), problem.gradient(), 1e-12, "gradient off the primal pass")
+
+
+@pytest.mark.parametrize("pick", PICKS, ids=PICK_IDS)
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_closed_form_products_match_autograd_on_other_activations_and_subsets(pick, loss, monkeypatch):
+    problem = _odd_problem(pick, loss)
+    V = torch.randn(problem.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    closed = _no_autograd_hessian(cl.Hessian(problem)) @ V
+    gradient = cl.Hessian(problem).gradient()
+    assert_close_rel(closed, reference.hessian_matrix(problem) @ V, 1e-10, loss)
+    monkeypatch.setattr(taylor, "supports", lambda problem: False)  # the reverse-over-reverse route
+    assert_close_rel(closed, cl.Hessian(problem) @ V, 1e-10, f"{loss} against autograd")
+    assert_close_rel(gradient, cl.Hessian(problem).gradient(), 1e-12, "gradient")
+
+
+def test_closed_form_products_add_a_layer_used_twice():
+    torch.manual_seed(4)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Linear(3, 2)).double()
+    X, y = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    problem = cl.Problem(model, nn.MSELoss(), (X, y))
+    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    H = _no_autograd_hessian(cl.Hessian(problem))
+    assert_close_rel(H @ V, reference.hessian_matrix(problem) @ V, 1e-10, "shared layer")
+    assert_close_rel(H.gradient(), problem.gradient(), 1e-12, "gradient")

@@ -1,4 +1,4 @@
-r"""Quadratic forms vᵀHv and vᵀGv of plain MLPs by forward propagation (Taylor mode).
+r"""Quadratic forms vᵀHv, vᵀGv and Hessian products Hv of plain MLPs from one cached primal pass.
 
 A Hutchinson trace needs only the numbers vᵀCv, not the products Cv. Along
 θ + t v, the first two Taylor coefficients of every layer's value are
@@ -30,6 +30,19 @@ first), against 4 when f₂ is propagated and about 6 for a reverse-over-reverse
 product, and no backward pass; a GGN form costs 2. Models other than an
 ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations on
 ``(N, d)`` inputs use products instead.
+
+The same primal pass (layer inputs a₀, σ'(z₀), σ''(z₀) and the adjoints δ = ḡ)
+gives Hessian products by forward-over-reverse in closed form (Pearlmutter 1994,
+the R-operator): the first-order tangents above go forward, and the tangent of
+the backward pass comes back. Starting from δ̇_f = ∇²_f ℓ f₁ at the output,
+
+    activation:  δ̇_z = σ'(z₀) δ̇_a + σ''(z₀) δ_a z₁,
+    linear:      δ̇_a = δ̇_z W + δ_z V,     (H v)_W = δ̇_zᵀ a₀ + δ_zᵀ a₁,     (H v)_b = Σₙ δ̇_z,
+
+scaled by c. That is the arithmetic of a reverse-over-reverse product on a
+cached graph (6 GEMMs per layer) without autograd's engine, its second copy of
+the graph, or the elementwise work of differentiating each backward formula;
+the gradient is δ_zᵀ a₀ off the same pass, at no extra cost.
 """
 
 from __future__ import annotations
@@ -79,7 +92,22 @@ def supports(problem: Problem) -> bool:
     model = problem.model
     if type(model) is not nn.Sequential or len(model) == 0 or problem.input_ndims != {2}:
         return False
-    return all(type(m) is nn.Linear or isinstance(m, ELEMENTWISE) for m in model)
+    if not all(type(m) is nn.Linear or isinstance(m, ELEMENTWISE) for m in model):
+        return False
+    # Each weight and bias must be the layer's own parameter, used as stored: a
+    # hook (the old ``nn.utils.weight_norm``) or a parametrization computes the
+    # weight from other parameters, which the closed forms here would not see.
+    own = set()
+    for module in (model, *model):
+        if module._forward_pre_hooks or module._forward_hooks or nn.utils.parametrize.is_parametrized(module):
+            return False
+        if type(module) is nn.Linear:
+            for name in ("weight", "bias"):
+                tensor = getattr(module, name)
+                if tensor is not None and module._parameters.get(name) is not tensor:
+                    return False
+                own.add(id(tensor))
+    return all(id(p) in own for p in problem.params)
 
 
 @dataclass
@@ -172,21 +200,25 @@ def _propagate(batch: PrimalBatch, direction: list[Tensor], second_order: bool):
                 add(torch.vdot(step.curvature_weight.reshape(-1), (x1 * x1).reshape(-1)))
             x1 = step.first * x1
             continue
-        W = step.weight
         V = None if step.weight_index is None else direction[step.weight_index]
         v_b = None if step.bias_index is None else direction[step.bias_index]
         if second_order and V is not None and x1 is not None:  # 2 ⟨ḡ_z, V a₁⟩
             add(2.0 * torch.vdot(step.adjoint.reshape(-1), (x1 @ V.T).reshape(-1)))
-        if V is not None:
-            y1 = torch.addmm(v_b, step.inputs, V.T) if v_b is not None else step.inputs @ V.T
-            if x1 is not None:
-                y1.addmm_(x1, W.T)
-        else:
-            y1 = None if x1 is None else x1 @ W.T
-            if v_b is not None:
-                y1 = v_b.expand(step.inputs.shape[0], -1) if y1 is None else y1.add_(v_b)
-        x1 = y1
+        x1 = _linear_tangent(step, x1, V, v_b)
     return x1, second
+
+
+def _linear_tangent(step: _Linear, x1: Tensor | None, V: Tensor | None, v_b: Tensor | None) -> Tensor | None:
+    """z₁ = a₁ Wᵀ + a₀ Vᵀ + v_b of a linear step (``None``: zero)."""
+    if V is not None:
+        z1 = torch.addmm(v_b, step.inputs, V.T) if v_b is not None else step.inputs @ V.T
+        if x1 is not None:
+            z1.addmm_(x1, step.weight.T)
+        return z1
+    z1 = None if x1 is None else x1 @ step.weight.T
+    if v_b is not None:
+        z1 = v_b.expand(step.inputs.shape[0], -1) if z1 is None else z1.add_(v_b)
+    return z1
 
 
 def quadratic_forms(
@@ -212,3 +244,94 @@ def quadratic_forms(
             if second is not None:
                 forms[j] += second
     return forms.mul_(problem.reduction_factor)
+
+
+def _first_parameter_step(steps: list[_Linear | _Activation]) -> int:
+    """Index of the first linear step with a parameter of the problem (``len(steps)``: none)."""
+    for index, step in enumerate(steps):
+        if isinstance(step, _Linear) and (step.weight_index is not None or step.bias_index is not None):
+            return index
+    return len(steps)
+
+
+def _accumulate(products: dict[int, Tensor], index: int, term: Tensor) -> None:
+    """Add a layer's term to parameter ``index`` (a module used twice contributes twice)."""
+    products[index] = term if index not in products else products[index].add_(term)
+
+
+def _hessian_product(problem: Problem, batch: PrimalBatch, direction: list[Tensor]) -> dict[int, Tensor]:
+    """(H v) of one batch, sum reduction: ``{parameter index: tensor}`` (missing: zero)."""
+    steps = batch.steps
+    tangents: list[Tensor | None] = []  # z₁ or a₁ entering each step (None: zero)
+    x1 = None
+    for step in steps:
+        tangents.append(x1)
+        if isinstance(step, _Activation):
+            x1 = None if x1 is None else step.first * x1
+            continue
+        V = None if step.weight_index is None else direction[step.weight_index]
+        v_b = None if step.bias_index is None else direction[step.bias_index]
+        x1 = _linear_tangent(step, x1, V, v_b)
+    d = None  # δ̇, the tangent of the adjoint, entering each step from above
+    if x1 is not None:
+        if batch.mask is not None:  # rows without a loss term (ignore_index) add nothing
+            x1 = x1 * batch.mask
+        d = problem.loss_rule.hessian_vp(batch.output, x1, batch.target)
+        if batch.mask is not None:
+            d = d * batch.mask
+    products: dict[int, Tensor] = {}
+    first = _first_parameter_step(steps)
+    for index in range(len(steps) - 1, first - 1, -1):
+        step, x1_in = steps[index], tangents[index]
+        if isinstance(step, _Activation):  # δ̇_z = σ' δ̇_a + σ'' δ_a z₁
+            new = None if d is None else step.first * d
+            if step.curvature_weight is not None and x1_in is not None:
+                term = step.curvature_weight * x1_in
+                new = term if new is None else new.add_(term)
+            d = new
+            continue
+        if step.weight_index is not None:  # δ̇_zᵀ a₀ + δ_zᵀ a₁
+            product = None if d is None else d.T @ step.inputs
+            if x1_in is not None:
+                product = step.adjoint.T @ x1_in if product is None else product.addmm_(step.adjoint.T, x1_in)
+            if product is not None:
+                _accumulate(products, step.weight_index, product)
+        if step.bias_index is not None and d is not None:
+            _accumulate(products, step.bias_index, d.sum(0))
+        if index > first:  # δ̇_a = δ̇_z W + δ_z V
+            V = None if step.weight_index is None else direction[step.weight_index]
+            new = None if d is None else d @ step.weight
+            if V is not None:
+                new = step.adjoint @ V if new is None else new.addmm_(step.adjoint, V)
+            d = new
+    return products
+
+
+def hessian_products(problem: Problem, batches: Iterable[PrimalBatch], Vs: list[Tensor]) -> list[Tensor]:
+    """H V for the k directions ``Vs[i]`` of shape ``(k, *param_shape)``, summed over the batches.
+
+    Returns:
+        A list like ``Vs``, scaled by the problem's reduction factor.
+    """
+    k = Vs[0].shape[0]
+    totals = [torch.zeros_like(V) for V in Vs]
+    for batch in batches:
+        for j in range(k):  # one direction at a time: GEMMs over the batch's rows
+            for i, product in _hessian_product(problem, batch, [V[j] for V in Vs]).items():
+                totals[i][j].add_(product)
+    c = problem.reduction_factor
+    return [t.mul_(c) for t in totals]
+
+
+def gradient(problem: Problem, batches: Iterable[PrimalBatch]) -> Tensor:
+    """∇_θ R from the primal passes' adjoints (∇_W = c Σ δ_zᵀ a₀, ∇_b = c Σ δ_z): flat ``(n,)``."""
+    totals = [torch.zeros_like(p) for p in problem.params]
+    for batch in batches:
+        for step in batch.steps:
+            if not isinstance(step, _Linear) or step.adjoint is None:
+                continue
+            if step.weight_index is not None:
+                totals[step.weight_index].addmm_(step.adjoint.T, step.inputs)
+            if step.bias_index is not None:
+                totals[step.bias_index].add_(step.adjoint.sum(0))
+    return torch.cat([t.reshape(-1) for t in totals]).mul_(problem.reduction_factor)
