@@ -140,9 +140,9 @@ class Hessian(ProblemOperator):
             the second backward pass, not the forward and first backward pass again
             (on the benchmark autoencoder about 2 gradients a product). ``None``
             (default): cache when the data is a single in-memory batch, where the
-            graph is no larger than one product's peak memory. The cache is rebuilt whenever a parameter,
-            buffer or the data is modified in place (an optimizer step), and
-            dropped by ``clear_cache()``.
+            graph is no larger than one product's peak memory. The cache is
+            rebuilt whenever a parameter, buffer or the data is modified in place
+            (an optimizer step), and dropped by ``clear_cache()``.
     """
 
     def __init__(self, problem: Problem, cache_graph: bool | None = None):

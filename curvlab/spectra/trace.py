@@ -7,6 +7,7 @@ multiplied in chunks of the operator's ``columns_per_chunk()`` (within a memory 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def rademacher(
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     signs = out[:k]
-    table = _sign_table(dtype, device)
+    table = _sign_table(dtype, random_bytes.device)  # the concrete device ("cuda" → cuda:i)
     torch.index_select(table, 0, random_bytes.reshape(-1).int(), out=signs.view(k * size, 8))
     return signs[:, :n].T
 
@@ -80,8 +81,9 @@ def probe_buffer(n: int, k: int, dtype, device) -> Tensor:
     return torch.empty(k, 8 * ((n + 7) // 8), dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
 def _sign_table(dtype, device) -> Tensor:
-    """``(256, 8)``: row b holds the signs 2 bit_j(b) − 1 of byte b, lowest bit first."""
+    """``(256, 8)``: row b holds the signs 2 bit_j(b) − 1 of byte b, lowest bit first (kept, read only)."""
     shifts = torch.arange(8, dtype=torch.uint8)
     bits = (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> shifts) & 1
     return bits.to(dtype).mul_(2).sub_(1).to(device)
