@@ -326,6 +326,30 @@ class _Scale(nn.Module):
         return self.gain * x
 
 
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_a_layer_with_forward_hooks_is_refused_or_given_another_structure(hook):
+    # A hook that rescales the output: KFAC from the layer's input and output
+    # gradient would be 0.75 (relative) away from the exact block, silently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if hook == "forward":
+        model[0].register_forward_hook(lambda module, args, output: 2 * output)
+    else:
+        model[0].register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    X, y = torch.randn(1, 4, dtype=F64), torch.randint(0, 3, (1,))
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(cl.UnsupportedError, match=r"'0' \(Linear\) has forward hooks.*other_structure"):
+        cl.KFAC(problem)
+    kfac = cl.KFAC(problem, other_structure="exact")  # one example: type-2 KFAC is the exact GGN block
+    ggn = reference.ggn(problem)
+    blocks = [slice(0, 25), slice(25, 43)]
+    for block in blocks:
+        assert_close_rel(kfac.to_dense()[block, block], ggn[block, block], 1e-10, "block")
+    V = torch.randn(problem.num_params, 2, dtype=F64)  # the forms' plain-MLP route refuses hooks too
+    expected = (V * (reference.hessian_matrix(problem) @ V)).sum(0)
+    assert_close_rel(cl.Hessian(problem).quadratic_forms(V), expected, 1e-10, "Hessian forms")
+
+
 def test_unsupported_layer_names_the_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3).double(), _Scale())

@@ -87,18 +87,20 @@ def activation_derivatives(activation: nn.Module, s: Tensor, second: bool = Fals
     return d1.detach(), d2
 
 
-def supports(problem: Problem) -> bool:
-    """Whether the forms of ``problem`` can be propagated forward (a plain MLP on ``(N, d)`` inputs)."""
-    model = problem.model
-    if type(model) is not nn.Sequential or len(model) == 0 or problem.input_ndims != {2}:
+def plain_mlp(model: nn.Module) -> bool:
+    """Whether ``model`` is an ``nn.Sequential`` of ``nn.Linear`` and elementwise activations, as written.
+
+    Each weight and bias must be the layer's own parameter, used as stored, and no
+    module may have forward hooks or a parametrization: a hook (the old
+    ``nn.utils.weight_norm``, or one that rescales an output) or a parametrization
+    changes what a layer computes, which passes that run the layers by hand
+    (here and ``curvlab.structured.sequential``) would not see.
+    """
+    if type(model) is not nn.Sequential or len(model) == 0:
         return False
-    if not all(type(m) is nn.Linear or isinstance(m, ELEMENTWISE) for m in model):
-        return False
-    # Each weight and bias must be the layer's own parameter, used as stored: a
-    # hook (the old ``nn.utils.weight_norm``) or a parametrization computes the
-    # weight from other parameters, which the closed forms here would not see.
-    own = set()
     for module in (model, *model):
+        if type(module) is not nn.Linear and not isinstance(module, ELEMENTWISE) and module is not model:
+            return False
         if module._forward_pre_hooks or module._forward_hooks or nn.utils.parametrize.is_parametrized(module):
             return False
         if type(module) is nn.Linear:
@@ -106,7 +108,14 @@ def supports(problem: Problem) -> bool:
                 tensor = getattr(module, name)
                 if tensor is not None and module._parameters.get(name) is not tensor:
                     return False
-                own.add(id(tensor))
+    return True
+
+
+def supports(problem: Problem) -> bool:
+    """Whether the forms and products of ``problem`` are computed here (a plain MLP, ``(N, d)`` inputs)."""
+    if problem.input_ndims != {2} or not plain_mlp(problem.model):
+        return False
+    own = {id(getattr(m, name)) for m in problem.model if type(m) is nn.Linear for name in ("weight", "bias")}
     return all(id(p) in own for p in problem.params)
 
 
@@ -221,6 +230,13 @@ def _linear_tangent(step: _Linear, x1: Tensor | None, V: Tensor | None, v_b: Ten
     return z1
 
 
+def _loss_curvature(problem: Problem, batch: PrimalBatch, f1: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f₁, ∇²_f ℓ f₁)`` with rows without a loss term (``ignore_index``) zeroed in f₁, so in both."""
+    if batch.mask is not None:
+        f1 = f1 * batch.mask
+    return f1, problem.loss_rule.hessian_vp(batch.output, f1, batch.target)
+
+
 def quadratic_forms(
     problem: Problem, batches: Iterable[PrimalBatch], Vs: list[Tensor], second_order: bool
 ) -> Tensor:
@@ -230,16 +246,13 @@ def quadratic_forms(
         ``(k,)``, scaled by the problem's reduction factor.
     """
     k = Vs[0].shape[0]
-    rule = problem.loss_rule
     forms = torch.zeros(k, dtype=problem.dtype, device=problem.device)
     for batch in batches:
         for j in range(k):  # one direction at a time: GEMMs over the batch's rows
             f1, second = _propagate(batch, [V[j] for V in Vs], second_order)
             if f1 is None:  # no parameter of the problem in the direction's path
                 continue
-            if batch.mask is not None:  # rows without a loss term (ignore_index) add nothing
-                f1 = f1 * batch.mask
-            curvature = rule.hessian_vp(batch.output, f1, batch.target)
+            f1, curvature = _loss_curvature(problem, batch, f1)
             forms[j] += torch.vdot(f1.reshape(-1), curvature.reshape(-1))
             if second is not None:
                 forms[j] += second
@@ -272,13 +285,7 @@ def _hessian_product(problem: Problem, batch: PrimalBatch, direction: list[Tenso
         V = None if step.weight_index is None else direction[step.weight_index]
         v_b = None if step.bias_index is None else direction[step.bias_index]
         x1 = _linear_tangent(step, x1, V, v_b)
-    d = None  # δ̇, the tangent of the adjoint, entering each step from above
-    if x1 is not None:
-        if batch.mask is not None:  # rows without a loss term (ignore_index) add nothing
-            x1 = x1 * batch.mask
-        d = problem.loss_rule.hessian_vp(batch.output, x1, batch.target)
-        if batch.mask is not None:
-            d = d * batch.mask
+    d = None if x1 is None else _loss_curvature(problem, batch, x1)[1]  # δ̇, entering each step from above
     products: dict[int, Tensor] = {}
     first = _first_parameter_step(steps)
     for index in range(len(steps) - 1, first - 1, -1):

@@ -140,5 +140,12 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
             f"{module_label(name, module)} has parameters but no Kronecker rule; "
             f"supported layers: {supported}"
         )
+    if module._forward_pre_hooks or module._forward_hooks:
+        # A hook may change the layer's input or output, so the statistics taken
+        # from them would not be those of W a + b (and the plain-MLP pass skips hooks).
+        raise UnsupportedError(
+            f"{module_label(name, module)} has forward hooks, which may change what it computes; "
+            "its Kronecker factors would not describe the model"
+        )
     rule.check(module, name)
     return rule

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.operators.memory import block_budget
-from curvlab.operators.taylor import ELEMENTWISE, activation_derivatives
+from curvlab.operators.taylor import activation_derivatives, plain_mlp
 from curvlab.problem import Problem
 from curvlab.structured.statistics import Layer, backpropagated_vectors, gram, input_vectors, layer_statistics
 
@@ -195,13 +195,8 @@ class _Step:
 def supports(problem: Problem, layers: list[Layer]) -> bool:
     """Whether the problem's model is a plain MLP this pass handles."""
     model = problem.model
-    if type(model) is not nn.Sequential or len(model) == 0:
+    if not plain_mlp(model):
         return False
-    for module in model:
-        if type(module) is nn.Linear:
-            continue
-        if not isinstance(module, ELEMENTWISE):
-            return False
     children = {id(module) for module in model}
     return all(type(layer.module) is nn.Linear and id(layer.module) in children for layer in layers)
 
