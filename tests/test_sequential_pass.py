@@ -73,6 +73,41 @@ def test_mlp_pass_equals_autograd_pass(loss_name, fisher_type, outputs, final_ta
             assert_close_rel(act[name], exp[name], 1e-12, f"{what} of layer {name}")
 
 
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_chunks_reuse_buffers_and_sum_to_the_autograd_pass(loss_name, fisher_type, monkeypatch):
+    """Chunks of 2 examples (batches of 7 and 6: a last chunk of 1) write into the same buffers.
+
+    Each chunk's vectors are read before the next chunk overwrites them, and the
+    sums still equal the autograd pass (type-2: the triangular-factor and
+    compressed paths; MC: dense vectors in reused buffers).
+    """
+    problem = _bottleneck_problem(loss_name, outputs=24, final_tanh=False)
+    layers = find_layers(problem)
+    V = 24 if fisher_type == "type-2" else 3
+    monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * V * 40 * 8)
+    expected = _sums(layer_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    pointers, sizes = {}, []
+    stream = sequential_statistics(problem, layers, fisher_type, mc_samples=3, seed=1)
+
+    def recording(stream):
+        for index, inputs, grads in stream:
+            sizes.append(next(iter(inputs.values())).shape[0])
+            for name, g in grads.items():
+                if isinstance(g, sequential.DenseVectors) and g.B.shape[1] == V:  # not compressed (QR)
+                    pointers.setdefault(name, set()).add(g.B.data_ptr())
+            yield index, inputs, grads
+
+    actual = _sums(recording(stream), layers)
+    assert sizes == [2, 2, 2, 1, 2, 2, 2]
+    if fisher_type == "mc":  # 3 vectors per example, never compressed: one buffer per pulled-back layer
+        reused = {name for name, p in pointers.items() if len(p) == 1}
+        assert reused == {"0", "2"}, pointers  # "6", the last, reads the sampled vectors themselves
+    for what, exp, act in zip(("gram", "moments", "tensor gram"), expected, actual):
+        for name in exp:
+            assert_close_rel(act[name], exp[name], 1e-12, f"{what} of layer {name}")
+
+
 def test_compression_really_happens(monkeypatch):
     """The 24 vectors per example reach the 3-wide layer as 3 (QR), not 24."""
     problem = _bottleneck_problem("mse")
