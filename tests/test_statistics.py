@@ -130,3 +130,29 @@ def test_trapezoidal_product_skips_only_zeros(V, d):
     R = torch.linalg.qr(torch.randn(V, d, dtype=F64), mode="r").R  # (V, d) upper trapezoidal
     M = torch.randn(4, d, 6, dtype=F64)
     assert_close_rel(_trapezoidal_times(R, M), R @ M, 1e-14, "R @ M")
+
+
+def test_capture_copies_layer_outputs_only_where_changed_in_place():
+    """Without in-place changes the model computes on the recorded output itself (no copy);
+    an in-place ReLU is reported by ``modified()``, and with ``copy_outputs`` it is not
+    seen by the recorded output."""
+    from curvlab.structured.statistics import capture, find_layers
+
+    torch.manual_seed(0)
+    X = torch.randn(5, 3, dtype=F64)
+    for in_place in (False, True):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=in_place), nn.Linear(4, 2)).double()
+        layers = find_layers(cl.Problem(model, nn.MSELoss(), (X, torch.randn(5, 2, dtype=F64))))
+        received = {}
+        handle = model[1].register_forward_pre_hook(lambda module, args: received.update(x=args[0]))
+        try:
+            with capture(layers) as (inputs, outputs, modified):
+                model(X)
+            assert received["x"] is outputs["0"]  # no copy
+            assert modified() == (["0"] if in_place else [])
+            with capture(layers, copy_outputs=True) as (inputs, outputs, modified):
+                model(X)
+            assert received["x"] is not outputs["0"] and modified() == []
+            assert_close_rel(outputs["0"], model[0](X), 1e-15, "recorded output, before the ReLU")
+        finally:
+            handle.remove()

@@ -191,13 +191,18 @@ def find_layers(
 
 
 @contextlib.contextmanager
-def capture(layers: list[Layer]):
+def capture(layers: list[Layer], copy_outputs: bool = False):
     """Record each layer's input and output in a forward pass; hooks always removed.
 
-    The model computes on after each recorded layer from a copy of its output.
+    Yields ``(inputs, outputs, modified)``: after the forward pass, ``modified()``
+    names the layers whose recorded output was changed in place later in the
+    pass (an in-place activation such as ``ReLU(inplace=True)``), whose gradients
+    would then be taken w.r.t. the changed values. With ``copy_outputs`` the
+    model computes on from a copy of each recorded output, so none is changed.
     """
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
+    versions: dict[str, int] = {}
     handles = []
 
     def hook_for(name):
@@ -210,17 +215,20 @@ def capture(layers: list[Layer]):
                 )
             inputs[name] = args[0].detach()
             outputs[name] = output
-            # The model continues on a copy: an in-place activation (ReLU(inplace=True))
-            # would otherwise overwrite ``output`` and gradients would be taken w.r.t.
-            # the activated values, not the layer's output.
-            return output.clone()
+            if copy_outputs:
+                return output.clone()
+            versions[name] = output._version  # bumped by every in-place change
+            return None
 
         return hook
+
+    def modified() -> list[str]:
+        return [name for name, version in versions.items() if outputs[name]._version != version]
 
     try:
         for layer in layers:
             handles.append(layer.module.register_forward_hook(hook_for(layer.name)))
-        yield inputs, outputs
+        yield inputs, outputs, modified
     finally:
         for handle in handles:
             handle.remove()
@@ -310,9 +318,17 @@ def layer_statistics(
     ``max_vectors`` backpropagated vectors (``None``: see ``vectors_per_pass``).
     """
     params = [p.detach().requires_grad_(True) for p in problem.params]
+    copy_outputs = False  # until a layer's output is found changed in place
     for index, X, y, counted in problem.counted_batches():
-        with capture(layers) as (inputs, outputs):
+        with capture(layers, copy_outputs) as (inputs, outputs, modified):
             output = problem.forward(params, X)
+        if modified():
+            # Run the batch again with copies of the recorded outputs (and every
+            # later batch: the model is the same). Copying always would cost a copy
+            # and fresh memory of every layer output per pass.
+            copy_outputs = True
+            with capture(layers, copy_outputs) as (inputs, outputs, _):
+                output = problem.forward(params, X)
         problem.loss_rule.check(output, y)
         for layer in layers:
             if layer.name not in inputs:
