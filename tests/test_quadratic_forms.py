@@ -169,6 +169,17 @@ def _no_autograd_hessian(H):
     return H
 
 
+def _product_into(H, v):
+    """H v by ``_matvec_into`` (Lanczos' route: written into a given vector), checked to be in place.
+
+    The vector starts as NaN, so a parameter the product fails to write (or to
+    zero, where no term reaches it) shows.
+    """
+    out = torch.full_like(v, float("nan"))
+    assert H._matvec_into(v, out) is out
+    return out
+
+
 @pytest.mark.parametrize(
     "case", [c for c in CASES if c.name.startswith(("mlp_", "subset_"))], ids=lambda c: c.name
 )
@@ -180,6 +191,7 @@ def test_closed_form_hessian_products_of_plain_mlps(case, cache):
     V = torch.randn(problem.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert_close_rel(H @ V, dense @ V, 1e-10, "products")
     assert_close_rel(H @ V[:, 1], dense @ V[:, 1], 1e-10, "one column")
+    assert_close_rel(_product_into(H, V[:, 2]), dense @ V[:, 2], 1e-10, "written into a vector")
     assert_close_rel(H.to_dense(), dense, 1e-10, "to_dense")
     assert_close_rel(H.gradient(), problem.gradient(), 1e-12, "gradient off the primal pass")
 
@@ -191,7 +203,10 @@ def test_closed_form_products_match_autograd_on_other_activations_and_subsets(pi
     V = torch.randn(problem.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     closed = _no_autograd_hessian(cl.Hessian(problem)) @ V
     gradient = cl.Hessian(problem).gradient()
-    assert_close_rel(closed, reference.hessian_matrix(problem) @ V, 1e-10, loss)
+    dense = reference.hessian_matrix(problem)
+    assert_close_rel(closed, dense @ V, 1e-10, loss)
+    into = _product_into(_no_autograd_hessian(cl.Hessian(problem)), V[:, 0])
+    assert_close_rel(into, dense @ V[:, 0], 1e-10, f"{loss}, written into a vector")
     monkeypatch.setattr(taylor, "supports", lambda problem: False)  # the reverse-over-reverse route
     assert_close_rel(closed, cl.Hessian(problem) @ V, 1e-10, f"{loss} against autograd")
     assert_close_rel(gradient, cl.Hessian(problem).gradient(), 1e-12, "gradient")
@@ -205,5 +220,7 @@ def test_closed_form_products_add_a_layer_used_twice():
     problem = cl.Problem(model, nn.MSELoss(), (X, y))
     V = torch.randn(problem.num_params, 2, dtype=torch.float64)
     H = _no_autograd_hessian(cl.Hessian(problem))
-    assert_close_rel(H @ V, reference.hessian_matrix(problem) @ V, 1e-10, "shared layer")
+    dense = reference.hessian_matrix(problem)
+    assert_close_rel(H @ V, dense @ V, 1e-10, "shared layer")
+    assert_close_rel(_product_into(H, V[:, 0]), dense @ V[:, 0], 1e-10, "shared layer, into a vector")
     assert_close_rel(H.gradient(), problem.gradient(), 1e-12, "gradient")

@@ -133,9 +133,11 @@ def test_trapezoidal_product_skips_only_zeros(V, d):
 
 
 def test_capture_copies_layer_outputs_only_where_changed_in_place():
-    """Without in-place changes the model computes on the recorded output itself (no copy);
-    an in-place ReLU is reported by ``modified()``, and with ``copy_outputs`` it is not
-    seen by the recorded output."""
+    """The model computes on the recorded output itself unless asked to copy it.
+
+    Without in-place changes nothing is copied; an in-place ReLU is reported by
+    ``modified()``, and with ``copy_outputs`` the recorded output does not see it.
+    """
     from curvlab.structured.statistics import capture, find_layers
 
     torch.manual_seed(0)
@@ -143,8 +145,12 @@ def test_capture_copies_layer_outputs_only_where_changed_in_place():
     for in_place in (False, True):
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=in_place), nn.Linear(4, 2)).double()
         layers = find_layers(cl.Problem(model, nn.MSELoss(), (X, torch.randn(5, 2, dtype=F64))))
-        received = {}
-        handle = model[1].register_forward_pre_hook(lambda module, args: received.update(x=args[0]))
+        received: dict = {}
+
+        def record(module, args, store=received):
+            store.update(x=args[0])
+
+        handle = model[1].register_forward_pre_hook(record)
         try:
             with capture(layers) as (inputs, outputs, modified):
                 model(X)

@@ -216,6 +216,15 @@ class Hessian(ProblemOperator):
             total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
         return total  # already scaled: the cached graphs are those of c · loss
 
+    def _matvec_into(self, v, out):
+        if out.is_contiguous() and taylor.supports(self.problem):
+            # The closed form writes each layer's product straight into out.
+            outs = self.flat_to_list(out.unsqueeze(1))  # views of out
+            directions = self.flat_to_list(v.unsqueeze(1))
+            taylor.hessian_products(self.problem, self._primal_batches(), directions, outs)
+            return out
+        return super()._matvec_into(v, out)
+
     def _batch_matmat(self, X, y, index, Vs):
         return self._pull_back(*self._gradient_graph(X, y), Vs, retain_graph=False)
 

@@ -267,13 +267,41 @@ def _first_parameter_step(steps: list[_Linear | _Activation]) -> int:
     return len(steps)
 
 
-def _accumulate(products: dict[int, Tensor], index: int, term: Tensor) -> None:
-    """Add a layer's term to parameter ``index`` (a module used twice contributes twice)."""
-    products[index] = term if index not in products else products[index].add_(term)
+class _Sink:
+    """Where one direction's product goes: views ``dests[i]`` of the result, scaled by c.
+
+    A parameter's first term is written over its view, later terms (a module used
+    twice, later batches) are added; GEMM terms go straight into the view
+    (``addmm`` with β = 0, then 1, and α = c). ``finish`` zeroes the parameters
+    no term reached. No zero fill, no separate scaling pass, no copy.
+    """
+
+    def __init__(self, dests: list[Tensor], c: float):
+        self.dests, self.c, self.written = dests, c, set()
+
+    def addmm(self, index: int, a: Tensor, b: Tensor) -> None:
+        """dests[index] (+)= c · a @ b."""
+        dest = self.dests[index]
+        torch.addmm(dest, a, b, beta=1 if index in self.written else 0, alpha=self.c, out=dest)
+        self.written.add(index)
+
+    def add(self, index: int, term: Tensor) -> None:
+        """dests[index] (+)= c · term."""
+        dest = self.dests[index]
+        if index in self.written:
+            dest.add_(term, alpha=self.c)
+        else:
+            torch.mul(term, self.c, out=dest)
+        self.written.add(index)
+
+    def finish(self) -> None:
+        for index, dest in enumerate(self.dests):
+            if index not in self.written:
+                dest.zero_()
 
 
-def _hessian_product(problem: Problem, batch: PrimalBatch, direction: list[Tensor]) -> dict[int, Tensor]:
-    """(H v) of one batch, sum reduction: ``{parameter index: tensor}`` (missing: zero)."""
+def _hessian_product(batch: PrimalBatch, direction: list[Tensor], sink: _Sink, problem: Problem) -> None:
+    """(H v) of one batch into ``sink`` (which scales by the reduction factor)."""
     steps = batch.steps
     tangents: list[Tensor | None] = []  # z₁ or a₁ entering each step (None: zero)
     x1 = None
@@ -286,7 +314,6 @@ def _hessian_product(problem: Problem, batch: PrimalBatch, direction: list[Tenso
         v_b = None if step.bias_index is None else direction[step.bias_index]
         x1 = _linear_tangent(step, x1, V, v_b)
     d = None if x1 is None else _loss_curvature(problem, batch, x1)[1]  # δ̇, entering each step from above
-    products: dict[int, Tensor] = {}
     first = _first_parameter_step(steps)
     for index in range(len(steps) - 1, first - 1, -1):
         step, x1_in = steps[index], tangents[index]
@@ -298,36 +325,44 @@ def _hessian_product(problem: Problem, batch: PrimalBatch, direction: list[Tenso
             d = new
             continue
         if step.weight_index is not None:  # δ̇_zᵀ a₀ + δ_zᵀ a₁
-            product = None if d is None else d.T @ step.inputs
+            if d is not None:
+                sink.addmm(step.weight_index, d.T, step.inputs)
             if x1_in is not None:
-                product = step.adjoint.T @ x1_in if product is None else product.addmm_(step.adjoint.T, x1_in)
-            if product is not None:
-                _accumulate(products, step.weight_index, product)
+                sink.addmm(step.weight_index, step.adjoint.T, x1_in)
         if step.bias_index is not None and d is not None:
-            _accumulate(products, step.bias_index, d.sum(0))
+            sink.add(step.bias_index, d.sum(0))
         if index > first:  # δ̇_a = δ̇_z W + δ_z V
             V = None if step.weight_index is None else direction[step.weight_index]
             new = None if d is None else d @ step.weight
             if V is not None:
                 new = step.adjoint @ V if new is None else new.addmm_(step.adjoint, V)
             d = new
-    return products
 
 
-def hessian_products(problem: Problem, batches: Iterable[PrimalBatch], Vs: list[Tensor]) -> list[Tensor]:
+def hessian_products(
+    problem: Problem, batches: Iterable[PrimalBatch], Vs: list[Tensor], out: list[Tensor] | None = None
+) -> list[Tensor]:
     """H V for the k directions ``Vs[i]`` of shape ``(k, *param_shape)``, summed over the batches.
 
+    Args:
+        problem: A problem ``supports`` accepts.
+        batches: Its primal passes (``primal``), one per batch.
+        Vs: The directions, one ``(k, *param_shape)`` tensor per parameter.
+        out: Tensors like ``Vs`` to write the products into (e.g. views of a flat
+            vector); ``None``: new ones. They must not overlap ``Vs``.
+
     Returns:
-        A list like ``Vs``, scaled by the problem's reduction factor.
+        A list like ``Vs`` (``out`` if given), scaled by the problem's reduction factor.
     """
     k = Vs[0].shape[0]
-    totals = [torch.zeros_like(V) for V in Vs]
+    totals = [torch.empty_like(V) for V in Vs] if out is None else out
+    sinks = [_Sink([t[j] for t in totals], problem.reduction_factor) for j in range(k)]
     for batch in batches:
         for j in range(k):  # one direction at a time: GEMMs over the batch's rows
-            for i, product in _hessian_product(problem, batch, [V[j] for V in Vs]).items():
-                totals[i][j].add_(product)
-    c = problem.reduction_factor
-    return [t.mul_(c) for t in totals]
+            _hessian_product(batch, [V[j] for V in Vs], sinks[j], problem)
+    for sink in sinks:
+        sink.finish()
+    return totals
 
 
 def gradient(problem: Problem, batches: Iterable[PrimalBatch]) -> Tensor:
