@@ -224,3 +224,48 @@ def test_closed_form_products_add_a_layer_used_twice():
     assert_close_rel(H @ V, dense @ V, 1e-10, "shared layer")
     assert_close_rel(_product_into(H, V[:, 0]), dense @ V[:, 0], 1e-10, "shared layer, into a vector")
     assert_close_rel(H.gradient(), problem.gradient(), 1e-12, "gradient")
+
+
+def _no_output_space_products(G):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain MLP's GGN product took the torch.func route")
+
+    G._batch_matmat = refuse
+    return G
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name.startswith(("mlp_", "subset_"))], ids=lambda c: c.name
+)
+def test_closed_form_ggn_products_of_plain_mlps(case):
+    problem = case.build(torch.float64)
+    G = _no_output_space_products(cl.GGN(problem))
+    dense = reference.ggn(problem)
+    V = torch.randn(problem.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert_close_rel(G @ V, dense @ V, 1e-10, "products")
+    assert_close_rel(_product_into(G, V[:, 2]), dense @ V[:, 2], 1e-10, "written into a vector")
+    assert_close_rel(G.to_dense(), dense, 1e-10, "to_dense")
+
+
+@pytest.mark.parametrize("pick", PICKS, ids=PICK_IDS)
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_closed_form_ggn_products_match_torch_func_on_other_activations_and_subsets(pick, loss, monkeypatch):
+    problem = _odd_problem(pick, loss)
+    V = torch.randn(problem.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    closed = _no_output_space_products(cl.GGN(problem)) @ V
+    into = _product_into(_no_output_space_products(cl.GGN(problem)), V[:, 0])
+    assert_close_rel(closed, reference.ggn(problem) @ V, 1e-10, loss)
+    assert_close_rel(into, closed[:, 0], 1e-12, f"{loss}, written into a vector")
+    monkeypatch.setattr(taylor, "supports", lambda problem: False)  # the jvp/vjp route
+    assert_close_rel(closed, cl.GGN(problem) @ V, 1e-10, f"{loss} against torch.func")
+
+
+def test_closed_form_ggn_products_add_a_layer_used_twice():
+    torch.manual_seed(4)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Linear(3, 2)).double()
+    X, y = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    problem = cl.Problem(model, nn.MSELoss(), (X, y))
+    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    G = _no_output_space_products(cl.GGN(problem))
+    assert_close_rel(G @ V, reference.ggn(problem) @ V, 1e-10, "shared layer")

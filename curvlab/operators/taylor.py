@@ -42,7 +42,8 @@ the backward pass comes back. Starting from δ̇_f = ∇²_f ℓ f₁ at the out
 scaled by c. That is the arithmetic of a reverse-over-reverse product on a
 cached graph (6 GEMMs per layer) without autograd's engine, its second copy of
 the graph, or the elementwise work of differentiating each backward formula;
-the gradient is δ_zᵀ a₀ off the same pass, at no extra cost.
+the gradient is δ_zᵀ a₀ off the same pass, at no extra cost. Dropping the
+terms with σ'' and δ_z leaves the GGN product Jᵀ Λ J v (4 GEMMs per layer).
 """
 
 from __future__ import annotations
@@ -300,8 +301,15 @@ class _Sink:
                 dest.zero_()
 
 
-def _hessian_product(batch: PrimalBatch, direction: list[Tensor], sink: _Sink, problem: Problem) -> None:
-    """(H v) of one batch into ``sink`` (which scales by the reduction factor)."""
+def _product(
+    batch: PrimalBatch, direction: list[Tensor], sink: _Sink, problem: Problem, second_order: bool
+) -> None:
+    """(H v) (``second_order``) or (G v) of one batch into ``sink`` (which scales by c).
+
+    The GGN product is the Hessian's without the terms of the network's own
+    curvature (σ'' δ_a z₁, δ_zᵀ a₁, δ_z V): J v forward, Λ, then Jᵀ back
+    (2 + 2 GEMMs a layer, 1 + 1 for the first).
+    """
     steps = batch.steps
     tangents: list[Tensor | None] = []  # z₁ or a₁ entering each step (None: zero)
     x1 = None
@@ -319,7 +327,7 @@ def _hessian_product(batch: PrimalBatch, direction: list[Tensor], sink: _Sink, p
         step, x1_in = steps[index], tangents[index]
         if isinstance(step, _Activation):  # δ̇_z = σ' δ̇_a + σ'' δ_a z₁
             new = None if d is None else step.first * d
-            if step.curvature_weight is not None and x1_in is not None:
+            if second_order and step.curvature_weight is not None and x1_in is not None:
                 term = step.curvature_weight * x1_in
                 new = term if new is None else new.add_(term)
             d = new
@@ -327,27 +335,32 @@ def _hessian_product(batch: PrimalBatch, direction: list[Tensor], sink: _Sink, p
         if step.weight_index is not None:  # δ̇_zᵀ a₀ + δ_zᵀ a₁
             if d is not None:
                 sink.addmm(step.weight_index, d.T, step.inputs)
-            if x1_in is not None:
+            if second_order and x1_in is not None:
                 sink.addmm(step.weight_index, step.adjoint.T, x1_in)
         if step.bias_index is not None and d is not None:
             sink.add(step.bias_index, d.sum(0))
         if index > first:  # δ̇_a = δ̇_z W + δ_z V
             V = None if step.weight_index is None else direction[step.weight_index]
             new = None if d is None else d @ step.weight
-            if V is not None:
+            if second_order and V is not None:
                 new = step.adjoint @ V if new is None else new.addmm_(step.adjoint, V)
             d = new
 
 
-def hessian_products(
-    problem: Problem, batches: Iterable[PrimalBatch], Vs: list[Tensor], out: list[Tensor] | None = None
+def products(
+    problem: Problem,
+    batches: Iterable[PrimalBatch],
+    Vs: list[Tensor],
+    second_order: bool,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """H V for the k directions ``Vs[i]`` of shape ``(k, *param_shape)``, summed over the batches.
+    """H V (``second_order``) or G V for the k directions ``Vs[i]`` ``(k, *param_shape)``, over all batches.
 
     Args:
         problem: A problem ``supports`` accepts.
         batches: Its primal passes (``primal``), one per batch.
         Vs: The directions, one ``(k, *param_shape)`` tensor per parameter.
+        second_order: The Hessian (True) or the GGN (False).
         out: Tensors like ``Vs`` to write the products into (e.g. views of a flat
             vector); ``None``: new ones. They must not overlap ``Vs``.
 
@@ -359,7 +372,7 @@ def hessian_products(
     sinks = [_Sink([t[j] for t in totals], problem.reduction_factor) for j in range(k)]
     for batch in batches:
         for j in range(k):  # one direction at a time: GEMMs over the batch's rows
-            _hessian_product(batch, [V[j] for V in Vs], sinks[j], problem)
+            _product(batch, [V[j] for V in Vs], sinks[j], problem, second_order)
     for sink in sinks:
         sink.finish()
     return totals
