@@ -212,13 +212,18 @@ def test_closed_form_products_match_autograd_on_other_activations_and_subsets(pi
     assert_close_rel(gradient, cl.Hessian(problem).gradient(), 1e-12, "gradient")
 
 
-def test_closed_form_products_add_a_layer_used_twice():
+def _shared_layer_problem():
+    """An MLP that calls one Linear twice, and two directions."""
     torch.manual_seed(4)
     shared = nn.Linear(3, 3)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Linear(3, 2)).double()
     X, y = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
     problem = cl.Problem(model, nn.MSELoss(), (X, y))
-    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    return problem, torch.randn(problem.num_params, 2, dtype=torch.float64)
+
+
+def test_closed_form_products_add_a_layer_used_twice():
+    problem, V = _shared_layer_problem()
     H = _no_autograd_hessian(cl.Hessian(problem))
     dense = reference.hessian_matrix(problem)
     assert_close_rel(H @ V, dense @ V, 1e-10, "shared layer")
@@ -261,11 +266,6 @@ def test_closed_form_ggn_products_match_torch_func_on_other_activations_and_subs
 
 
 def test_closed_form_ggn_products_add_a_layer_used_twice():
-    torch.manual_seed(4)
-    shared = nn.Linear(3, 3)
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), shared, nn.Sigmoid(), shared, nn.Linear(3, 2)).double()
-    X, y = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
-    problem = cl.Problem(model, nn.MSELoss(), (X, y))
-    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    problem, V = _shared_layer_problem()
     G = _no_output_space_products(cl.GGN(problem))
     assert_close_rel(G @ V, reference.ggn(problem) @ V, 1e-10, "shared layer")
