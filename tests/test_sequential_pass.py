@@ -121,9 +121,18 @@ def test_compression_really_happens(monkeypatch):
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-def test_structured_objects_agree_with_the_autograd_pass(loss_name, monkeypatch):
-    """KFAC, EKFAC and the exact diagonal: same numbers with the MLP pass switched off."""
-    problem = _bottleneck_problem(loss_name)
+@pytest.mark.parametrize("final_tanh", [True, False], ids=["tanh", "linear"])
+@pytest.mark.parametrize("chunks", ["whole batches", "2 examples"])
+def test_structured_objects_agree_with_the_autograd_pass(loss_name, final_tanh, chunks, monkeypatch):
+    """KFAC, EKFAC and the exact diagonal: same numbers with the MLP pass switched off.
+
+    In chunks of 2 examples, KFAC joins the chunks' factored gradients next to the
+    output into one Gram per batch (MSE without the final tanh: one constant s) or
+    adds the chunks' Grams (s varies).
+    """
+    problem = _bottleneck_problem(loss_name, final_tanh=final_tanh)
+    if chunks == "2 examples":
+        monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * 24 * 40 * 8)
     fast = {
         "kfac": cl.KFAC(problem).to_dense(),
         "ekfac": cl.EKFAC(problem).to_dense(),
@@ -141,6 +150,19 @@ def test_structured_objects_agree_with_the_autograd_pass(loss_name, monkeypatch)
         assert_close_rel(fast[name], slow[name], 1e-12, name)
     exact = cl.GGN(problem).to_dense()
     assert_close_rel(fast["diagonal"].diagonal(), exact.diagonal(), 1e-12, "diagonal vs dense GGN")
+
+
+def test_kfac_takes_one_gram_per_batch_of_the_factored_gradients(monkeypatch):
+    """MSE, linear output, chunks of 2 examples: the last layer's G is one Gram per batch, not per chunk."""
+    problem = _bottleneck_problem("mse", final_tanh=False)
+    monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * 24 * 40 * 8)
+    calls = []
+    gram = sequential.ScaledRows.gram
+    monkeypatch.setattr(
+        sequential.ScaledRows, "gram", lambda self: calls.append(self.s.shape[0]) or gram(self)
+    )
+    cl.KFAC(problem)
+    assert calls == [7, 6]  # the batches' examples, joined
 
 
 def test_float32_pass_matches_float64():

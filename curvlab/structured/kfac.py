@@ -29,7 +29,7 @@ from torch import Tensor
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
-from curvlab.structured.sequential import statistics_pass
+from curvlab.structured.sequential import ScaledRows, statistics_pass
 from curvlab.structured.statistics import FISHER_TYPES, Layer, accumulate, find_layers, second_moment
 
 KFAC_APPROX = ("expand", "reduce")
@@ -159,7 +159,10 @@ class KFAC(BlockDiagonalOperator):
         # for every chunk of vectors (index: the batch); the MLP pass hands out a few
         # examples per chunk (index: (batch, first example)), gathered here so that each
         # batch's input moment is one GEMM, not one per chunk of a handful of rows.
+        # Likewise the MLP pass' factored output gradients (ScaledRows, next to a diagonal
+        # output Hessian): one Gram per batch, not one d × d product per chunk.
         pending: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        pending_factored: dict[str, list[ScaledRows]] = {layer.name: [] for layer in self.layers}
         pending_batch = None
 
         def add_pending():
@@ -167,6 +170,10 @@ class KFAC(BlockDiagonalOperator):
                 if rows:
                     accumulate(A_sum, name, self._input_moment(torch.cat(rows)))
                     rows.clear()
+            for name, parts in pending_factored.items():
+                if parts:
+                    accumulate(G_sum, name, ScaledRows.gram_of_chunks(parts))
+                    parts.clear()
 
         for index, inputs, grads in self._statistics():
             batch = index[0] if isinstance(index, tuple) else index
@@ -178,7 +185,11 @@ class KFAC(BlockDiagonalOperator):
                 for layer in self.layers:
                     pending[layer.name].append(inputs[layer.name])
             for layer in self.layers:
-                accumulate(G_sum, layer.name, self._output_moment(grads[layer.name]))
+                g = grads[layer.name]
+                if isinstance(g, ScaledRows):
+                    pending_factored[layer.name].append(g)
+                else:
+                    accumulate(G_sum, layer.name, self._output_moment(g))
         add_pending()
         c, N = self.problem.reduction_factor, self.problem.num_counted_examples
         return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}

@@ -202,6 +202,25 @@ class ScaledRows:
 
     squared_moments = DenseVectors.squared_moments
 
+    @staticmethod
+    def gram_of_chunks(parts: list[ScaledRows]) -> Tensor:
+        """Σ of the parts' Grams (chunks of one batch, same W): one Gram of their rows joined.
+
+        Per chunk, the Gram is a V × V diagonal (W = I) or s² (WᵀW) ∘ (DᵀD): a
+        product with few rows and several passes over a d × d matrix. Joined, they
+        are one. Where the parts' s are not one constant (no factored Gram of the
+        join), each part's Gram is added instead.
+        """
+        W, memo = parts[0].W, parts[0].memo
+        if len(parts) > 1 and all(part.W is W for part in parts):
+            joined = ScaledRows(W, torch.cat([p.s for p in parts]), torch.cat([p.d for p in parts]), memo)
+            if W is None or joined._constant_s() is not None:
+                return joined.gram()
+        total = parts[0].gram()
+        for part in parts[1:]:
+            total.add_(part.gram())
+        return total
+
     def activate(self, derivative: Tensor) -> ScaledRows:
         """Through an elementwise activation: d ← d ∘ σ'."""
         return ScaledRows(self.W, self.s, self.d * derivative, self.memo)
