@@ -1,5 +1,8 @@
 """The one comparator of the test suite, and pieces shared by tests."""
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
@@ -56,3 +59,18 @@ def finite_difference_hessian(problem: cl.Problem, step: float = 1e-6) -> torch.
     return torch.stack(
         [(gradient(theta + step * e) - gradient(theta - step * e)) / (2 * step) for e in basis], 1
     )
+
+
+def curvlinops_kfac_dense(problem: cl.Problem, **options) -> torch.Tensor:
+    """The dense matrix of curvlinops' ``KFACLinearOperator`` (bias folded unless the options say).
+
+    Skips the test where curvlinops is not installed.
+    """
+    curvlinops = pytest.importorskip("curvlinops")
+    options.setdefault("separate_weight_and_bias", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = curvlinops.KFACLinearOperator(
+            problem.model, problem.loss_fn, problem.params, problem.data, check_deterministic=False, **options
+        )
+        return theirs @ torch.eye(problem.num_params, dtype=problem.params[0].dtype)

@@ -13,15 +13,13 @@ different positions summed), which is not a square root of the block-diagonal H_
 flavour converges to the definition above, which the last test shows.
 """
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import curvlab as cl
 from tests.cases import _mlp, _sequence_classifier
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, curvlinops_kfac_dense
 
 F64 = torch.float64
 N, L, D_IN, HIDDEN, C = 3, 4, 3, 4, 3  # the widths of tests.cases' sequence models
@@ -55,22 +53,6 @@ SEQUENCE_LOSSES = ["mse", "bce", "ce"]
 AGREED_WITH_CURVLINOPS = [("type-2", "expand"), ("empirical", "expand"), ("empirical", "reduce")]
 
 
-def _curvlinops_dense(problem, **options):
-    curvlinops = pytest.importorskip("curvlinops")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = curvlinops.KFACLinearOperator(
-            problem.model,
-            problem.loss_fn,
-            problem.params,
-            problem.data,
-            check_deterministic=False,
-            separate_weight_and_bias=False,
-            **options,
-        )
-        return theirs @ torch.eye(problem.num_params, dtype=F64)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher_type, approx", AGREED_WITH_CURVLINOPS)
 @pytest.mark.parametrize("name", [*SEQUENCE_LOSSES, "segmentation"])
@@ -80,7 +62,7 @@ def test_position_wise_losses_match_curvlinops(name, fisher_type, approx, reduct
     else:
         problem = _sequence_problem(name, reduction)
     ours = cl.KFAC(problem, fisher_type=fisher_type, kfac_approx=approx).to_dense()
-    expected = _curvlinops_dense(problem, fisher_type=fisher_type, kfac_approx=approx)
+    expected = curvlinops_kfac_dense(problem, fisher_type=fisher_type, kfac_approx=approx)
     assert_close_rel(ours, expected, 1e-10, f"{fisher_type} {approx} vs curvlinops")
 
 
@@ -142,7 +124,8 @@ def test_mc_reduce_of_curvlinops_and_curvlab_converge_to_curvlab_type2_reduce():
         return ((dense - type2).norm() / type2.norm()).item()
 
     ours_mc = cl.KFAC(problem, fisher_type="mc", mc_samples=4000, kfac_approx="reduce", seed=0).to_dense()
-    theirs_mc = _curvlinops_dense(problem, fisher_type="mc", mc_samples=4000, kfac_approx="reduce", seed=0)
+    mc_options = dict(fisher_type="mc", mc_samples=4000, kfac_approx="reduce", seed=0)
+    theirs_mc = curvlinops_kfac_dense(problem, **mc_options)
     # an MC estimate with 4000 samples is a few per cent from its limit; the combined-column
     # type-2 of curvlinops 3.0.1 is 0.83 away from ours on this problem
     assert distance(ours_mc) < 0.05, distance(ours_mc)
