@@ -94,6 +94,65 @@ def test_top_eigen_default_basis_spans_a_small_space_without_restarts():
     assert result.values[0].abs() <= tol * 40
 
 
+class _CountingOperator(cl.DenseOperator):
+    """A dense operator that counts the vectors it multiplies (its matrix need not be symmetric)."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix, [(matrix.shape[0],)])
+        self.steps, self.confirming = 0, 0  # Lanczos steps' products, others
+
+    def _matmat(self, Vs):
+        self.confirming += Vs[0].shape[0]
+        return super()._matmat(Vs)
+
+    def _matvec_into(self, v, out):
+        self.steps += 1
+        return torch.mv(self.matrix, v, out=out)
+
+
+def _true_residuals(matrix, result):
+    return (matrix @ result.vectors - result.vectors * result.values).norm(dim=0)
+
+
+@pytest.mark.parametrize("basis_size, restarts", [(None, False), (8, True)])
+def test_top_eigen_residuals_are_those_of_the_products(basis_size, restarts):
+    """Without a restart the residuals cost no product; with one, k confirming products. Both true."""
+    top = torch.tensor([1.4, 1.6, 2.0, 3.0], dtype=torch.float64)
+    eigenvalues = torch.cat([torch.linspace(0, 1, 56, dtype=torch.float64), top])
+    D = _dense_operator(eigenvalues)
+    counting = _CountingOperator(D.matrix)
+    result = cl.top_eigen(counting, 3, basis_size=basis_size, tol=1e-8, progress=False)
+    assert result.converged
+    assert result.num_matvecs == counting.steps + counting.confirming
+    assert counting.confirming == (3 if restarts else 0)
+    assert (counting.steps > (basis_size or 60)) == restarts
+    assert_close_rel(result.values, torch.tensor([3.0, 2.0, 1.6], dtype=torch.float64), 1e-10)
+    assert_close_rel(result.residuals, _true_residuals(D.matrix, result), 1e-6, "reported residuals")
+
+
+def test_recorded_residuals_include_what_an_asymmetric_product_adds():
+    """A product that is not quite symmetric (say, rounding in a reduced-precision matmul).
+
+    The three-term recurrence's estimate |β s| assumes the symmetric projection and
+    misses the asymmetric part; the recorded coefficients carry it, so the reported
+    residuals are the products' true ones and the run does not pass as converged.
+    """
+    n, tol = 200, 1e-10
+    eigenvalues = torch.cat([torch.linspace(1, 2, n - 1, dtype=torch.float64), torch.tensor([3.0])])
+    D = _dense_operator(eigenvalues)
+    generator = torch.Generator().manual_seed(1)
+    skew = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    matrix = D.matrix + 1e-6 * (skew - skew.T)
+    counting = _CountingOperator(matrix)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        result = cl.top_eigen(counting, 1, tol=tol, max_matvecs=40, progress=False)
+    assert counting.confirming == 0  # the basis holds all 40: no restart
+    assert_close_rel(result.values, torch.tensor([3.0], dtype=torch.float64), 1e-8)
+    true = _true_residuals(matrix, result)
+    assert (true > 100 * tol * 3.0).all()
+    assert_close_rel(result.residuals, true, 1e-6, "residuals of the asymmetric products")
+
+
 @pytest.mark.parametrize("budget", [64, 10**9])
 def test_restart_combines_basis_rows_in_place_in_column_blocks(monkeypatch, budget):
     monkeypatch.setattr(lanczos, "block_budget", lambda device: budget)  # 64 B: two columns a block

@@ -7,7 +7,11 @@ Two uses of the same Krylov machinery:
   against all previous vectors ("twice is enough", Giraud et al. 2005), so no
   spurious copies of converged eigenvalues appear. After m steps,
   C V_m = V_m T_m + β v_{m+1} e_mᵀ, and a Ritz pair (θ_i, V_m s_i) has residual
-  norm |β s_{m,i}|, which decides convergence without extra products.
+  norm |β s_{m,i}|, which decides convergence without extra products. Until a
+  restart, the coefficients of every product are kept (the Hessenberg matrix
+  H_m with C V_m = V_{m+1} H_m, exact to rounding even where the products are
+  not symmetric), so the residuals reported are those of the products made:
+  ‖H_m s − θ [s; 0]‖, no confirming product.
 * ``lanczos_tridiagonal``: the plain m-step tridiagonalisation of several start
   vectors at once (one batched product per step), used by stochastic Lanczos
   quadrature.
@@ -39,8 +43,10 @@ class EigenResult:
         values: ``(k,)`` Ritz values, ordered by ``which`` (largest first, smallest
             first, or largest magnitude first).
         vectors: ``(n, k)`` orthonormal Ritz vectors, flat in parameter order.
-        residuals: ``(k,)`` ‖C v_i − λ_i v_i‖, computed with one extra product.
-        num_matvecs: Operator products used, the residual check included.
+        residuals: ``(k,)`` ‖C v_i − λ_i v_i‖: from the recorded products'
+            coefficients where the basis never restarted (``top_eigen``, Note),
+            else by k confirming products.
+        num_matvecs: Operator products used, any confirming ones included.
         converged: Whether every residual met the tolerance.
     """
 
@@ -248,6 +254,14 @@ def top_eigen(
         Single-vector Lanczos finds each *distinct* eigenvalue once: an exactly
         repeated eigenvalue (KFAC's Kronecker products repeat them) appears once
         among the k. ``cl.eigvalsh`` gives structured objects' full spectrum.
+
+        Residuals: while the basis has not restarted, C y for a Ritz vector
+        y = V s is the same combination of the products already made, so the
+        residuals come from their recorded coefficients (exact to rounding, also
+        for a product that is not symmetric) and cost no product. After a
+        restart they are confirmed by k more products. Either way they are the
+        residuals of the products as computed: an operator computed with reduced
+        precision (e.g. TF32 matmuls on a GPU) is only as accurate as those.
     """
     n, dtype, device, matvec = _as_matvec(C)
     if which not in WHICH:
@@ -265,6 +279,10 @@ def top_eigen(
 
     V = torch.empty(m + 1, n, dtype=dtype, device=device)  # rows are read only once written
     T = torch.zeros(m, m, dtype=dtype, device=device)
+    # Every product's coefficients as made, C V[:j]ᵀ = V[:j+1]ᵀ hessenberg[:j+1, :j],
+    # valid while `recorded` (no restart, no invariant subspace met).
+    hessenberg = torch.zeros(m + 1, m, dtype=dtype, device=device)
+    recorded = True
     V[0] = _start_vector(C, start, which, n, dtype, device, generator)
     size, matvecs = 0, 0  # basis vectors V[:size] with T = V[:size] C V[:size]ᵀ
     bar = progress_bar(total=max_matvecs, desc=f"top-{k} eigen", enabled=progress)
@@ -279,12 +297,15 @@ def top_eigen(
             raise _not_finite(matvecs)
         T[: size + 1, size] = h
         T[size, : size + 1] = h
+        hessenberg[: size + 1, size] = h
+        hessenberg[size + 1, size] = beta
         size += 1
         theta, S = torch.linalg.eigh(T[:size, :size])
         norm_estimate = max(theta.abs().max().item(), 1e-300)
         if beta <= 1e3 * torch.finfo(dtype).eps * norm_estimate:
             # An invariant subspace: continue with a fresh direction, coupling 0.
             beta = 0.0
+            recorded = False  # what is left of w is dropped for a fresh direction
             if size < n:
                 w.copy_(_random_unit(n, dtype, device, generator))
                 _, norm = _orthogonalize_vector(V[:size], w)
@@ -298,14 +319,18 @@ def top_eigen(
         estimates = (beta * S[size - 1, wanted]).abs()
         exhausted = matvecs >= max_matvecs
         if size == n or exhausted or bool((estimates <= tol * norm_estimate).all()):
-            # Confirm with the true residuals (one batched product): rounding in
-            # the products can leave them above the recurrence's estimate.
+            # The residuals of the products themselves: rounding in them (or a
+            # product that is not quite symmetric) can leave these above the
+            # recurrence's estimate, which assumes T is C's projection.
             vectors = V[:size].T @ S[:, wanted]
-            products = matvec(vectors)
-            values = (vectors * products).sum(0)  # Rayleigh quotients: error O(residual²)
-            residuals = (products - vectors * values).norm(dim=0)
-            matvecs += k
-            bar.update(k)
+            if recorded:
+                values, residuals = _recorded_residuals(hessenberg[: size + 1, :size], S[:, wanted])
+            else:  # one batched confirming product
+                products = matvec(vectors)
+                values = (vectors * products).sum(0)  # Rayleigh quotients: error O(residual²)
+                residuals = (products - vectors * values).norm(dim=0)
+                matvecs += k
+                bar.update(k)
             converged = size == n or bool((residuals <= tol * norm_estimate).all())
             if converged or exhausted:
                 break
@@ -319,6 +344,7 @@ def top_eigen(
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
             size = keep
+            recorded = False
     bar.close()
     if not converged:
         warnings.warn(
@@ -329,6 +355,19 @@ def top_eigen(
             stacklevel=2,
         )
     return EigenResult(values, vectors, residuals, matvecs, converged)
+
+
+def _recorded_residuals(hessenberg: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """Rayleigh quotients and residual norms of the Ritz vectors V S from the recorded products.
+
+    With C V_jᵀ = V_{j+1}ᵀ H (``hessenberg`` H ``(j + 1, j)``, V orthonormal rows),
+    C y = V_{j+1}ᵀ H s for y = V_jᵀ s: the Rayleigh quotient is sᵀ H_{:j} s and the
+    residual ‖C y − λ y‖ = ‖H s − λ [s; 0]‖, both from ``(j + 1, k)`` numbers.
+    """
+    HS = hessenberg @ S  # (j + 1, k)
+    values = (S * HS[:-1]).sum(0)
+    HS[:-1] -= S * values
+    return values, HS.norm(dim=0)
 
 
 def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
