@@ -180,6 +180,51 @@ def test_top_eigen_of_a_low_rank_matrix_exhausts_the_krylov_space():
     assert_close_rel(result.values, eigenvalues[:3], 1e-12)
 
 
+def _large_float32_diagonal(n: int, top: list[float]) -> tuple[cl.Diagonal, torch.Tensor]:
+    """diag(d) of n float32 entries, uniform in [0, 0.5) below a given top: (operator, d)."""
+    generator = torch.Generator().manual_seed(0)
+    d = 0.5 * torch.rand(n, generator=generator)
+    d[: len(top)] = torch.tensor(top)
+    return cl.Diagonal.from_tensor(d, [(n,)]), d
+
+
+def test_top_eigen_in_float32_on_a_million_parameters_converges_to_unit_ritz_vectors():
+    """Float32 reductions over 10⁶ entries: torch's vector norm was 1e-5 off there.
+
+    Basis vectors normalised by it drifted from unit length, the Ritz vectors with
+    them (‖v‖ − 1 ≈ 6e-5), so v·Cv and the residual ‖Cv − (v·Cv) v‖ stayed above
+    the 1e-4 tolerance: 1000 products without convergence for what takes ~30.
+    """
+    top = [1.0, 0.999, 0.998, 0.997, 0.996]
+    for basis_size in (None, 12):  # the default (20 vectors at this n) and a smaller one restart
+        D, d = _large_float32_diagonal(1_000_000, top)
+        result = cl.top_eigen(D, 3, basis_size=basis_size, progress=False)
+        assert result.converged and result.num_matvecs <= 100, result.num_matvecs
+        vectors = result.vectors.double()
+        norms = vectors.norm(dim=0)
+        assert_close_rel(norms, torch.ones(3, dtype=torch.float64), 1e-6, "unit Ritz vectors")
+        rayleigh = (vectors * (d.double()[:, None] * vectors)).sum(0) / norms**2
+        assert_close_rel(result.values.double(), rayleigh, 1e-6, "values are the vectors' Rayleigh quotients")
+        assert_close_rel(result.values.double(), torch.tensor(top[:3], dtype=torch.float64), 1e-6)
+        true_residuals = (d.double()[:, None] * vectors - vectors * result.values.double()).norm(dim=0)
+        assert (true_residuals <= 1e-4).all(), true_residuals
+
+
+def test_lanczos_tridiagonal_in_float32_of_several_probes_matches_float64():
+    """Several probes of two million entries: T's coefficients to float32 rounding.
+
+    ``bmm`` of (p, 1, n) by (p, n, 1) took α = v·Cv 2e-3 off here (a plainly
+    accumulating kernel); the coefficients are now dots (``lanczos._row_dots``).
+    """
+    D, d = _large_float32_diagonal(2_000_000, [1.0])
+    V0 = torch.randn(d.numel(), 2, generator=torch.Generator().manual_seed(1))
+    alpha, beta, _ = lanczos_tridiagonal(D, V0, 4)
+    D64 = cl.Diagonal.from_tensor(d.double(), [(d.numel(),)])
+    alpha64, beta64, _ = lanczos_tridiagonal(D64, V0.double(), 4)
+    assert_close_rel(alpha.double(), alpha64, 1e-5, "alpha")
+    assert_close_rel(beta.double(), beta64, 1e-5, "beta")
+
+
 def test_top_eigen_warns_when_not_converged():
     D = _dense_operator(torch.linspace(0, 1, 300, dtype=torch.float64))
     with pytest.warns(RuntimeWarning, match="not converged"):
