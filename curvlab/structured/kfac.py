@@ -168,7 +168,7 @@ class KFAC(BlockDiagonalOperator):
         def add_pending():
             for name, rows in pending.items():
                 if rows:
-                    accumulate(A_sum, name, self._input_moment(torch.cat(rows)))
+                    accumulate(A_sum, name, self._input_moment(torch.cat(rows) if len(rows) > 1 else rows[0]))
                     rows.clear()
             for name, parts in pending_factored.items():
                 if parts:
