@@ -107,22 +107,29 @@ def print_table(rows: dict, width: int = 16) -> None:
 
     ``rows`` must hold ``("gradient", "torch")``; a row with ``"error"`` prints the error.
     A row with ``"gradient_seconds"`` (the gradient timed alongside it, in its own
-    process) is divided by that, else by the gradient row's time.
+    process) is divided by that, else by the gradient row's time. "x best peer" is
+    curvlab's "x gradient" over the smallest peer's: each is taken against the
+    gradient of its own process, so the drift between processes cancels (raw
+    seconds of separate processes on a shared machine were 10-30 % apart).
     """
     header = ("quantity", "library", "seconds", "x gradient", "x best peer", "peak MB")
     print(f"{{:<{width}}}{{:<12}}{{:>10}}{{:>12}}{{:>13}}{{:>10}}".format(*header))
     gradient = rows["gradient", "torch"].get("seconds", float("nan"))
+
+    def to_gradient(row):
+        return row["seconds"] / row.get("gradient_seconds", gradient)
+
     for (quantity, library), row in rows.items():
         if "error" in row:
             print(f"{quantity:<{width}}{library:<12}  {row['error']}")
             continue
         peers = [
-            r["seconds"]
+            to_gradient(r)
             for (q, lib), r in rows.items()
             if q == quantity and lib not in ("curvlab", "torch") and "seconds" in r
         ]
-        versus = f"{row['seconds'] / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
-        ratio = row["seconds"] / row.get("gradient_seconds", gradient)
+        ratio = to_gradient(row)
+        versus = f"{ratio / min(peers):>13.2f}" if peers and library == "curvlab" else " " * 13
         megabytes = row["peak_bytes"] / 2**20
         print(
             f"{quantity:<{width}}{library:<12}{row['seconds']:>10.4f}{ratio:>12.2f}{versus}{megabytes:>10.1f}"
