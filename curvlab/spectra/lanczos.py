@@ -128,6 +128,11 @@ def _row_dots(A: Tensor, B: Tensor) -> Tensor:
     return torch.stack([torch.dot(a, b) for a, b in zip(A, B)])
 
 
+def _row_norms(A: Tensor) -> Tensor:
+    """‖aᵢ‖ of the rows of a ``(p, n)`` matrix by dots (``_row_dots``: accurate in float32)."""
+    return _row_dots(A, A).sqrt()
+
+
 def _norm(v: Tensor) -> Tensor:
     """‖v‖ of a flat vector by one dot (``_row_dots``: accurate in float32)."""
     return torch.dot(v, v).sqrt()
@@ -202,13 +207,13 @@ def _orthogonalize(basis: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
     coefficients = _coefficients(local, W)  # (p, 1, ≤ 2)
     rows.baddbmm_(coefficients, local, alpha=-1)
     h[:, -2:] += coefficients[:, 0]
-    norms = _row_dots(W, W).sqrt()
+    norms = _row_norms(W)
     for _ in range(3):
         before = norms
         coefficients = _coefficients(basis, W)
         rows.baddbmm_(coefficients, basis, alpha=-1)
         h += coefficients[:, 0]
-        norms = _row_dots(W, W).sqrt()
+        norms = _row_norms(W)
         if bool((norms >= before / math.sqrt(2)).all()):
             break
     return h, norms
@@ -372,7 +377,7 @@ def top_eigen(
             # product that is not quite symmetric) can leave these above the
             # recurrence's estimate, which assumes T is C's projection.
             rows = S[:, wanted].T @ V[:size]  # the Ritz vectors, probe-major (k, n)
-            rows /= _row_dots(rows, rows).sqrt().unsqueeze(1)  # unit to rounding
+            rows /= _row_norms(rows).unsqueeze(1)  # unit to rounding
             vectors = rows.T
             if recorded:
                 values, residuals = _recorded_residuals(hessenberg[: size + 1, :size], S[:, wanted])
@@ -451,7 +456,7 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
     lengths = torch.full((p,), m, dtype=torch.long, device=device)
     active = torch.ones(p, dtype=torch.bool, device=device)
     Q[:, 0] = V0.T
-    Q[:, 0] /= _row_dots(Q[:, 0], Q[:, 0]).sqrt().unsqueeze(1)
+    Q[:, 0] /= _row_norms(Q[:, 0]).unsqueeze(1)
     for j in range(m):
         # The product of the newest basis vectors goes straight into the next rows
         # (the last step's product, needed only for α, into a scratch buffer).
