@@ -12,6 +12,7 @@ single atomic transaction, so an interrupted run keeps every finished checkpoint
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -113,16 +114,17 @@ def analyse_checkpoint(problem: cl.Problem, store: Store, step: int, settings: S
         hessian = dense.get("hessian", operators["hessian"])
         method = "exact" if exact else "lanczos"
         condition = cl.condition_number(ggn, method=method, progress=False, max_matvecs=200)
-        store.save(
-            "ggn", condition, step, settings={"rtol": condition.cutoff / condition.lambda_max}, **origin
-        )
+        rtol = condition.cutoff / condition.lambda_max if condition.lambda_max > 0 else math.nan
+        store.save("ggn", condition, step, settings={"rtol": rtol}, **origin)
+        lambda_max = summary["hessian_lambda_max"]
         negative = cl.negative_eigenvalue_share(hessian, method=method if exact else "slq", progress=False)
         along = cl.curvature_along_gradient(operators["hessian"])
         store.save(
             "hessian",
             {
                 "negative_share": negative,
-                "learning_rate_1_over_lambda_max": 1 / summary["hessian_lambda_max"],
+                # No curvature-set learning rate where λ_max ≤ 0 (a saturated model: H = 0).
+                "learning_rate_1_over_lambda_max": 1 / lambda_max if lambda_max > 0 else math.inf,
             },
             step,
             **origin,

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,10 +25,52 @@ from curvlab import plot
 from curvlab.analysis import SUMMARY_HEADER, Settings, train_and_analyse
 from curvlab.data import load_digits, load_mnist_idx, load_npz
 from curvlab.errors import CurvlabError
-from curvlab.models import mlp
+from curvlab.models import ACTIVATIONS, mlp
 from curvlab.storage import read
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad arguments reported in one line (``curvlab: argument --steps: …``), status 2."""
+
+    def error(self, message):
+        """Print one line naming the flag and exit with status 2 (argparse prints usage first)."""
+        self.exit(2, f"curvlab: {message} ({self.prog} --help lists the options)\n")
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer ≥ {minimum}"
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:<index>, got {text!r}")
+    return text
 
 
 def _load_data(args, dtype):
@@ -64,9 +109,11 @@ def analyze(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "analysis.h5"
-    if path.exists():
-        path.unlink()  # a fresh run; earlier results are replaced
-    store = cl.Store(path)
+    # The run writes beside the previous one and replaces it only when it has finished: a
+    # run that fails leaves the previous file and figures as they were.
+    partial = out / "analysis.partial.h5"
+    partial.unlink(missing_ok=True)
+    store = cl.Store(partial)
     settings = Settings(
         steps=args.steps,
         checkpoints=args.checkpoints,
@@ -80,12 +127,24 @@ def analyze(args) -> int:
     )
     start = time.perf_counter()
     n = sum(p.numel() for p in model.parameters())
+    if args.k > n:
+        print(f"note    --k {args.k} is more than the model's {n} parameters: using k = {n}")
+        settings.k = n
     print(f"model   MLP {'-'.join(map(str, sizes))} ({args.activation}), {n} parameters, {dtype}, {device}")
     print(f"data    {dataset}: {X.shape[0]} training examples (curvature over all of them)")
     mode = "exact eigendecompositions" if n <= args.exact_limit else "Lanczos top-k, Hutch++ traces, SLQ"
     print(f"spectra {mode}; {args.steps} SGD steps (lr {args.lr}), {args.checkpoints} checkpoints\n")
     print(SUMMARY_HEADER)
-    summaries = train_and_analyse(model, (X, y), store, settings)
+    try:
+        summaries = train_and_analyse(model, (X, y), store, settings)
+    except BaseException:
+        if partial.exists():
+            print(
+                f"curvlab: the run stopped; its finished checkpoints are in {partial}, "
+                f"and {path} is still the previous run's",
+                file=sys.stderr,
+            )
+        raise
     with torch.no_grad():
         accuracy = (model(X_test.to(device)).argmax(1) == y_test.to(device)).double().mean().item()
     last = summaries[-1]
@@ -96,14 +155,29 @@ def analyze(args) -> int:
         if key.endswith(" rel_frobenius"):
             label = key.removesuffix(" rel_frobenius")
             print(f"  {label:<22}{value:>18.4f}{last[label + ' scaled']:>14.4f}")
-    figures = plot.plot_store(path, out / "figures")
-    gap = _fisher_ggn_gap(path)
+    gap = _fisher_ggn_gap(partial)
     tolerance = 1e-8 if dtype == torch.float64 else 1e-3
     status = "OK" if gap <= tolerance else "MISMATCH"
     print(f"\ncheck   |λ(Fisher) − λ(GGN)| / λmax(GGN) = {gap:.1e} ({status}, tolerance {tolerance:.0e})")
+    os.replace(partial, path)
+    figures = _replace_figures(path, out / "figures")
     print(f"wrote   {path} ({len(read(path))} records) and {len(figures)} figures in {out / 'figures'}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0 if status == "OK" else 1
+
+
+def _replace_figures(path: Path, folder: Path) -> list[Path]:
+    """The figures of ``path`` in ``folder``, replacing the previous run's (none left stale)."""
+    fresh = folder.with_name(f".{folder.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    figures = plot.plot_store(path, fresh)
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return [folder / figure.name for figure in figures]
 
 
 def _fisher_ggn_gap(path) -> float:
@@ -117,7 +191,8 @@ def _fisher_ggn_gap(path) -> float:
                 spectra.setdefault(kind, {})[name] = torch.as_tensor(chosen[-1].data["values"])
     kind = "eigenvalues" if len(spectra.get("eigenvalues", {})) == 2 else "top_eigen"
     fisher, ggn = spectra[kind]["fisher"], spectra[kind]["ggn"]
-    return ((fisher - ggn).abs().max() / ggn.abs().max()).item()
+    scale = ggn.abs().max().item()
+    return (fisher - ggn).abs().max().item() / (scale if scale > 0 else 1.0)  # absolute for G = 0
 
 
 def show(args) -> int:
@@ -182,28 +257,34 @@ def plot_command(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvlab`` command."""
-    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="curvlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    positive, nonnegative = _integer(1), _integer(0)
     run = commands.add_parser("analyze", help="train a small MLP and analyse its curvature at checkpoints")
-    run.add_argument("--hidden", type=int, nargs="+", default=[16], help="hidden layer widths")
-    run.add_argument("--activation", default="tanh", help="tanh, relu, sigmoid, gelu or elu")
-    run.add_argument("--steps", type=int, default=300, help="SGD steps")
+    run.add_argument("--hidden", type=positive, nargs="+", default=[16], help="hidden layer widths")
+    run.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS), help="hidden activation")
+    run.add_argument("--steps", type=nonnegative, default=300, help="SGD steps")
     run.add_argument(
-        "--checkpoints", type=int, default=4, help="analyses, evenly spaced from step 0 to the last"
+        "--checkpoints", type=positive, default=4, help="analyses, evenly spaced from step 0 to the last"
     )
-    run.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
-    run.add_argument("--batch-size", type=int, default=256, help="minibatch size (training and curvature)")
-    run.add_argument("--k", type=int, default=10, help="top eigenpairs per matrix and in comparisons")
+    run.add_argument("--lr", type=_learning_rate, default=0.05, help="SGD learning rate (momentum 0.9)")
     run.add_argument(
-        "--exact-limit", type=int, default=3000, help="largest parameter count for exact eigendecompositions"
+        "--batch-size", type=positive, default=256, help="minibatch size (training and curvature)"
     )
-    run.add_argument("--examples", type=int, default=None, help="use only the first N training examples")
+    run.add_argument("--k", type=positive, default=10, help="top eigenpairs per matrix and in comparisons")
+    run.add_argument(
+        "--exact-limit",
+        type=nonnegative,
+        default=3000,
+        help="largest parameter count for exact eigendecompositions",
+    )
+    run.add_argument("--examples", type=positive, default=None, help="use only the first N training examples")
     run.add_argument("--mnist-images", help="MNIST-format IDX image file (instead of digits)")
     run.add_argument("--mnist-labels", help="MNIST-format IDX label file")
     run.add_argument("--npz", help="an .npz with arrays X and y (instead of digits)")
     run.add_argument("--out", default="curvlab-output", help="output folder (HDF5 file and figures)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    run.add_argument("--seed", type=nonnegative, default=0)
+    run.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they are off anyway without a terminal)"

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from curvlab.errors import DataError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.memory import available_bytes
+from curvlab.options import check_count
 from curvlab.spectra.lanczos import top_eigen
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import LayerMatrixBlock
@@ -223,12 +225,15 @@ def compare(
                 f"{what} must be a curvlab curvature object, got {type(operator).__name__} "
                 "(wrap a dense matrix as cl.DenseOperator(matrix, param_shapes))"
             )
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k}")
-    if int(num_probes) != num_probes or num_probes < 2:
-        raise ValueError(f"num_probes must be an integer ≥ 2 (for a standard error), got {num_probes}")
+    k = check_count("k", k)
+    num_probes = check_count("num_probes (for a standard error)", num_probes, minimum=2)
     if approx.shape != exact.shape or approx.param_shapes != exact.param_shapes:
         raise ValueError(f"approx {approx.shape} and exact {exact.shape} are over different parameters")
+    if approx.dtype != exact.dtype or approx.device != exact.device:
+        raise DataError(
+            f"approx is {approx.dtype} on {approx.device} but exact is {exact.dtype} on {exact.device}: "
+            "compare objects of one problem (build both from the same model)"
+        )
     if isinstance(approx, BlockDiagonalOperator):
         groups, approx_blocks = approx.block_indices, approx.block_operators
     else:

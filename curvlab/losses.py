@@ -62,6 +62,19 @@ class LossRule:
                         "and the data"
                     )
 
+    def check_target_type(self, target: Tensor, where: str) -> None:
+        """``DataError`` for targets of a dtype the loss does not take (``where``: e.g. "batch 2").
+
+        Called once per batch, before the model runs. This base accepts what ``MSELoss``
+        accepts: floating, integer and bool targets (torch promotes them).
+        """
+        if target.is_complex():
+            raise DataError(f"{self.name}: {where} has complex targets ({target.dtype}); use real ones")
+
+    def prepare_target(self, target: Tensor, dtype: torch.dtype) -> Tensor:
+        """The target as curvature uses it: here cast to the parameters' ``dtype``."""
+        return target.to(dtype)
+
     def validate(self, output: Tensor, target: Tensor) -> None:
         """Raise ``DataError`` if ``output`` and ``target`` shapes do not fit."""
         if output.shape != target.shape:
@@ -214,6 +227,13 @@ class BCEWithLogitsRule(LossRule):
         super().__init__(loss_fn)
         self.pos_weight = loss_fn.pos_weight
 
+    def check_target_type(self, target, where):  # noqa: D102
+        if not target.is_floating_point():
+            raise DataError(
+                f"BCEWithLogitsLoss: {where} has targets of dtype {target.dtype}; the loss takes "
+                "floating-point targets (probabilities in [0, 1]), as torch requires: use y.float()"
+            )
+
     def _weight_like(self, t: Tensor) -> Tensor:
         return self.pos_weight.to(t.device, t.dtype)
 
@@ -283,6 +303,25 @@ class CrossEntropyRule(LossRule):
         super().__init__(loss_fn)
         self.ignore_index = loss_fn.ignore_index
         self.label_smoothing = float(loss_fn.label_smoothing)
+
+    def check_target_type(self, target, where):  # noqa: D102
+        if target.is_floating_point():
+            if target.dim() < 2:
+                raise DataError(
+                    f"CrossEntropyLoss: {where} has float targets of shape {tuple(target.shape)}; float "
+                    "targets are class probabilities shaped like the logits (N, C, ...). For class "
+                    "labels use an integer tensor: y.long()"
+                )
+        elif target.dtype not in (torch.int64, torch.uint8):
+            raise DataError(
+                f"CrossEntropyLoss: {where} has class labels of dtype {target.dtype}; torch takes "
+                "int64 (long) or uint8 class indices: use y.long()"
+            )
+
+    def prepare_target(self, target, dtype):  # noqa: D102
+        if target.is_floating_point():
+            return target.to(dtype)
+        return target.long()  # uint8 labels, as torch's loss accepts them
 
     def validate(self, output, target):  # noqa: D102
         if target.is_floating_point():

@@ -112,8 +112,9 @@ def densities(items: dict, ax: Axes | None = None, floor: float = 1e-6, title: s
         grid, values = _density_arrays(density)
         peak = max(peak, values.max())
         ax.plot(grid, np.maximum(values, 1e-300), label=label, lw=1.2)
-    ax.set_yscale("log")
-    ax.set_ylim(max(peak * floor, 1e-300), 3 * peak)
+    if np.isfinite(peak) and peak > 0:
+        ax.set_yscale("log")
+        ax.set_ylim(max(peak * floor, 1e-300), 3 * peak)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density φ(λ)")
     ax.set_title(title or "spectral densities (stochastic Lanczos quadrature)")
@@ -186,12 +187,14 @@ def approximation_errors(reports: dict, metric: str = "rel_frobenius", ax=None, 
     first = next(iter(tables.values()))
     groups = [_short(row["name"]) for row in first["blocks"]] + ["overall"]
     width = 0.8 / len(tables)
+    drawn = []  # the values on the axis: a log axis needs one that is finite and positive
     for j, (label, table) in enumerate(tables.items()):
         values = [float(row.get(metric, np.nan)) for row in table["blocks"]] + [
             float(table["overall"][metric])
         ]
         positions = np.arange(len(groups)) + (j - (len(tables) - 1) / 2) * width
         bars = ax.bar(positions, np.maximum(values, 1e-17), width, label=label)
+        drawn += values
         for x, value in zip(positions, values):
             if value < 1e-12:  # exact: invisible on a log axis
                 colour = bars.patches[0].get_facecolor()
@@ -205,7 +208,8 @@ def approximation_errors(reports: dict, metric: str = "rel_frobenius", ax=None, 
     ax.set_ylabel(
         {"rel_frobenius": "‖A − E‖_F / ‖E‖_F", "rel_spectral": "‖A − E‖₂ / ‖E‖₂"}.get(metric, metric)
     )
-    ax.set_yscale("log")
+    if any(np.isfinite(v) and v > 0 for v in drawn):  # else undefined everywhere (E = 0): no bars
+        ax.set_yscale("log")
     ax.set_title(title or f"error against {first.get('exact', 'exact')} (— best Kronecker product)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

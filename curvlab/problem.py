@@ -87,6 +87,33 @@ def uses_in_graph(output: Tensor, leaves: Sequence[Tensor]) -> list[int]:
     return [counts[id(leaf)] for leaf in leaves]
 
 
+def _fingerprint(X: Tensor, y: Tensor) -> tuple:
+    """Shapes, dtypes and float64 sums (plain, position-weighted, absolute) of a batch's rows."""
+    sums = []
+    for t in (X, y):
+        rows = t.detach().reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
+        weights = torch.arange(1, rows.shape[0] + 1, dtype=torch.float64, device=rows.device)
+        sums.append(torch.stack([rows.sum(), (rows * weights).sum(), rows.abs().sum() * rows.shape[0]]))
+    return (tuple(X.shape), tuple(y.shape), X.dtype, y.dtype), torch.stack(sums).cpu()
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    """Equal shapes and dtypes, and sums equal up to float64 rounding of the same numbers."""
+    if a[0] != b[0]:
+        return False
+    tolerance = 1e-9 * (b[1][:, 2:3] + 1e-300)  # relative to the size of the sums
+    return bool(((a[1] - b[1]).abs() <= tolerance).all())
+
+
+def _changing_data_error(what: str) -> DataError:
+    return DataError(
+        f"the data {what}: curvature reads the data many times and needs the same batches in every "
+        "pass (a DataLoader with shuffle=True, drop_last, random augmentation, or a one-shot iterable?). "
+        "Pass DataLoader(..., shuffle=False) without random transforms, or a list of the batches: "
+        "list(loader)"
+    )
+
+
 class Problem:
     r"""A model, a loss, data and the parameters θ that curvature is taken over.
 
@@ -178,6 +205,13 @@ class Problem:
             )
         if not params[0].is_floating_point():
             raise UnsupportedError(f"parameters of dtype {params[0].dtype} are not supported")
+        if params[0].dtype in (torch.float16, torch.bfloat16):
+            raise UnsupportedError(
+                f"parameters of dtype {params[0].dtype} are not supported: curvature in half precision "
+                "keeps about 3 significant digits (products 4e-4 to 3e-3 off in relative terms), and "
+                "spectra and solves amplify that. Compute it on a float32 copy: "
+                "copy.deepcopy(model).float() (or .double())"
+            )
         return params
 
     @staticmethod
@@ -195,13 +229,18 @@ class Problem:
 
     @staticmethod
     def _as_reiterable(data):
+        """A list of the batches for a pair, a list or tuple, or an iterator; other iterables as given.
+
+        A list is copied (the list, not its tensors): batches appended to the caller's
+        list afterwards are not part of this problem.
+        """
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
             return [data]
         if isinstance(data, Tensor):
             raise DataError("data must be an (X, y) pair or an iterable of (X, y) batches")
         if not isinstance(data, Iterable):
             raise DataError(f"data must be an (X, y) pair or an iterable of batches, got {type(data)}")
-        if isinstance(data, Iterator):
+        if isinstance(data, (list, tuple, Iterator)):
             return list(data)
         return data
 
@@ -209,11 +248,19 @@ class Problem:
         num_terms = num_examples = num_counted = num_batches = 0
         self.input_ndims: set[int] = set()  # X.dim() of the batches (MLP pass: {2})
         for index, (X, y) in enumerate(self._raw_batches()):
+            if X.dim() == 0 or y.dim() == 0:
+                raise DataError(
+                    f"batch {index}: inputs and targets need a leading dimension of examples, got "
+                    f"shapes {tuple(X.shape)} and {tuple(y.shape)}"
+                )
             self.input_ndims.add(X.dim())
             if X.shape[0] != y.shape[0]:
                 raise DataError(
                     f"batch {index}: inputs have {X.shape[0]} examples but targets have {y.shape[0]}"
                 )
+            if X.shape[0] == 0:
+                raise DataError(f"batch {index} has no examples (0 rows): leave empty batches out")
+            self.loss_rule.check_target_type(y, f"batch {index}")
             num_terms += self.loss_rule.count(y)
             num_examples += X.shape[0]
             counted = self.loss_rule.example_mask(y)
@@ -273,10 +320,45 @@ class Problem:
             )
 
     def _raw_batches(self):
+        """The batches as the data gives them, checked to be the same on every pass.
+
+        A list (a snapshot taken at construction) is the same by construction. Any
+        other iterable (a ``DataLoader``) is read anew on every pass: each batch is
+        compared with the first pass by a fingerprint (shapes, dtypes and
+        position-weighted sums of X and y), and so is the number of batches. A
+        shuffling loader (with or without ``drop_last``), random augmentation or a
+        one-shot iterable would otherwise give every product another matrix.
+        """
+        recorded = getattr(self, "_fingerprints", None)
+        fingerprints = []
+        count = 0
         for index, batch in enumerate(self.data):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise DataError(f"batch {index} is not an (X, y) pair: got {type(batch).__name__}")
+            for what, t in zip(("inputs X", "targets y"), batch):
+                if not isinstance(t, Tensor):
+                    raise DataError(
+                        f"batch {index}: the {what} are a {type(t).__name__}, not a torch.Tensor "
+                        "(torch.as_tensor converts arrays)"
+                    )
+            count = index + 1
+            if isinstance(self.data, list):
+                yield batch
+                continue
+            fingerprint = _fingerprint(*batch)
+            if recorded is None:
+                fingerprints.append(fingerprint)
+            elif index >= len(recorded):
+                raise _changing_data_error(f"gave more batches than the {len(recorded)} of the first pass")
+            elif not _same_fingerprint(fingerprint, recorded[index]):
+                raise _changing_data_error(f"gave a batch {index} different from the first pass")
             yield batch
+        if isinstance(self.data, list):
+            return
+        if recorded is None:
+            self._fingerprints = fingerprints
+        elif count != len(recorded):
+            raise _changing_data_error(f"gave {count} batches, the first pass {len(recorded)}")
 
     # ------------------------------------------------------------------ public
     @property
@@ -306,8 +388,9 @@ class Problem:
         map them to a finite output whose derivatives are NaN.
         """
         for index, (X, y) in enumerate(self._raw_batches()):
-            X = X.to(self.device, self.dtype if X.is_floating_point() else None)
-            y = y.to(self.device, self.dtype if y.is_floating_point() else None)
+            # Detached: curvature is taken in the parameters, never in the data.
+            X = X.detach().to(self.device, self.dtype if X.is_floating_point() else None)
+            y = self.loss_rule.prepare_target(y.detach().to(self.device), self.dtype)
             if (
                 X.is_floating_point()
                 and not bool(torch.isfinite(X.sum()))

@@ -1,12 +1,13 @@
 r"""HDF5 store of curvature results: a versioned schema, atomic appends, validated reads.
 
-Schema (version 1), readable with plain h5py::
+Schema (version 2), readable with plain h5py::
 
-    /                      attrs: format="curvlab", schema_version=1, created, curvlab_version
+    /                      attrs: format="curvlab", schema_version=2, created, curvlab_version
     /records/00000000      one group per record, numbered in write order
         attrs: kind, name, step (-1: none), created, curvature, method,
                settings (JSON), provenance (JSON)
-        datasets, by kind:
+        data/              the record's data, by kind (its own namespace: a data key
+                           may be called "step" or "curvature"):
           eigenvalues       values (n,)
           top_eigen         values (k,), residuals (k,), [vectors (n, k)]
           spectral_density  grid (g,), density (g,), nodes (p, m), weights (p, m)
@@ -18,6 +19,9 @@ Schema (version 1), readable with plain h5py::
           comparison        overall/ and blocks/000.../: scalar metrics as attrs,
                             list metrics as datasets; attrs approx, exact
 
+Version 1 files (the data beside the record's attributes) are read as well; an
+append to one rewrites it in version 2.
+
 Every record carries provenance: curvature kind and options, method and its
 settings, seed, dtype, device, parameter count, model, loss and reduction, data
 set name and size, training step, curvlab/torch/h5py versions and the time.
@@ -25,8 +29,9 @@ set name and size, training step, curvlab/torch/h5py versions and the time.
 Nothing is lost on a crash: an append copies the file, writes the new records
 into the copy, flushes it to disk and atomically renames it over the original
 (``os.replace``). A killed writer leaves the previous file untouched (and at
-worst a stray hidden ``.*.tmp`` file, removed by the next append). Appends are
-serialised by a lock file, so several processes may append to one file.
+worst a stray hidden ``.<name>.<pid>.tmp`` file, removed by the next append).
+Appends are serialised by a lock file (``fcntl`` on POSIX, ``msvcrt`` on
+Windows), so several processes may append to one file.
 Cost: one copy of the file per append; group a checkpoint's records with
 ``Store.transaction()`` to pay it once. Only arrays, numbers and JSON strings are
 written: no pickle anywhere.
@@ -37,10 +42,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +58,9 @@ from torch import Tensor
 from curvlab.errors import CurvlabError
 
 FORMAT = "curvlab"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DATA_GROUP = "data"  # version 2: a record's data, apart from its attributes
+RECORD_ATTRIBUTES = ("kind", "name", "step", "created", "curvature", "method", "settings", "provenance")
 
 REQUIRED = {
     "eigenvalues": {"values": 1},
@@ -280,6 +287,7 @@ def _write_tree(group: h5py.Group, tree: dict) -> None:
 
 
 def _write_record(records: h5py.Group, index: int, record: Record) -> None:
+    """The record as group ``index``: its attributes on the group, its data in ``data/``."""
     group = records.create_group(f"{index:08d}")
     group.attrs["kind"] = record.kind
     group.attrs["name"] = record.name
@@ -289,15 +297,56 @@ def _write_record(records: h5py.Group, index: int, record: Record) -> None:
     group.attrs["method"] = record.method
     group.attrs["settings"] = json.dumps(_jsonable(record.settings))
     group.attrs["provenance"] = json.dumps(_jsonable(record.provenance))
-    _write_tree(group, record.data)
+    _write_tree(group.create_group(DATA_GROUP), record.data)
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file to disk; a directory too where the platform can (POSIX: the rename)."""
+    if path.is_dir() and os.name == "nt":
+        return  # Windows cannot open a directory for fsync; its rename is journalled
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive lock on ``lock_path`` for the block: ``fcntl`` on POSIX, ``msvcrt`` on Windows.
+
+    Imported here, not with the package: ``import curvlab`` works on every platform.
+    """
+    with open(lock_path, "a+b") as lock:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+            return
+        try:
+            import msvcrt
+        except ImportError as error:
+            raise StoreError("no file locking on this platform (neither fcntl nor msvcrt)") from error
+        lock.seek(0)
+        while True:
+            try:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                break
+            except OSError:
+                continue
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def _temporary_name(path: Path) -> re.Pattern:
+    """The writers' temporary files of ``path`` (``.run.h5.<pid>.tmp``), and of no other file."""
+    return re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
 
 
 class Store:
@@ -349,34 +398,44 @@ class Store:
 
     def _commit(self, records: list[Record]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for stray in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-                stray.unlink(missing_ok=True)  # left by a writer that was killed
+        with _locked(self.path.with_name(f".{self.path.name}.lock")):
+            ours = _temporary_name(self.path)
+            for stray in self.path.parent.iterdir():
+                if ours.fullmatch(stray.name):
+                    stray.unlink(missing_ok=True)  # left by a writer that was killed
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             try:
-                if self.path.exists():
-                    _validate_header(self.path)
-                    shutil.copyfile(self.path, temporary)
+                earlier = self._copy_to(temporary)
                 with h5py.File(temporary, "a") as f:
                     if "format" not in f.attrs:
-                        from curvlab import __version__
-
-                        f.attrs["format"] = FORMAT
-                        f.attrs["schema_version"] = SCHEMA_VERSION
-                        f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-                        f.attrs["curvlab_version"] = __version__
-                        f.create_group("records")
+                        _write_header(f)
                     group = f["records"]
                     start = len(group)
-                    for offset, record in enumerate(records):
+                    for offset, record in enumerate([*earlier, *records]):
                         _write_record(group, start + offset, record)
                 _fsync(temporary)
                 os.replace(temporary, self.path)
                 _fsync(self.path.parent)
             finally:
                 temporary.unlink(missing_ok=True)
+
+    def _copy_to(self, temporary: Path) -> list[Record]:
+        """Copy the file to ``temporary``; a version-1 file's records are returned to rewrite instead."""
+        if not self.path.exists():
+            return []
+        with _open(self.path) as f:
+            _check_header(f, self.path)
+            if _schema_version(f) == SCHEMA_VERSION:
+                earlier = None
+            else:
+                earlier = _read_records(f, self.path)
+                created = f.attrs.get("created")
+        if earlier is None:
+            shutil.copyfile(self.path, temporary)
+            return []
+        with h5py.File(temporary, "w") as f:
+            _write_header(f, created)
+        return earlier
 
     # ---------------------------------------------------------------- read
     def records(self, kind: str | None = None, name: str | None = None) -> list[Record]:
@@ -389,6 +448,17 @@ class Store:
 
     def __len__(self) -> int:
         return len(read(self.path)) if self.path.exists() else 0
+
+
+def _write_header(f: h5py.File, created=None) -> None:
+    from curvlab import __version__
+
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["created"] = created or datetime.datetime.now(datetime.timezone.utc).isoformat()
+    f.attrs["curvlab_version"] = __version__
+    if "records" not in f:
+        f.create_group("records")
 
 
 # ---------------------------------------------------------------- reading and validation
@@ -404,7 +474,7 @@ def _open(path: Path) -> h5py.File:
 def _check_header(f: h5py.File, path: Path) -> None:
     if f.attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a curvlab file (no format='curvlab' attribute)")
-    version = int(f.attrs.get("schema_version", -1))
+    version = _schema_version(f)
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path}: written with schema version {version} by a newer curvlab; "
@@ -416,48 +486,101 @@ def _check_header(f: h5py.File, path: Path) -> None:
         raise StoreError(f"{path}: missing /records group")
 
 
-def _validate_header(path: Path) -> None:
-    with _open(path) as f:
-        _check_header(f, path)
+def _schema_version(f: h5py.File) -> int:
+    return int(f.attrs.get("schema_version", -1))
 
 
-def _read_tree(group: h5py.Group) -> dict:
+def _read_tree(group: h5py.Group, skip=()) -> dict:
+    """Attributes and members of a group as nested dicts (members win over attributes)."""
     tree = {
-        key: (value.decode() if isinstance(value, bytes) else value) for key, value in group.attrs.items()
+        key: (value.decode() if isinstance(value, bytes) else value)
+        for key, value in group.attrs.items()
+        if key not in skip
     }
     for key, item in group.items():
         tree[key] = _read_tree(item) if isinstance(item, h5py.Group) else item[()]
     return tree
 
 
-def _read_record(group: h5py.Group, path: Path) -> Record:
+def _is_number(value) -> bool:
+    """A real number or a numeric (bool, int, float) array: what a record's data may hold."""
+    if isinstance(value, (bool, int, float, np.number, np.bool_)):
+        return True
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+
+
+def _check_numbers(tree: dict, where: str, strings=()) -> None:
+    """``StoreError`` unless every leaf of ``tree`` is numeric (``strings``: keys that hold text)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _check_numbers(value, f"{where}/{key}", strings)
+        elif key in strings:
+            if not isinstance(value, str):
+                raise StoreError(f"{where}: {key!r} must be text, got {type(value).__name__}")
+        elif not _is_number(value):
+            raise StoreError(f"{where}: {key!r} must be numeric, got {type(value).__name__} {value!r:.60}")
+
+
+def _check_data(kind: str, data: dict, where: str) -> None:
+    """The data of a record of ``kind``: required arrays with their dims, numbers, the right parts."""
+    for name, ndim in REQUIRED[kind].items():
+        value = data.get(name)
+        if not isinstance(value, (np.ndarray, np.number)) or np.ndim(value) != ndim:
+            found = "missing" if value is None else f"{np.ndim(value)}-d {type(value).__name__}"
+            raise StoreError(f"{where}: kind {kind!r} needs a {ndim}-d dataset {name!r}, found {found}")
+    if kind == "comparison":
+        if not isinstance(data.get("overall"), dict):
+            raise StoreError(f"{where}: a comparison needs its 'overall' metrics group")
+        if not isinstance(data.get("blocks", {}), dict):
+            raise StoreError(f"{where}: a comparison's 'blocks' must be a group of blocks")
+        _check_numbers(data, where, strings=("approx", "exact", "name"))
+    elif kind == "kfac_factors":
+        for layer, factors in data.items():
+            if not isinstance(factors, dict) or any(
+                not isinstance(factors.get(f), np.ndarray) or factors[f].ndim != 2 for f in ("A", "G")
+            ):
+                raise StoreError(f"{where}: layer {layer!r} needs 2-d factors 'A' and 'G'")
+        _check_numbers(data, where)
+    else:
+        _check_numbers(data, where)
+
+
+def _read_record(group: h5py.Group, path: Path, version: int) -> Record:
     where = f"{path}: record {group.name}"
     for attribute in ("kind", "name", "step", "settings", "provenance"):
         if attribute not in group.attrs:
             raise StoreError(f"{where}: missing attribute {attribute!r}")
     kind = group.attrs["kind"]
+    kind = kind.decode() if isinstance(kind, bytes) else kind
     if kind not in KINDS:
         raise StoreError(f"{where}: unknown kind {kind!r}")
-    for dataset, ndim in REQUIRED[kind].items():
-        if dataset not in group or not isinstance(group[dataset], h5py.Dataset):
-            raise StoreError(f"{where}: kind {kind!r} needs dataset {dataset!r}")
-        if group[dataset].ndim != ndim:
-            raise StoreError(f"{where}: dataset {dataset!r} has {group[dataset].ndim} dims, expected {ndim}")
+    step = group.attrs["step"]
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        shown = step.item() if isinstance(step, np.generic) else step
+        raise StoreError(f"{where}: step must be an integer, got {shown!r}")
+    name = group.attrs["name"]
+    if not isinstance(name, (str, bytes)):
+        raise StoreError(f"{where}: name must be text, got {name!r}")
     try:
         settings = json.loads(group.attrs["settings"])
         origin = json.loads(group.attrs["provenance"])
     except (json.JSONDecodeError, TypeError) as error:
         raise StoreError(f"{where}: invalid JSON in settings/provenance: {error}") from error
-    data = {k: v for k, v in _read_tree(group).items() if k not in group.attrs}
+    if not isinstance(settings, dict) or not isinstance(origin, dict):
+        raise StoreError(f"{where}: settings and provenance must be JSON objects")
+    if version >= 2:
+        if not isinstance(group.get(DATA_GROUP), h5py.Group):
+            raise StoreError(f"{where}: missing its {DATA_GROUP!r} group")
+        data = _read_tree(group[DATA_GROUP])
+    else:  # version 1: the data beside the record's attributes
+        data = _read_tree(group, skip=RECORD_ATTRIBUTES)
+    _check_data(kind, data, where)
     if kind == "comparison":
-        data = _read_tree(group)
-        for key in ("kind", "name", "step", "created", "curvature", "method", "settings", "provenance"):
-            data.pop(key, None)
         data["blocks"] = [data["blocks"][k] for k in sorted(data.get("blocks", {}))]
-    step = int(group.attrs["step"])
+    step = int(step)
     return Record(
         kind,
-        str(group.attrs["name"]),
+        name.decode() if isinstance(name, bytes) else str(name),
         None if step < 0 else step,
         data,
         settings,
@@ -466,17 +589,22 @@ def _read_record(group: h5py.Group, path: Path) -> Record:
     )
 
 
+def _read_records(f: h5py.File, path: Path) -> list[Record]:
+    version = _schema_version(f)
+    try:
+        return [_read_record(f["records"][key], path, version) for key in sorted(f["records"])]
+    except (OSError, KeyError) as error:
+        raise StoreError(f"{path}: corrupt record data: {error}") from error
+
+
 def read(path) -> list[Record]:
     """All records of a store file, validated.
 
     Raises:
         StoreError: for a missing, foreign, truncated or newer-version file, or a
-            malformed record (naming it).
+            malformed record (naming it and what is wrong).
     """
     path = Path(path)
     with _open(path) as f:
         _check_header(f, path)
-        try:
-            return [_read_record(f["records"][key], path) for key in sorted(f["records"])]
-        except (OSError, KeyError) as error:
-            raise StoreError(f"{path}: corrupt record data: {error}") from error
+        return _read_records(f, path)

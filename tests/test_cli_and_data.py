@@ -3,14 +3,16 @@
 import gzip
 import struct
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
-from curvlab import cli
+from curvlab import analysis, cli
+from curvlab.analysis import analyse_checkpoint
 from curvlab.data import load_digits, load_mnist_idx, load_npz, read_idx
 from curvlab.errors import DataError
-from curvlab.storage import read
+from curvlab.storage import Store, read
 
 
 def _analyze(tmp_path, *extra):
@@ -73,7 +75,7 @@ def test_show_and_plot_commands(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["show", str(out / "analysis.h5")]) == 0
     text = capsys.readouterr().out
-    assert "schema 1" in text and "top_eigen" in text and "MLP" not in text and "Sequential" in text
+    assert "schema 2" in text and "top_eigen" in text and "MLP" not in text and "Sequential" in text
     assert cli.main(["plot", str(out / "analysis.h5"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "densities.png").exists()
     (tmp_path / "bad.h5").write_text("not hdf5")
@@ -136,3 +138,103 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
         assert cli.main(["analyze", *flags, "--steps", "1", "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_failed_rerun_keeps_the_previous_results(tmp_path, capsys, monkeypatch):
+    """analysis.h5 and its figures are replaced only by a run that finishes."""
+    code, out = _analyze(tmp_path)
+    assert code == 0
+    before = (out / "analysis.h5").read_bytes()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    calls = []
+
+    def fail_at_the_second_checkpoint(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return analyse_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyse_checkpoint", fail_at_the_second_checkpoint)
+    with pytest.raises(RuntimeError, match="killed"):
+        _analyze(tmp_path)
+    assert (out / "analysis.h5").read_bytes() == before
+    assert sorted(p.name for p in (out / "figures").iterdir()) == figures
+    assert [r.step for r in read(out / "analysis.partial.h5") if r.kind == "trace"] == [0] * 4
+    assert "finished checkpoints are in" in capsys.readouterr().err
+
+
+def test_a_shorter_run_leaves_no_stale_figures(tmp_path):
+    code, out = _analyze(tmp_path)
+    assert code == 0 and (out / "figures" / "top_eigen_hessian.png").exists()
+    code, out = _analyze(tmp_path, "--checkpoints", "1")  # one step: no evolution over steps
+    assert code == 0
+    assert not (out / "figures" / "top_eigen_hessian.png").exists()
+    assert (out / "figures" / "densities.png").exists()
+    assert {r.step for r in read(out / "analysis.h5")} == {20}
+    assert not (out / "analysis.partial.h5").exists()
+
+
+BAD_FLAGS = {
+    "--steps -5": ("--steps", "-5", "integer ≥ 0"),
+    "--hidden 0": ("--hidden", "0", "integer ≥ 1"),
+    "--lr nan": ("--lr", "nan", "finite number > 0"),
+    "--lr -1": ("--lr", "-1", "finite number > 0"),
+    "--batch-size 0": ("--batch-size", "0", "integer ≥ 1"),
+    "--k 0": ("--k", "0", "integer ≥ 1"),
+    "--device tpu": ("--device", "tpu", "cpu, cuda or cuda:<index>"),
+    "--examples 0": ("--examples", "0", "integer ≥ 1"),
+    "--examples -1": ("--examples", "-1", "integer ≥ 1"),
+    "--checkpoints 0": ("--checkpoints", "0", "integer ≥ 1"),
+    "--exact-limit x": ("--exact-limit", "x", "integer ≥ 0"),
+    "--activation foo": ("--activation", "foo", "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("flag, value, message", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["analyze", flag, value, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"curvlab: argument {flag}: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_saturated_model_is_analysed_not_a_crash(tmp_path, capsys):
+    """--lr 1e6 saturates every tanh: all curvature is 0, errors against it undefined, no division by 0."""
+    code, out = _analyze(tmp_path, "--lr", "1e6", "--checkpoints", "2")
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "= 0.0e+00 (OK" in text
+    (last,) = [r for r in read(out / "analysis.h5") if r.name == "hessian" and r.kind == "scalars" and r.step]
+    assert float(last.data["learning_rate_1_over_lambda_max"]) == float("inf")
+    densities = [r for r in read(out / "analysis.h5") if r.kind == "spectral_density" and r.step == 20]
+    assert all(np.isfinite(r.data["density"]).all() for r in densities)
+
+
+def test_k_larger_than_the_model_is_used_as_the_model_size(tmp_path, capsys):
+    code, out = _analyze(tmp_path, "--k", "100000", "--checkpoints", "1")
+    assert code == 0
+    assert "--k 100000 is more than the model's 310 parameters: using k = 310" in capsys.readouterr().out
+
+
+def _malformed(path, change):
+    with h5py.File(path, "a") as f:
+        change(f["records/00000000"])
+
+
+MALFORMED_FILES = {
+    "non-integer step": lambda g: g.attrs.__setitem__("step", 1.5),
+    "string value": lambda g: (g["data"].__delitem__("a"), g["data"].attrs.__setitem__("a", "text")),
+}
+
+
+@pytest.mark.parametrize("change", MALFORMED_FILES.values(), ids=MALFORMED_FILES.keys())
+@pytest.mark.parametrize("command", ["show", "plot"])
+def test_show_and_plot_of_a_malformed_record_are_one_line(tmp_path, capsys, command, change):
+    path = tmp_path / "run.h5"
+    Store(path).save("numbers", {"a": 1.0}, step=1)
+    _malformed(path, change)
+    assert cli.main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "record /records/00000000" in err and err.count("\n") == 1, err

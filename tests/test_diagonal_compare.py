@@ -215,10 +215,16 @@ def test_compare_rejects_what_it_cannot_compare():
     kfac, ggn = cl.KFAC(problem), cl.GGN(problem)
     with pytest.raises(TypeError, match="exact must be a curvlab curvature object, got Tensor"):
         cl.compare(kfac, ggn.to_dense())
-    with pytest.raises(ValueError, match="k must be a positive integer"):
+    with pytest.raises(ValueError, match="k must be an integer ≥ 1, got 0"):
         cl.compare(kfac, ggn, k=0)
-    with pytest.raises(ValueError, match="num_probes must be an integer"):
+    with pytest.raises(
+        ValueError, match=r"num_probes \(for a standard error\) must be an integer ≥ 2, got 1"
+    ):
         cl.compare(kfac, ggn, num_probes=1)
+    single = cl.Problem(model.float(), nn.MSELoss(), (torch.randn(6, 3), torch.randn(6, 2)))
+    with pytest.raises(cl.DataError, match="approx is torch.float32 on cpu but exact is torch.float64"):
+        cl.compare(cl.KFAC(single), ggn)
+    model.double()
     reordered = cl.Problem(model, nn.MSELoss(), problem.data, params=list(model.parameters())[::-1])
     with pytest.raises(ValueError, match="over different parameters"):
         cl.compare(cl.KFAC(reordered), ggn)

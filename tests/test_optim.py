@@ -196,18 +196,35 @@ def test_step_returns_the_closure_loss_and_requires_a_batch():
         opt.step(_closure(model, loss_fn, batch, opt))
 
 
-def test_nan_loss_skips_the_step_and_raises_damping():
-    model, loss_fn, batch = _mlp_problem()
-    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=1e-3)
+@pytest.mark.parametrize("part", [0, 1], ids=["inputs", "targets"])
+def test_a_batch_with_nan_is_skipped_and_changes_nothing(part):
+    """Bad data is not bad weights: the previous good update stays, the damping too."""
+    model, loss_fn, batch = _regression()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=1e-3, momentum=0.9)
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)  # a good update to keep
     before = [p.clone() for p in model.parameters()]
-    bad = (batch[0].clone(), batch[1])
-    bad[0][0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        opt.step(_closure(model, loss_fn, bad, opt), batch=bad)
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    bad = [batch[0].clone(), batch[1].clone()]
+    bad[part].view(-1)[0] = float("nan")
+    with pytest.warns(
+        RuntimeWarning, match=f"skipped \\(the {['inputs', 'targets'][part]} of the batch .*unchanged"
+    ):
+        opt.step(_closure(model, loss_fn, bad, opt), batch=tuple(bad))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.damping == pytest.approx(1e-2)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
+    assert opt.damping == 1e-3 and opt.counts["skipped"] == 1
     opt.step(_closure(model, loss_fn, batch, opt), batch=batch)  # goes on normally
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_loss_on_finite_data_raises_damping():
+    model, loss_fn, batch = _mlp_problem()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=1e-3)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")  # bad weights
+    with pytest.warns(RuntimeWarning, match="skipped .*damping raised to 1.0e-02"):
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert opt.damping == pytest.approx(1e-2)
 
 
 def test_failed_inverse_is_retried_with_more_damping():
@@ -484,10 +501,62 @@ def test_a_curvature_batch_with_nan_skips_the_step(name):
     bad[0][3, 1] = float("nan")
     opt = getattr(optim, name)(model, loss_fn, lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="step skipped .*the inputs of batch 0 have NaN"):
+    with pytest.warns(RuntimeWarning, match="step skipped .the inputs of the batch have NaN"):
         opt.step(_closure(model, loss_fn, batch, opt), batch=bad)  # the gradient is fine, the curvature not
     assert opt.counts["skipped"] == 1
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
     opt.step(_closure(model, loss_fn, batch, opt), batch=batch)  # and training goes on
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _other_shapes():
+    """Two models with as many tensors of other shapes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)
+    )
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+@pytest.mark.parametrize("name", ["KFAC", "HessianFree", "CenteredSGD"])
+def test_loading_the_state_of_another_model_is_refused(name, steps):
+    small, large = _other_shapes()
+    loss_fn = nn.MSELoss()
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+    options = {"momentum": 0.9} if name == "CenteredSGD" else {}
+    first = getattr(optim, name)(small, loss_fn, lr=0.1, **options)
+    for _ in range(steps):
+        first.step(_closure(small, loss_fn, batch, first), batch=batch)
+    second = getattr(optim, name)(large, loss_fn, lr=0.1, **options)
+    if steps == 0 and name == "CenteredSGD":
+        second.load_state_dict(first.state_dict())  # no tensor state to tell the shapes by
+        return
+    with pytest.raises(ValueError, match=r"state is of another model: parameter 0 has shape \(4, 3\)"):
+        second.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("other", ["exact", "diagonal"])
+def test_pi_damping_with_other_structure(other):
+    """π-damping factors the Kronecker blocks; a LayerNorm's block (exact or diagonal) is damped exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    loss_fn, batch = (
+        nn.MSELoss(),
+        (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)),
+    )
+    K = cl.KFAC(cl.Problem(model, loss_fn, batch), other_structure=other)
+    damping = 0.1
+    inverse = K.inverse(damping, pi_damping=True)
+    for block, inverted in zip(K.blocks(), inverse.blocks()):
+        if isinstance(block, cl.KroneckerBlock):
+            continue
+        dense = block.to_dense()
+        expected = torch.linalg.inv(dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype))
+        assert_close_rel(inverted.to_dense(), expected, 1e-10, f"{other} block")
+    v = torch.randn(K.shape[0], dtype=torch.float64)
+    assert_close_rel(K.solve(v, damping, pi_damping=True), inverse @ v, 1e-14)
+    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=damping, pi_damping=True, other_structure=other)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -96,11 +96,11 @@ def test_file_is_readable_with_plain_h5py(tmp_path, objects):
         first = f["records/00000000"]
         assert first.attrs["kind"] == "eigenvalues" and first.attrs["name"] == "hessian"
         assert first.attrs["step"] == 1 and first.attrs["curvature"] == "Hessian"
-        assert first["values"].shape == (39,)
+        assert first["data/values"].shape == (39,)
         assert json.loads(first.attrs["provenance"])["loss"] == "MSELoss"
         second = f["records/00000001"]
-        assert second["overall"].attrs["rel_frobenius"] > 0
-        assert second["blocks/000"].attrs["name"] == "0.weight + 0.bias"
+        assert second["data/overall"].attrs["rel_frobenius"] > 0
+        assert second["data/blocks/000"].attrs["name"] == "0.weight + 0.bias"
 
         def no_objects(name, item):
             if isinstance(item, h5py.Dataset):
@@ -171,8 +171,8 @@ def test_malformed_record_is_named(tmp_path, objects):
     path = tmp_path / "run.h5"
     Store(path).save("ggn", cl.trace(objects[2], "hutchinson", 10))
     with h5py.File(path, "a") as f:
-        del f["records/00000000/value"]
-    with pytest.raises(StoreError, match="00000000.*needs dataset 'value'"):
+        del f["records/00000000/data/value"]
+    with pytest.raises(StoreError, match="00000000.*needs a 0-d dataset 'value', found missing"):
         read(path)
 
 
@@ -224,3 +224,140 @@ def test_arrays_and_scalars_records(tmp_path):
     table, numbers = store.records()
     assert table.kind == "arrays" and table.data["iterations"].tolist() == [5, 50]
     assert numbers.kind == "scalars" and float(numbers.data["a"]) == 1.5
+
+
+# ---------------------------------------------------------------- data apart from record attributes
+def test_data_keys_named_like_record_attributes_are_kept(tmp_path):
+    """A record's data has its own namespace: "curvature" or "step" is a number like any other."""
+    store = Store(tmp_path / "run.h5")
+    store.save("metrics", {"loss": 0.25, "curvature": 1.5, "step": 7.0})
+    store.save("table", {name: np.arange(3.0) for name in ("kind", "name", "settings", "method", "created")})
+    store.append(Record("scalars", "raw", 3, {"step": np.float64(9.0), "provenance": np.float64(1.0)}))
+    metrics, table, raw = store.records()
+    assert {k: float(v) for k, v in metrics.data.items()} == {"loss": 0.25, "curvature": 1.5, "step": 7.0}
+    assert metrics.step is None and metrics.kind == "scalars"
+    assert sorted(table.data) == ["created", "kind", "method", "name", "settings"]
+    assert table.kind == "arrays" and table.name == "table"
+    assert raw.step == 3 and float(raw.data["step"]) == 9.0 and float(raw.data["provenance"]) == 1.0
+
+
+def _write_version_1(path):
+    """A schema-1 file as curvlab 0.1 wrote it: data beside the record's attributes."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="curvlab", schema_version=1, created="2026-01-01", curvlab_version="0.1.0")
+        group = f.create_group("records").create_group("00000000")
+        group.attrs.update(kind="scalars", name="metrics", step=4, created="", curvature="", method="")
+        group.attrs.update(settings="{}", provenance="{}")
+        group["loss"] = np.float64(0.5)
+        group["curvature"] = np.float64(1.5)  # a dataset beside the attribute of that name
+
+
+def test_version_1_files_are_read_and_rewritten_on_append(tmp_path):
+    path = tmp_path / "old.h5"
+    _write_version_1(path)
+    (old,) = read(path)
+    assert old.step == 4 and {k: float(v) for k, v in old.data.items()} == {"loss": 0.5, "curvature": 1.5}
+    Store(path).save("new", {"x": 2.0}, step=5)
+    records = read(path)
+    assert [r.name for r in records] == ["metrics", "new"]
+    assert {k: float(v) for k, v in records[0].data.items()} == {"loss": 0.5, "curvature": 1.5}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION and f.attrs["created"] == "2026-01-01"
+        assert float(f["records/00000000/data/curvature"][()]) == 1.5
+
+
+# ---------------------------------------------------------------- malformed records
+def _tamper(path, change):
+    with h5py.File(path, "a") as f:
+        change(f["records/00000000"])
+
+
+MALFORMED = {
+    "step is a fraction": (lambda g: g.attrs.__setitem__("step", 2.5), "step must be an integer, got 2.5"),
+    "step is text": (lambda g: g.attrs.__setitem__("step", "seven"), "step must be an integer, got 'seven'"),
+    "a scalar is text": (
+        lambda g: (g["data"].__delitem__("loss"), g["data"].attrs.__setitem__("loss", "high")),
+        "'loss' must be numeric, got str",
+    ),
+    "settings are a list": (
+        lambda g: g.attrs.__setitem__("settings", "[1, 2]"),
+        "settings and provenance must be JSON objects",
+    ),
+    "no data group": (lambda g: g.__delitem__("data"), "missing its 'data' group"),
+}
+
+
+@pytest.mark.parametrize("change, message", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_record_is_a_store_error_naming_it(tmp_path, change, message):
+    path = tmp_path / "run.h5"
+    Store(path).save("metrics", {"loss": 0.25}, step=1)
+    _tamper(path, change)
+    with pytest.raises(StoreError, match=f"00000000: {message}"):
+        read(path)
+
+
+def test_a_comparison_without_overall_metrics_is_a_store_error(tmp_path, objects):
+    _, _, G, K = objects
+    path = tmp_path / "run.h5"
+    Store(path).save("kfac_vs_ggn", cl.compare(K, G, k=2))
+    _tamper(path, lambda g: g["data"].__delitem__("overall"))
+    with pytest.raises(StoreError, match="a comparison needs its 'overall' metrics group"):
+        read(path)
+
+
+# ---------------------------------------------------------------- stray files and locking
+def test_stray_cleanup_leaves_other_stores_temporaries_alone(tmp_path):
+    """``.run.h5.*.tmp`` also matched ``.run.h5.x.h5.<pid>.tmp``, a live writer's file of another store."""
+    other = tmp_path / ".run.h5.x.h5.12345.tmp"
+    other.write_bytes(b"another store's append in flight")
+    stray = tmp_path / ".run.h5.999999.tmp"
+    stray.write_bytes(b"left by a killed writer of run.h5")
+    Store(tmp_path / "run.h5").save("x", torch.ones(2))
+    assert other.exists() and not stray.exists()
+
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from curvlab.storage import Store
+    store = Store(sys.argv[1])
+    for step in range(int(sys.argv[2])):
+        store.save("x", torch.ones(100_000), step=step)
+    """
+)
+
+
+def test_two_stores_whose_names_share_a_prefix_append_side_by_side(tmp_path):
+    saves = 15
+    paths = [tmp_path / "run.h5", tmp_path / "run.h5.x.h5"]
+    writers = [subprocess.Popen([sys.executable, "-c", SAVER, str(p), str(saves)]) for p in paths]
+    assert [w.wait() for w in writers] == [0, 0]
+    for path in paths:
+        assert [r.step for r in read(path)] == list(range(saves)), path.name
+
+
+IMPORT_WITHOUT_FCNTL = textwrap.dedent(
+    """
+    import sys, types
+    sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+    import torch, curvlab as cl
+    calls = []  # msvcrt after the imports: the standard library reads its presence as Windows
+    msvcrt = types.ModuleType("msvcrt")
+    msvcrt.LK_LOCK, msvcrt.LK_UNLCK = 1, 0
+    msvcrt.locking = lambda fd, mode, size: calls.append((mode, size))
+    sys.modules["msvcrt"] = msvcrt
+    store = cl.Store(sys.argv[1])
+    store.save("x", torch.ones(2), step=1)
+    assert [r.step for r in store.records()] == [1]
+    assert calls == [(1, 1), (0, 1)], calls
+    print("ok")
+    """
+)
+
+
+def test_curvlab_imports_and_stores_without_fcntl(tmp_path):
+    """Windows has no fcntl: the package imports, and appends lock with msvcrt."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_FCNTL, str(tmp_path / "run.h5")], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

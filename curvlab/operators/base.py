@@ -9,6 +9,8 @@ parameter-shaped tensors, and derives ``to_dense``, ``to_scipy``, ``blocks`` and
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,9 +18,22 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from curvlab.errors import DataError
+from curvlab.errors import DataError, UnsupportedError
 from curvlab.operators.cg import conjugate_gradient
 from curvlab.operators.memory import block_budget, check_fits
+from curvlab.options import check_nonnegative, check_positive
+
+
+def in_fixed_state(function):
+    """Run ``function(C, ...)`` inside ``C.fixed_state()`` (an algorithm of many products of C)."""
+
+    @functools.wraps(function)
+    def wrapper(C, *args, **kwargs):
+        scope = C.fixed_state() if isinstance(C, CurvatureOperator) else contextlib.nullcontext()
+        with scope:
+            return function(C, *args, **kwargs)
+
+    return wrapper
 
 
 class CurvatureOperator:
@@ -36,6 +51,7 @@ class CurvatureOperator:
     """
 
     max_columns = 64
+    _fixed_depth = 0  # > 0 inside ``fixed_state()``
 
     def __init__(
         self,
@@ -54,6 +70,34 @@ class CurvatureOperator:
     def _matmat(self, Vs: list[Tensor]) -> list[Tensor]:
         """C applied to k vectors in list format: ``Vs[i]`` is ``(k, *param_shapes[i])``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ state kept between products
+    @contextlib.contextmanager
+    def fixed_state(self):
+        """A scope whose products all see one model: the caller changes no parameter, buffer or data.
+
+        Operators that keep state between products (the Hessian's graph, a plain MLP's
+        primal pass) check it against the model's current values on every public call
+        (``C @ v``, ``to_dense``, ``solve``, ``quadratic_forms``); inside this scope they
+        check once, on entry, and not before each of an algorithm's many products
+        (Lanczos, SLQ, traces). Scopes nest. Operators without such state ignore it.
+        """
+        self._drop_stale_state()
+        with contextlib.ExitStack() as inner:
+            for operator in self._operands():
+                inner.enter_context(operator.fixed_state())
+            self._fixed_depth += 1
+            try:
+                yield self
+            finally:
+                self._fixed_depth -= 1
+
+    def _drop_stale_state(self) -> None:
+        """Forget state kept between products if the model or data changed since (override)."""
+
+    def _operands(self) -> list[CurvatureOperator]:
+        """Operators whose products this one uses (a block's parent, the blocks of a sum)."""
+        return []
 
     # ------------------------------------------------------------ basic facts
     @property
@@ -85,6 +129,11 @@ class CurvatureOperator:
             raise DataError(f"{what} is on {t.device} but the operator is on {self.device}")
         if t.dtype != self.dtype:
             raise DataError(f"{what} has dtype {t.dtype} but the operator has dtype {self.dtype}")
+        if t.requires_grad:
+            raise DataError(
+                f"{what} requires grad: curvature products are not differentiable in curvlab "
+                "(they run autograd themselves); pass it detached: v.detach()"
+            )
 
     def flat_to_list(self, V: Tensor) -> list[Tensor]:
         """``(n, k)`` → list of ``(k, *shape)`` tensors."""
@@ -108,10 +157,11 @@ class CurvatureOperator:
         The result is stored probe-major (column-major, a transposed ``(k, n)``):
         the layout the list format converts to without a transposing copy.
         """
-        chunks = [
-            self.list_to_flat(self._matmat(self.flat_to_list(chunk)))
-            for chunk in V.split(self.columns_per_chunk(), dim=1)
-        ]
+        with self.fixed_state():
+            chunks = [
+                self.list_to_flat(self._matmat(self.flat_to_list(chunk)))
+                for chunk in V.split(self.columns_per_chunk(), dim=1)
+            ]
         if len(chunks) == 1:
             return chunks[0]
         return torch.cat([chunk.T for chunk in chunks]).T
@@ -127,7 +177,8 @@ class CurvatureOperator:
         self._check_tensor(V, "V")
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise DataError(f"quadratic_forms needs V of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        return self._quadratic_forms(V)
+        with self.fixed_state():
+            return self._quadratic_forms(V)
 
     def _quadratic_forms(self, V: Tensor) -> Tensor:
         """``quadratic_forms`` for a checked ``V``: by chunked products (override for a cheaper route)."""
@@ -150,24 +201,33 @@ class CurvatureOperator:
         products = self._matmat(self.flat_to_list(v.unsqueeze(1)))
         return torch.cat([p.reshape(-1) for p in products], out=out)
 
-    def __matmul__(self, v):
-        """C v for a flat ``(n,)``, a flat ``(n, k)`` or a list of parameter-shaped tensors."""
-        n = self.shape[0]
+    def _check_vectors(self, v, what: str) -> None:
+        """``DataError`` unless ``v`` is flat ``(n,)`` or ``(n, k)`` or a list of parameter-shaped tensors."""
         if isinstance(v, (list, tuple)):
             if len(v) != len(self.param_shapes):
-                raise DataError(f"expected {len(self.param_shapes)} tensors, got {len(v)}")
+                raise DataError(f"{what}: expected {len(self.param_shapes)} tensors, got {len(v)}")
             for i, (t, shape) in enumerate(zip(v, self.param_shapes)):
-                self._check_tensor(t, f"vector[{i}]")
+                self._check_tensor(t, f"{what}[{i}]")
                 if t.shape != shape:
-                    raise DataError(f"vector[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            result = self._matmat([t.unsqueeze(0) for t in v])
+                    raise DataError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            return
+        self._check_tensor(v, what)
+        if v.dim() not in (1, 2) or v.shape[0] != self.shape[0]:
+            raise DataError(
+                f"cannot multiply an operator of shape {self.shape} with a {what} of shape {tuple(v.shape)}: "
+                f"it must be ({self.shape[0]},), ({self.shape[0]}, k) or a list of parameter-shaped tensors"
+            )
+
+    def __matmul__(self, v):
+        """C v for a flat ``(n,)``, a flat ``(n, k)`` or a list of parameter-shaped tensors."""
+        self._check_vectors(v, "vector")
+        if isinstance(v, (list, tuple)):
+            with self.fixed_state():
+                result = self._matmat([t.unsqueeze(0) for t in v])
             return [r.squeeze(0) for r in result]
-        self._check_tensor(v, "vector")
-        if v.dim() == 1 and v.shape[0] == n:
+        if v.dim() == 1:
             return self._matmat_flat(v.unsqueeze(1)).squeeze(1)
-        if v.dim() == 2 and v.shape[0] == n:
-            return self._matmat_flat(v)
-        raise DataError(f"cannot multiply an operator of shape {self.shape} with shape {tuple(v.shape)}")
+        return self._matmat_flat(v)
 
     # ------------------------------------------------------------ derived views
     def to_dense(self, max_bytes: int | None = None) -> Tensor:
@@ -236,32 +296,65 @@ class CurvatureOperator:
         return RestrictedOperator(self, indices)
 
     # ------------------------------------------------------------ solves
-    def solve(self, v, damping: float = 0.0, tol: float = 1e-6, maxiter: int | None = None):
-        """(C + damping·I)⁻¹ v by conjugate gradient (Hessian-free); v in any format.
+    @property
+    def has_inverse(self) -> bool:
+        """Whether ``inverse`` is exact and cheap (structured objects); else ``solve`` runs CG."""
+        return type(self).inverse is not CurvatureOperator.inverse
+
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> CurvatureOperator:
+        """(C + damping·I)⁻¹ as a new operator, where the structure gives it exactly.
+
+        Args:
+            damping: λ ≥ 0 added to the diagonal.
+            pi_damping: For Kronecker-factored blocks, Martens & Grosse's factored
+                damping (G + π√λ I)⁻¹ ⊗ (A + √λ/π I)⁻¹ instead of the exact
+                (G ⊗ A + λI)⁻¹; every other block is damped exactly.
+
+        Raises:
+            UnsupportedError: for matrix-free operators (the exact Hessian, GGN,
+                Fisher): use ``solve`` (CG) or ``cl.BlockDiagonal`` blocks.
+        """
+        raise UnsupportedError(
+            f"{type(self).__name__} is matrix-free and has no explicit inverse: use solve(v, damping) "
+            "(conjugate gradient), or the inverse of a structured approximation (cl.KFAC, "
+            "cl.BlockDiagonal, cl.Diagonal)"
+        )
+
+    def solve(
+        self, v, damping: float = 0.0, tol: float = 1e-6, maxiter: int | None = None, pi_damping: bool = False
+    ):
+        """(C + damping·I)⁻¹ v; v in any format.
+
+        Structured objects (``has_inverse``) solve exactly through ``inverse``;
+        matrix-free ones by conjugate gradient (Hessian-free).
 
         Args:
             v: Flat ``(n,)`` or ``(n, k)`` or a list of parameter-shaped tensors.
             damping: λ ≥ 0 added to the diagonal.
-            tol: Relative residual ‖b − (C + λI)x‖ / ‖b‖ at which a column stops.
-            maxiter: Iteration cap (default 10 n); a warning if it is reached first.
+            tol: CG only: relative residual ‖b − (C + λI)x‖ / ‖b‖ at which a column stops.
+            maxiter: CG only: iteration cap (default 10 n); a warning if it is reached first.
+            pi_damping: Structured only: factored damping of Kronecker blocks (``inverse``).
 
         Raises:
             NotPositiveDefiniteError: if C + λI is not positive definite along the
                 CG directions (an indefinite Hessian with too little damping).
         """
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        self._check_vectors(v, "right-hand side")
+        damping = check_nonnegative("damping", damping)
+        if self.has_inverse:
+            return self.inverse(damping, pi_damping=pi_damping) @ v
+        tol = check_positive("tol", tol)
         as_list = isinstance(v, (list, tuple))
         if as_list:
             B = self.list_to_flat([t.unsqueeze(0) for t in v])
         else:
-            self._check_tensor(v, "right-hand side")
             B = v.unsqueeze(1) if v.dim() == 1 else v
 
         def damped(X: Tensor) -> Tensor:
             return self._matmat_flat(X) + damping * X
 
-        X, _residual, _iterations = conjugate_gradient(damped, B, tol=tol, maxiter=maxiter)
+        with self.fixed_state():
+            X, _residual, _iterations = conjugate_gradient(damped, B, tol=tol, maxiter=maxiter)
         if as_list:
             return [x.squeeze(0) for x in self.flat_to_list(X)]
         return X.squeeze(1) if v.dim() == 1 else X
@@ -275,6 +368,9 @@ class RestrictedOperator(CurvatureOperator):
         super().__init__([parent.param_shapes[i] for i in indices], parent.dtype, parent.device, names)
         self.parent = parent
         self.indices = list(indices)
+
+    def _operands(self):
+        return [self.parent]
 
     def _matmat(self, Vs):
         k = Vs[0].shape[0]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import NotPositiveDefiniteError
+from curvlab.options import check_count
 
 
 def conjugate_gradient(
@@ -32,7 +33,7 @@ def conjugate_gradient(
         NotPositiveDefiniteError: a search direction p with pᵀ A p ≤ 0.
     """
     n, _k = B.shape
-    maxiter = 10 * n if maxiter is None else maxiter
+    maxiter = 10 * n if maxiter is None else check_count("maxiter", maxiter)
     X = torch.zeros_like(B)
     R = B.clone()
     P = R.clone()

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from curvlab.operators.base import CurvatureOperator
+from curvlab.options import check_nonnegative
 
 
 class DenseOperator(CurvatureOperator):
@@ -42,16 +43,14 @@ class DenseOperator(CurvatureOperator):
         """‖C‖_F."""
         return self.matrix.norm()
 
-    def inverse(self, damping: float = 0.0) -> DenseOperator:
-        """(C + damping·I)⁻¹ from the eigendecomposition, a new operator."""
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> DenseOperator:
+        """(C + damping·I)⁻¹ from the eigendecomposition, a new operator.
+
+        ``pi_damping`` (factored damping) applies to Kronecker products only; this block is damped exactly.
+        """
+        damping = check_nonnegative("damping", damping)
         values, vectors = self.eigen()
         shifted = values + damping
         if bool((shifted <= 0).any()):
             raise ValueError("the damped block is singular or indefinite: increase damping")
         return DenseOperator((vectors / shifted) @ vectors.T, self.param_shapes, self.param_names)
-
-    def solve(self, v, damping: float = 0.0, tol=None, maxiter=None):
-        """(C + damping·I)⁻¹ v exactly."""
-        return self.inverse(damping) @ v

@@ -19,6 +19,7 @@ from torch.func import jvp, vjp, vmap
 
 from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
+from curvlab.options import check_count, check_integer
 from curvlab.problem import Problem
 
 
@@ -51,24 +52,54 @@ class ProblemOperator(CurvatureOperator):
         """Constructor keyword arguments other than the problem (for blocks)."""
         return {}
 
-    def _state_key(self) -> tuple:
-        """Identity and in-place version of everything the curvature depends on."""
-        tensors = [*self.problem.params, *self.problem.model.buffers()]
+    _memos = ("_primal_cache",)  # attributes holding state kept between products
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Everything the curvature depends on: every parameter and buffer of the model, and the data."""
+        model = self.problem.model
+        tensors = [*model.parameters(), *model.buffers()]
         tensors += [t for batch in self.problem.data for t in batch]
-        return tuple((id(t), t._version) for t in tensors)
+        return tensors
 
     def _caching(self) -> bool:
         """Keep state between products: only for one batch held in a list (small, and valid)."""
         return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
 
+    def _is_current(self, cached, tensors: list[Tensor], compare_values: bool) -> bool:
+        """Whether ``cached = (versions, state, values)`` was built from ``tensors`` as they are now.
+
+        In-place versions catch ``p.add_``, optimizer steps and ``load_state_dict``; edits
+        through ``p.data`` (``p.data.add_(1)``, ``p.data = …``) bump no version, so the
+        values themselves are compared too (one read of the model and the data; skipped
+        for the products inside a ``fixed_state()`` scope, which checked on entry).
+        """
+        if cached is None or cached[0] != tuple((id(t), t._version) for t in tensors):
+            return False
+        values = cached[2]
+        return not compare_values or all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(values, tensors)
+        )
+
     def _memo(self, name: str, build):
-        """``build()``, kept in attribute ``name`` until a parameter, buffer or the data changes in place."""
-        key = self._state_key()
+        """``build()``, kept in attribute ``name`` until the model's values or the data change."""
+        tensors = self._state_tensors()
         cached = getattr(self, name)
-        if cached is None or cached[0] != key:
+        if not self._is_current(cached, tensors, compare_values=not self._fixed_depth):
             setattr(self, name, None)  # free the stale state before building the new one
-            setattr(self, name, (key, build()))
+            versions = tuple((id(t), t._version) for t in tensors)
+            values = [t.detach().clone() for t in tensors]
+            setattr(self, name, (versions, build(), values))
         return getattr(self, name)[1]
+
+    def _drop_stale_state(self) -> None:
+        if self._fixed_depth:
+            return  # checked when the outer scope was entered
+        tensors = None
+        for name in self._memos:
+            if getattr(self, name) is not None:
+                tensors = self._state_tensors() if tensors is None else tensors
+                if not self._is_current(getattr(self, name), tensors, compare_values=True):
+                    setattr(self, name, None)
 
     def clear_cache(self) -> None:
         """Free the state kept between products."""
@@ -158,6 +189,8 @@ class Hessian(ProblemOperator):
             rebuilt whenever a parameter, buffer or the data is modified in place
             (an optimizer step), and dropped by ``clear_cache()``.
     """
+
+    _memos = ("_primal_cache", "_cache")
 
     def __init__(self, problem: Problem, cache_graph: bool | None = None):
         super().__init__(problem)
@@ -411,10 +444,8 @@ class Fisher(OutputSpaceOperator):
 
     def __init__(self, problem: Problem, mc_samples: int | None = None, seed: int = 0):
         super().__init__(problem)
-        if mc_samples is not None and (int(mc_samples) != mc_samples or mc_samples < 1):
-            raise ValueError(f"mc_samples must be None or a positive integer, got {mc_samples}")
-        self.mc_samples = None if mc_samples is None else int(mc_samples)
-        self.seed = int(seed)
+        self.mc_samples = None if mc_samples is None else check_count("mc_samples", mc_samples)
+        self.seed = check_integer("seed", seed)
 
     def _options(self):
         return {"mc_samples": self.mc_samples, "seed": self.seed}

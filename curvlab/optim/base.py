@@ -22,9 +22,11 @@ actual to the predicted decrease of the loss (Martens 2010, §4.1): λ ← λ·�
 Hessian-free; K-FAC uses a slower ω close to 1; one extra loss evaluation, and
 one curvature product unless the step was rescaled, per adapted step).
 
-Safety: a step whose loss, gradient, curvature or update is not finite is
-skipped with a warning and the damping raised tenfold, so parameters are never
-left NaN; a non-finite loss at the start of a step also undoes the previous
+Safety: a batch with NaN or Inf inputs or targets is skipped with a warning and
+changes nothing (bad data, not bad weights). On finite data, a step whose loss,
+gradient, curvature or update is not finite is skipped with a warning and the
+damping raised tenfold, so parameters are never left NaN; a non-finite loss at
+the start of a step also undoes the previous
 update (a finite update can still blow the loss up), as does Levenberg–Marquardt
 when the step it just took makes the loss non-finite; more than 10 skipped steps
 in a row are an error; a failed inverse (a factorisation that fails, an indefinite damped
@@ -79,6 +81,41 @@ def all_finite(tensors: list[Tensor]) -> bool:
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             return False
     return True
+
+
+def check_state_shapes(params: list[Tensor], state_dict: dict, saved: list | None = None) -> None:
+    """``ValueError`` if an optimizer state is of parameters with other shapes (another model).
+
+    torch checks only the number of tensors per group: the state of a model with as
+    many tensors of other shapes would load, and the next step fail deep inside.
+    ``saved``: the shapes the state recorded; else those of its per-parameter tensors.
+    """
+    if saved is None:
+        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        per_param = state_dict.get("state", {})
+        saved = [None] * len(ids)
+        for position, i in enumerate(ids):
+            for value in per_param.get(i, {}).values():
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    saved[position] = list(value.shape)
+    if len(saved) != len(params):
+        raise ValueError(f"the state holds {len(saved)} parameter tensors, this optimizer has {len(params)}")
+    for i, (shape, p) in enumerate(zip(saved, params)):
+        if shape is not None and list(shape) != list(p.shape):
+            raise ValueError(
+                f"the state is of another model: parameter {i} has shape {tuple(shape)} in the state "
+                f"but {tuple(p.shape)} in this optimizer"
+            )
+
+
+def _non_finite_part(batch) -> str | None:
+    """``"inputs"`` or ``"targets"`` if that part of ``batch = (X, y)`` has NaN or Inf; else ``None``."""
+    if batch is None:
+        return None
+    for what, t in zip(("inputs", "targets"), batch):
+        if isinstance(t, Tensor) and t.is_floating_point() and not all_finite([t.detach()]):
+            return what
+    return None
 
 
 class _SkipStep(Exception):
@@ -243,7 +280,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"damping {attempt_damping / 10:.1e}: {last_error}"
         )
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, bad_weights: bool = True) -> None:
+        """Skip this step with a warning; ``bad_weights``: the model, not the data, is at fault.
+
+        Bad weights (a non-finite loss, gradient or curvature on finite data) raise the
+        damping tenfold; bad data (a batch with NaN or Inf) changes nothing.
+        """
         self._records = None
         self.counts["skipped"] += 1
         self._skipped_in_row += 1
@@ -253,12 +295,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"because {reason}; the damping is {self.damping:.1e}. Check the data and lower the "
                 "learning rate or raise the initial damping."
             )
-        self.damping = max(self.damping * 10, 1e-8)
-        self._inverse = None  # rebuilt with the new damping
+        outcome = "the model is unchanged"
+        if bad_weights:
+            self.damping = max(self.damping * 10, 1e-8)
+            self._inverse = None  # rebuilt with the new damping
+            outcome = f"damping raised to {self.damping:.1e}"
         warnings.warn(
-            f"{type(self).__name__}: step skipped ({reason}); damping raised to {self.damping:.1e}",
-            RuntimeWarning,
-            stacklevel=3,
+            f"{type(self).__name__}: step skipped ({reason}); {outcome}", RuntimeWarning, stacklevel=3
         )
 
     # ------------------------------------------------------------ the step
@@ -281,8 +324,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 loss = closure()
             self._records = records
         params = self._params()
+        bad_data = _non_finite_part(batch)
+        if bad_data is not None:  # bad data, not bad weights: nothing is undone or changed
+            self._skip(f"the {bad_data} of the batch have NaN or Inf entries", bad_weights=False)
+            return loss
         if loss is not None and not all_finite([loss]):
-            # The model (after the last update) or the batch is bad: undo the last update.
+            # The model (after the last update) is bad on finite data: undo the last update.
             undone = self._undo_last_update(params)
             self._skip(f"loss is {loss.item()}" + ("; the previous update was undone" if undone else ""))
             return loss
@@ -455,6 +502,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """``torch.optim`` state plus step count, damping and the curvature snapshot."""
         state = super().state_dict()
         extra = {
+            "param_shapes": [list(p.shape) for p in self._params()],
             "steps": self.steps,
             "damping": self.damping,
             "inverse_damping": self._inverse_damping,
@@ -478,6 +526,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Restore everything ``state_dict`` saved; the inverse is rebuilt identically."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvlab", None)
+        check_state_shapes(self._params(), state_dict, extra.get("param_shapes") if extra else None)
         super().load_state_dict(state_dict)
         if extra is None:
             return

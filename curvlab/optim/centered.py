@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from curvlab.optim.base import all_finite, scratch
+from curvlab.optim.base import all_finite, check_state_shapes, scratch
 from curvlab.optim.factored import owners, record_linear_factors, verified_factors
 from curvlab.problem import Problem
 from curvlab.structured.statistics import find_layers, layer_statistics
@@ -110,6 +110,11 @@ class CenteredSGD(torch.optim.Optimizer):
                 if layer.bias is not None:
                     result[layer.bias] += g.sum(dim=(0, 1)) * c
         return result
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The torch optimizer's ``load_state_dict``, refusing the state of parameters with other shapes."""
+        check_state_shapes(self._params(), state_dict)
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None, batch=None):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
 from curvlab.spectra.lanczos import _as_matvec, lanczos_tridiagonal
 from curvlab.spectra.trace import rademacher
@@ -75,7 +76,8 @@ def spectral_density(
         num_probes: Rademacher probes p (more: less variance).
         lanczos_steps: Lanczos steps m per probe (more: finer resolution; ≤ n).
         num_points: Grid points when ``grid`` is not given.
-        sigma: Broadening width; default 1% of the spread of the Ritz values.
+        sigma: Broadening width; default 1% of the spread of the Ritz values (of
+            their magnitude, or 0.01, where they are one point).
         grid: Eigenvalue axis; default spans the Ritz values ± 5σ.
         seed: Seed of the probes (drawn on the CPU: device-independent).
         probes_per_pass: Probes tridiagonalised together in one batched pass
@@ -83,8 +85,12 @@ def spectral_density(
         progress: Show a progress bar (``None``: only on a terminal).
     """
     n, dtype, device, _ = _as_matvec(C)
-    if num_probes < 1 or lanczos_steps < 1:
-        raise ValueError("num_probes and lanczos_steps must be positive")
+    seed = check_integer("seed", seed)
+    check_count("num_probes", num_probes)
+    check_count("lanczos_steps", lanczos_steps)
+    check_count("num_points", num_points, minimum=2)
+    if sigma is not None:
+        sigma = check_positive("sigma", sigma)
     m = min(lanczos_steps, n)
     per_pass = probes_per_pass or min(num_probes, 16)
     generator = torch.Generator().manual_seed(seed)
@@ -109,10 +115,15 @@ def spectral_density(
     used = weights > 0
     low, high = nodes[used].min().item(), nodes[used].max().item()
     if sigma is None:
-        sigma = max(0.01 * (high - low), 1e-12 * max(abs(low), abs(high), 1e-300))
+        # 1 % of the spread; a spectrum of one point (C = cI, or C = 0 of a saturated
+        # model) gets 1 % of its magnitude, or 0.01: never a width whose Gaussian overflows.
+        spread, scale = high - low, max(abs(low), abs(high))
+        sigma = 0.01 * spread if spread > 1e-6 * scale else (0.01 * scale if scale > 0 else 0.01)
     if grid is None:
         grid = torch.linspace(low - 5 * sigma, high + 5 * sigma, num_points, dtype=dtype, device=device)
     grid = torch.as_tensor(grid, dtype=dtype, device=device)
+    if grid.dim() != 1 or not bool(torch.isfinite(grid).all()):
+        raise ValueError(f"grid must be a 1-d tensor of finite values, got shape {tuple(grid.shape)}")
     gaussians = torch.exp(-0.5 * ((grid[:, None] - nodes[used][None, :]) / sigma) ** 2)
     density = gaussians @ weights[used] / (num_probes * sigma * math.sqrt(2 * math.pi))
     return SpectralDensity(grid, density, nodes, weights, float(sigma), num_probes, m, seed, n)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.options import check_nonnegative
 from curvlab.spectra.density import spectral_density
 from curvlab.spectra.exact import eigvalsh
 from curvlab.spectra.lanczos import top_eigen
@@ -77,8 +78,7 @@ def condition_number(C, rtol: float | None = None, method: str = "auto", **lancz
         **lanczos: Options of ``top_eigen``.
     """
     n = C.shape[0]
-    if rtol is None:
-        rtol = n * torch.finfo(C.dtype).eps
+    rtol = n * torch.finfo(C.dtype).eps if rtol is None else check_nonnegative("rtol", rtol)
     if _use_exact(C, method):
         values = eigvalsh(C)
         lambda_max = values[-1].item()
@@ -106,6 +106,7 @@ def negative_eigenvalue_share(C, rtol: float = 1e-8, method: str = "auto", **slq
     ``method="exact"`` counts eigenvalues; ``"slq"`` integrates the quadrature
     mass of ``spectral_density`` (options in ``**slq``); ``"auto"`` is exact when small.
     """
+    rtol = check_nonnegative("rtol", rtol)
     if _use_exact(C, method if method != "slq" else "lanczos"):
         values = eigvalsh(C)
         threshold = -rtol * values.abs().max().item()

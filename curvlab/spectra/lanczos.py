@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError, NonFiniteError
-from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.operators.memory import block_budget
+from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
 
 WHICH = ("largest", "smallest", "magnitude")
@@ -240,6 +241,7 @@ def _orthogonalize_vector(V: Tensor, w: Tensor) -> tuple[Tensor, float]:
 _DEFAULT_BASIS_ENTRIES = 2**22  # a default basis of up to 16 MB (float32) when n is small
 
 
+@in_fixed_state
 def top_eigen(
     C,
     k: int = 1,
@@ -311,24 +313,21 @@ def top_eigen(
     n, dtype, device, matvec = _as_matvec(C)
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not 1 <= k <= n:
+    k = check_count("k", k)
+    if k > n:
         raise ValueError(f"k must be between 1 and n = {n}, got {k}")
-    if tol is None:
-        tol = 1e-6 if dtype == torch.float64 else 1e-4
-    if guard is None:
-        guard = 0 if k == 1 else 2
-    if guard < 0:
-        raise ValueError(f"guard must be ≥ 0, got {guard}")
+    tol = (1e-6 if dtype == torch.float64 else 1e-4) if tol is None else check_positive("tol", tol)
+    guard = (0 if k == 1 else 2) if guard is None else check_count("guard", guard, minimum=0)
+    seed = check_integer("seed", seed)
     guarded = k + min(guard, n - k)  # the pairs that must converge
     if basis_size is None:
         m = min(n, max(2 * guarded + 10, 20, _DEFAULT_BASIS_ENTRIES // n))
     else:
-        m = min(n, basis_size)
+        m = min(n, check_count("basis_size", basis_size))
         guarded = max(k, min(guarded, m - 1))
     if m < k:
         raise ValueError(f"basis_size must be ≥ k = {k}, got {m}")
-    if max_matvecs is None:
-        max_matvecs = max(1000, 20 * m)
+    max_matvecs = max(1000, 20 * m) if max_matvecs is None else check_count("max_matvecs", max_matvecs)
     generator = torch.Generator().manual_seed(seed)
 
     V = torch.empty(m + 1, n, dtype=dtype, device=device)  # rows are read only once written
@@ -426,6 +425,7 @@ def _recorded_residuals(hessenberg: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     return values, HS.norm(dim=0)
 
 
+@in_fixed_state
 def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     r"""m-step Lanczos tridiagonalisation of several start vectors at once.
 

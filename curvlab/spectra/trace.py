@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.base import CurvatureOperator, in_fixed_state
+from curvlab.options import check_count, check_integer
 from curvlab.progress import progress_bar
 
 METHODS = ("hutchinson", "hutch++", "exact")
@@ -141,6 +142,7 @@ def _quadratic_forms(
     return torch.cat(values)
 
 
+@in_fixed_state
 def trace(
     C: CurvatureOperator,
     method: str = "hutch++",
@@ -165,6 +167,8 @@ def trace(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    num_matvecs = check_count("num_matvecs", num_matvecs)
+    seed = check_integer("seed", seed)
     n = C.shape[0]
     if method == "exact":
         if hasattr(C, "trace"):

@@ -38,6 +38,9 @@ class BlockDiagonalOperator(CurvatureOperator):
         self.block_indices = [list(indices) for indices, _ in blocks]
         self.block_operators = [operator for _, operator in blocks]
 
+    def _operands(self):
+        return list(self.block_operators)
+
     def _matmat(self, Vs):
         results = [None] * len(Vs)
         for indices, operator in zip(self.block_indices, self.block_operators):
@@ -61,16 +64,21 @@ class BlockDiagonalOperator(CurvatureOperator):
         """Log det(C + damping·I) = Σ_blocks log det(B_i + damping·I)."""
         return torch.log(self.eigvalsh() + damping).sum()
 
-    def inverse(self, damping: float = 0.0, **options) -> BlockDiagonalOperator:
-        """blockdiag((B_i + damping·I)⁻¹), a new operator (nothing is mutated)."""
+    @property
+    def has_inverse(self) -> bool:  # noqa: D102
+        return all(b.has_inverse for b in self.block_operators)
+
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> BlockDiagonalOperator:
+        """blockdiag((B_i + damping·I)⁻¹), a new operator (nothing is mutated).
+
+        ``pi_damping``: Martens & Grosse's factored damping for the Kronecker blocks; every
+        other block (dense, diagonal, an EKFAC eigenbasis) is damped exactly.
+        """
         blocks = [
-            (i, b.inverse(damping, **options)) for i, b in zip(self.block_indices, self.block_operators)
+            (i, b.inverse(damping, pi_damping=pi_damping))
+            for i, b in zip(self.block_indices, self.block_operators)
         ]
         return BlockDiagonalOperator(blocks, self.param_shapes, self.dtype, self.device, self.param_names)
-
-    def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None, **options):
-        """(C + damping·I)⁻¹ v, block by block (exact for structured blocks)."""
-        return self.inverse(damping, **options) @ v
 
     def blocks(self, by: str = "layer"):
         """The stored blocks (``by="layer"``), or one block per tensor (``"parameter"``)."""

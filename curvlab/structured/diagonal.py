@@ -17,6 +17,7 @@ from curvlab.errors import UnsupportedError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
+from curvlab.options import check_count, check_nonnegative
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.sequential import statistics_pass
 from curvlab.structured.statistics import find_layers, squared_gradient_moments
@@ -70,8 +71,12 @@ class Diagonal(CurvatureOperator):
         """‖d‖₂."""
         return self.diagonal.norm()
 
-    def inverse(self, damping: float = 0.0) -> Diagonal:
-        """diag(1/(d + damping)), a new ``Diagonal``."""
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> Diagonal:
+        """diag(1/(d + damping)), a new ``Diagonal``.
+
+        ``pi_damping`` (factored damping) applies to Kronecker products only; this block is damped exactly.
+        """
+        damping = check_nonnegative("damping", damping)
         shifted = self.diagonal + damping
         if bool((shifted <= 0).any()):
             raise ValueError("the damped diagonal has entries ≤ 0: increase damping")
@@ -86,10 +91,6 @@ class Diagonal(CurvatureOperator):
         CurvatureOperator.__init__(operator, param_shapes, diagonal.dtype, diagonal.device, param_names)
         operator.diagonal, operator.standard_error, operator.method_used = diagonal, None, method_used
         return operator
-
-    def solve(self, v, damping: float = 0.0, tol=None, maxiter=None):
-        """(diag(d) + damping·I)⁻¹ v."""
-        return self.inverse(damping) @ v
 
 
 def _flavour(C: CurvatureOperator):
@@ -143,8 +144,7 @@ def _diagonal_by_products(C: CurvatureOperator, chunk: int = 256) -> Tensor:
 
 
 def _hutchinson(C: CurvatureOperator, num_probes: int, seed: int) -> tuple[Tensor, Tensor]:
-    if num_probes < 2:
-        raise ValueError(f"Hutchinson needs at least 2 probes for a standard error, got {num_probes}")
+    num_probes = check_count("num_probes (Hutchinson, for a standard error)", num_probes, minimum=2)
     generator = torch.Generator().manual_seed(seed)
     n = C.shape[0]
     total = torch.zeros(n, dtype=C.dtype, device=C.device)

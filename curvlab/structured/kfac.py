@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.options import check_count, check_integer
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
@@ -73,12 +74,10 @@ class KFAC(BlockDiagonalOperator):
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
-        if int(mc_samples) != mc_samples or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}")
         self.problem = problem
         self.fisher_type = fisher_type
-        self.mc_samples = int(mc_samples)
-        self.seed = int(seed)
+        self.mc_samples = check_count("mc_samples", mc_samples)
+        self.seed = check_integer("seed", seed)
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
         self.max_vectors = max_vectors

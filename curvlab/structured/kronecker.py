@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from curvlab.operators.base import CurvatureOperator
+from curvlab.options import check_nonnegative
 
 
 def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,8 +220,7 @@ class KroneckerBlock(LayerMatrixBlock):
         2015, §6.3). A block with a 1 × 1 factor (a bias on its own: A = [a]) is a scaled
         matrix, nothing to factor: it is damped exactly under either option.
         """
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        damping = check_nonnegative("damping", damping)
         if pi_damping and min(self.A.shape[0], self.G.shape[0]) == 1:
             pi_damping = False
         if not pi_damping and self._G_scalar is not None and self._G_scalar > 0:
@@ -234,10 +234,6 @@ class KroneckerBlock(LayerMatrixBlock):
         G_inv = _spd_inverse(self.G, pi * root)
         A_inv = _spd_inverse(self.A, root / pi)
         return KroneckerBlock(G_inv, A_inv, self.param_shapes, self.bias_folded, self.param_names)
-
-    def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None):
-        """(G ⊗ A + damping·I)⁻¹ v exactly, in the factors' eigenbases (no CG)."""
-        return self.inverse(damping) @ v
 
 
 class EigenbasisBlock(LayerMatrixBlock):
@@ -289,17 +285,16 @@ class EigenbasisBlock(LayerMatrixBlock):
         """‖D‖_F (the basis is orthogonal)."""
         return self.D.norm()
 
-    def inverse(self, damping: float = 0.0) -> EigenbasisBlock:
-        """(B + damping·I)⁻¹ in the same basis."""
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> EigenbasisBlock:
+        """(B + damping·I)⁻¹ in the same basis.
+
+        ``pi_damping`` (factored damping) needs Kronecker factors, which this block does
+        not have (an EKFAC diagonal is no Kronecker product): it is damped exactly.
+        """
+        damping = check_nonnegative("damping", damping)
         shifted = self.D + damping
         if bool((shifted <= 0).any()):
             raise ValueError("the damped block is singular or indefinite: increase damping")
         return EigenbasisBlock(
             self.Q_G, self.Q_A, 1.0 / shifted, self.param_shapes, self.bias_folded, self.param_names
         )
-
-    def solve(self, v, damping: float = 0.0, tol: float | None = None, maxiter: int | None = None):
-        """(B + damping·I)⁻¹ v exactly."""
-        return self.inverse(damping) @ v
