@@ -7,7 +7,8 @@ Schema (version 2), readable with plain h5py::
         attrs: kind, name, step (-1: none), created, curvature, method,
                settings (JSON), provenance (JSON)
         data/              the record's data, by kind (its own namespace: a data key
-                           may be called "step" or "curvature"):
+                           may be called "step" or "curvature"; "%", "/", NUL and a
+                           leading "." in keys are percent-encoded):
           eigenvalues       values (n,)
           top_eigen         values (k,), residuals (k,), [vectors (n, k)]
           spectral_density  grid (g,), density (g,), nodes (p, m), weights (p, m)
@@ -47,6 +48,7 @@ import math
 import os
 import re
 import shutil
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,10 +268,29 @@ def to_record(name: str, result, step: int | None = None, settings: dict | None 
 
 
 # ---------------------------------------------------------------- writing
+def _encode(key) -> str:
+    """A data key as an HDF5 name: ``%``, ``/``, NUL and a leading ``.`` percent-encoded (``_decode``)."""
+    key = str(key)
+    if not key:
+        raise StoreError("data keys must be non-empty text")
+    encoded = key.replace("%", "%25").replace("/", "%2F").replace("\x00", "%00")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def _decode(name: str) -> str:
+    return urllib.parse.unquote(name)
+
+
+def _text(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise StoreError(f"{what} {value!r} contains a NUL character, which HDF5 strings cannot hold")
+    return value
+
+
 def _write_tree(group: h5py.Group, tree: dict) -> None:
-    """Nested dicts → subgroups; scalars/strings → attrs; arrays/lists → datasets."""
+    """Nested dicts → subgroups; scalars/strings → attrs; arrays/lists → datasets (keys ``_encode``d)."""
     for key, value in tree.items():
-        key = str(key).replace("/", "|")
+        key = _encode(key)
         if isinstance(value, dict):
             _write_tree(group.create_group(key), value)
         elif isinstance(value, list) and value and isinstance(value[0], dict):
@@ -278,7 +299,9 @@ def _write_tree(group: h5py.Group, tree: dict) -> None:
                 _write_tree(rows.create_group(f"{i:03d}"), row)
         elif isinstance(value, (np.ndarray, np.generic, Tensor)):
             group.create_dataset(key, data=_numpy(value))
-        elif isinstance(value, (str, bool, int, float)):
+        elif isinstance(value, str):
+            group.attrs[key] = _text(value, f"the text of {key!r}")
+        elif isinstance(value, (bool, int, float)):
             group.attrs[key] = value
         elif value is None:
             continue
@@ -290,7 +313,7 @@ def _write_record(records: h5py.Group, index: int, record: Record) -> None:
     """The record as group ``index``: its attributes on the group, its data in ``data/``."""
     group = records.create_group(f"{index:08d}")
     group.attrs["kind"] = record.kind
-    group.attrs["name"] = record.name
+    group.attrs["name"] = _text(str(record.name), "the record name")
     group.attrs["step"] = -1 if record.step is None else int(record.step)
     group.attrs["created"] = record.provenance.get("time", "")
     group.attrs["curvature"] = record.provenance.get("curvature", {}).get("kind", "")
@@ -490,15 +513,18 @@ def _schema_version(f: h5py.File) -> int:
     return int(f.attrs.get("schema_version", -1))
 
 
-def _read_tree(group: h5py.Group, skip=()) -> dict:
-    """Attributes and members of a group as nested dicts (members win over attributes)."""
+def _read_tree(group: h5py.Group, skip=(), decode=_decode) -> dict:
+    """Attributes and members of a group as nested dicts (members win over attributes).
+
+    ``decode`` turns stored names back into keys (version 1 stored them as given).
+    """
     tree = {
-        key: (value.decode() if isinstance(value, bytes) else value)
+        decode(key): (value.decode() if isinstance(value, bytes) else value)
         for key, value in group.attrs.items()
         if key not in skip
     }
     for key, item in group.items():
-        tree[key] = _read_tree(item) if isinstance(item, h5py.Group) else item[()]
+        tree[decode(key)] = _read_tree(item, decode=decode) if isinstance(item, h5py.Group) else item[()]
     return tree
 
 
@@ -573,7 +599,7 @@ def _read_record(group: h5py.Group, path: Path, version: int) -> Record:
             raise StoreError(f"{where}: missing its {DATA_GROUP!r} group")
         data = _read_tree(group[DATA_GROUP])
     else:  # version 1: the data beside the record's attributes
-        data = _read_tree(group, skip=RECORD_ATTRIBUTES)
+        data = _read_tree(group, skip=RECORD_ATTRIBUTES, decode=str)
     _check_data(kind, data, where)
     if kind == "comparison":
         data["blocks"] = [data["blocks"][k] for k in sorted(data.get("blocks", {}))]

@@ -361,3 +361,12 @@ def test_curvlab_imports_and_stores_without_fcntl(tmp_path):
         [sys.executable, "-c", IMPORT_WITHOUT_FCNTL, str(tmp_path / "run.h5")], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_keys_hdf5_cannot_name_are_encoded_and_nul_is_refused(tmp_path):
+    store = Store(tmp_path / "run.h5")
+    keys = {"a/b": 1.0, ".": 2.0, "..x": 3.0, "100%": 4.0, "x\x00y": 5.0}
+    store.save("odd", keys)
+    assert {k: float(v) for k, v in store.records()[0].data.items()} == keys
+    with pytest.raises(StoreError, match="the record name .* contains a NUL character"):
+        store.save("a\x00", {"x": 1.0})
