@@ -173,6 +173,8 @@ class Problem:
         self.model = model
         self.loss_fn = loss_fn
         self.loss_rule: LossRule = rule_for(loss_fn)
+        if not isinstance(eval_mode, bool):
+            raise TypeError(f"eval_mode must be True or False, got {eval_mode!r}")
         self.eval_mode = eval_mode
         self.params: list[Tensor] = self._check_params(model, params)
         self.param_names: list[str] = self._names_of(model, self.params)

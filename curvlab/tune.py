@@ -19,6 +19,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from curvlab.options import check_count
+
 
 @dataclass(frozen=True)
 class LogUniform:
@@ -125,6 +127,7 @@ def random_search(
     objective: Callable[[dict], float], space: dict, budget: int, seed: int = 0
 ) -> SearchResult:
     """``budget`` independent random candidates."""
+    budget = check_count("budget", budget)
     rng = random.Random(seed)
     result = SearchResult()
     for _ in range(budget):
@@ -136,6 +139,7 @@ def random_search(
 
 def grid_search(objective: Callable[[dict], float], space: dict, points: int = 5) -> SearchResult:
     """Every combination of ``points`` values per dimension (log-spaced for ``LogUniform``)."""
+    points = check_count("points", points)
     result = SearchResult()
     combos: list[dict] = [{}]
     for name, dimension in space.items():
@@ -164,9 +168,10 @@ def biased_random_search(
         initial: Candidates evaluated unconditionally first (the model needs data).
         max_proposals: Cap on candidates drawn (default 100 · budget).
     """
+    budget = check_count("budget", budget)
     rng = random.Random(seed)
     result = SearchResult()
-    max_proposals = max_proposals or 100 * budget
+    max_proposals = 100 * budget if max_proposals is None else check_count("max_proposals", max_proposals)
     while len(result.history) < budget and result.proposals < max_proposals:
         params = {name: dimension.sample(rng) for name, dimension in space.items()}
         result.proposals += 1

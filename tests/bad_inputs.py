@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvlab as cl
-from curvlab import cli, optim
+from curvlab import cli, optim, tune
 from curvlab.storage import SCHEMA_VERSION, Store, read
 
 
@@ -490,6 +490,13 @@ ROWS = [
         ValueError,
         "k must be an integer ≥ 1, got 0",
     ),
+    BadInput(
+        "operator",
+        "KFAC with max_vectors=0",
+        lambda: cl.KFAC(_problem(), max_vectors=0),
+        ValueError,
+        "max_vectors must be an integer ≥ 1, got 0",
+    ),
     # ------------------------------------------------------------ spectra
     BadInput(
         "spectra",
@@ -611,6 +618,69 @@ ROWS = [
         lambda: _step_on("CenteredSGD", momentum=0.9),
         ValueError,
         r"parameter 0 has shape \(4, 3\) in the state",
+    ),
+    BadInput(
+        "optimizer",
+        "lr=nan",
+        lambda: optim.KFAC(_mlp(), nn.MSELoss(), lr=NAN),
+        ValueError,
+        "lr must be a finite number > 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "momentum=nan",
+        lambda: optim.KFAC(_mlp(), nn.MSELoss(), momentum=NAN),
+        ValueError,
+        "momentum must be a finite number ≥ 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "damping=nan",
+        lambda: optim.HessianFree(_mlp(), nn.MSELoss(), damping=NAN),
+        ValueError,
+        "damping must be a finite number ≥ 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "curvature_every=1.5",
+        lambda: optim.KFAC(_mlp(), nn.MSELoss(), curvature_every=1.5),
+        ValueError,
+        "curvature_every must be an integer ≥ 1, got 1.5",
+    ),
+    BadInput(
+        "optimizer",
+        "a parameter group with lr=-1",
+        lambda: optim.KFAC(_mlp(), nn.MSELoss(), [{"params": _mlp().parameters(), "lr": -1.0}]),
+        ValueError,
+        "lr must be a finite number ≥ 0, got -1.0",
+    ),
+    BadInput(
+        "optimizer",
+        "HessianFree cg_tol=nan",
+        lambda: optim.HessianFree(_mlp(), nn.MSELoss(), cg_tol=NAN),
+        ValueError,
+        "cg_tol must be a finite number > 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "ACP alpha=nan",
+        lambda: optim.ACP(_mlp(), nn.MSELoss(), alpha=NAN),
+        ValueError,
+        "alpha must be a finite number > 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "CenteredSGD lr=nan",
+        lambda: optim.CenteredSGD(_mlp(), nn.MSELoss(), lr=NAN),
+        ValueError,
+        "lr must be a finite number > 0, got nan",
+    ),
+    BadInput(
+        "optimizer",
+        "grid_search with points=0",
+        lambda: tune.grid_search(lambda p: p["x"], {"x": tune.Uniform(0.0, 1.0)}, points=0),
+        ValueError,
+        "points must be an integer ≥ 1, got 0",
     ),
     # ------------------------------------------------------------ the curvlab command
     BadInput(

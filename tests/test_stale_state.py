@@ -189,3 +189,17 @@ def test_the_list_of_batches_is_a_snapshot():
     data.append(_data(seed=4))
     assert_close_rel(G @ v, before, 0)
     assert G.problem.num_batches == 1
+
+
+def test_products_follow_the_model_mode_when_it_is_the_function():
+    """With eval_mode=False a batch norm in training and in eval mode are two functions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model.train()
+    data = [_data()]
+    H = cl.Hessian(cl.Problem(model, nn.MSELoss(), data, eval_mode=False))
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    H @ v
+    model.eval()
+    expected = cl.Hessian(cl.Problem(model, nn.MSELoss(), data, eval_mode=False)) @ v
+    assert_close_rel(H @ v, expected, 1e-12)

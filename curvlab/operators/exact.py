@@ -65,6 +65,15 @@ class ProblemOperator(CurvatureOperator):
         """Keep state between products: only for one batch held in a list (small, and valid)."""
         return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
 
+    def _versions(self, tensors: list[Tensor]) -> tuple:
+        """In-place versions of ``tensors``, and every module's training flag.
+
+        With ``eval_mode=False`` the model's own mode is part of the function (a batch
+        norm normalizes by the batch's or by its running statistics).
+        """
+        modes = () if self.problem.eval_mode else tuple(m.training for m in self.problem.model.modules())
+        return tuple((id(t), t._version) for t in tensors), modes
+
     def _is_current(self, cached, tensors: list[Tensor], compare_values: bool) -> bool:
         """Whether ``cached = (versions, state, values)`` was built from ``tensors`` as they are now.
 
@@ -73,7 +82,7 @@ class ProblemOperator(CurvatureOperator):
         values themselves are compared too (one read of the model and the data; skipped
         for the products inside a ``fixed_state()`` scope, which checked on entry).
         """
-        if cached is None or cached[0] != tuple((id(t), t._version) for t in tensors):
+        if cached is None or cached[0] != self._versions(tensors):
             return False
         values = cached[2]
         return not compare_values or all(
@@ -86,9 +95,8 @@ class ProblemOperator(CurvatureOperator):
         cached = getattr(self, name)
         if not self._is_current(cached, tensors, compare_values=not self._fixed_depth):
             setattr(self, name, None)  # free the stale state before building the new one
-            versions = tuple((id(t), t._version) for t in tensors)
             values = [t.detach().clone() for t in tensors]
-            setattr(self, name, (versions, build(), values))
+            setattr(self, name, (self._versions(tensors), build(), values))
         return getattr(self, name)[1]
 
     def _drop_stale_state(self) -> None:

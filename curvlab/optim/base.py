@@ -51,12 +51,23 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.exact import GGN, Fisher, Hessian
 from curvlab.optim import state as curvature_state
 from curvlab.optim.factored import precondition, record_linear_factors
+from curvlab.options import check_count, check_nonnegative, check_positive
 from curvlab.problem import Problem
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
 RESCALE_CURVATURES = {"ggn": GGN, "fisher": Fisher, "hessian": Hessian}
 MAX_SKIPPED_IN_ROW = 10  # then a clear error instead of raising the damping forever
 _INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
+
+
+def check_group(group: dict) -> None:
+    """``ValueError`` for a group's negative or NaN ``lr``, ``momentum`` or ``weight_decay``.
+
+    A group's ``lr`` may be 0 (a frozen group, as torch allows); the default must be > 0.
+    """
+    for option in ("lr", "momentum", "weight_decay"):
+        if option in group:
+            check_nonnegative(option, group[option])
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
@@ -171,12 +182,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rescale: str | None = None,
         damping_factor: float = 2 / 3,
     ):
-        if lr <= 0 or momentum < 0 or weight_decay < 0 or damping < 0:
-            raise ValueError("lr must be > 0; momentum, weight_decay and damping ≥ 0")
+        damping, min_damping = (
+            check_nonnegative("damping", damping),
+            check_nonnegative("min_damping", min_damping),
+        )
         if damping_policy not in DAMPING_POLICIES:
             raise ValueError(f"damping_policy must be one of {DAMPING_POLICIES}, got {damping_policy!r}")
-        if curvature_every < 1 or (inverse_every is not None and inverse_every < 1):
-            raise ValueError("curvature_every and inverse_every must be ≥ 1")
+        curvature_every = check_count("curvature_every", curvature_every)
+        inverse_every = None if inverse_every is None else check_count("inverse_every", inverse_every)
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if not 0 < damping_factor < 1:
@@ -185,7 +198,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"rescale must be None or one of {sorted(RESCALE_CURVATURES)}, got {rescale!r}")
         if rescale is not None and momentum > 0:
             raise ValueError("rescale chooses the momentum coefficient itself: pass momentum=0")
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        defaults = {"lr": check_positive("lr", lr), "momentum": momentum, "weight_decay": weight_decay}
+        check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
         self.loss_fn = loss_fn
@@ -208,6 +222,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._records: dict | None = None  # the Linear layers' factors of this step's gradient
         self._scratch: dict[int, Tensor] = {}  # per-parameter work tensors (not state: not saved)
         self.last_factored_blocks = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Torch's ``add_param_group``, refusing a group with a nonsense ``lr``, ``momentum`` or decay."""
+        super().add_param_group(param_group)
+        check_group(self.param_groups[-1])
 
     # ------------------------------------------------------------ subclass hooks
     def build_curvature(self, problem: Problem) -> CurvatureOperator:

@@ -22,8 +22,9 @@ import warnings
 import torch
 from torch import nn
 
-from curvlab.optim.base import all_finite, check_state_shapes, scratch
+from curvlab.optim.base import all_finite, check_group, check_state_shapes, scratch
 from curvlab.optim.factored import owners, record_linear_factors, verified_factors
+from curvlab.options import check_positive
 from curvlab.problem import Problem
 from curvlab.structured.statistics import find_layers, layer_statistics
 
@@ -49,9 +50,9 @@ class CenteredSGD(torch.optim.Optimizer):
     def __init__(
         self, model: nn.Module, loss_fn: nn.Module, params=None, lr: float = 0.01, momentum: float = 0.0
     ):
-        if lr <= 0 or momentum < 0:
-            raise ValueError("lr must be > 0 and momentum ≥ 0")
-        super().__init__(model.parameters() if params is None else params, {"lr": lr, "momentum": momentum})
+        defaults = {"lr": check_positive("lr", lr), "momentum": momentum}
+        check_group(defaults)
+        super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
         self.loss_fn = loss_fn
         self.last_from_closure = False
@@ -110,6 +111,11 @@ class CenteredSGD(torch.optim.Optimizer):
                 if layer.bias is not None:
                     result[layer.bias] += g.sum(dim=(0, 1)) * c
         return result
+
+    def add_param_group(self, param_group: dict) -> None:
+        """The torch optimizer's ``add_param_group``, refusing a nonsense ``lr`` or ``momentum``."""
+        super().add_param_group(param_group)
+        check_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The torch optimizer's ``load_state_dict``, refusing the state of parameters with other shapes."""

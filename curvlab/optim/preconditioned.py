@@ -18,6 +18,7 @@ from curvlab.errors import NotPositiveDefiniteError
 from curvlab.operators.dense import DenseOperator
 from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher, Hessian
 from curvlab.optim.base import CurvatureOptimizer
+from curvlab.options import check_count, check_positive
 from curvlab.structured.acp import ACP as ACPCurvature
 from curvlab.structured.diagonal import Diagonal
 from curvlab.structured.ekfac import EKFAC as EKFACCurvature
@@ -95,7 +96,7 @@ class ACP(CurvatureOptimizer):
 
     def __init__(self, model, loss_fn, params=None, alpha: float | str = "heuristic", **options):
         super().__init__(model, loss_fn, params, **options)
-        self.alpha = alpha
+        self.alpha = alpha if alpha == "heuristic" else check_positive("alpha", alpha)
 
     def build_curvature(self, problem):  # noqa: D102
         return ACPCurvature(problem, alpha=self.alpha)
@@ -156,8 +157,8 @@ class HessianFree(CurvatureOptimizer):
         super().__init__(model, loss_fn, params, **options)
         self.curvature_name = curvature
         self._class = _exact_class(curvature)
-        self.cg_iterations = cg_iterations
-        self.cg_tol = cg_tol
+        self.cg_iterations = check_count("cg_iterations", cg_iterations)
+        self.cg_tol = check_positive("cg_tol", cg_tol)
 
     def build_curvature(self, problem):  # noqa: D102
         return self._class(problem)

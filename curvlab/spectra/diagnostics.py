@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.errors import DataError
 from curvlab.options import check_nonnegative
 from curvlab.spectra.density import spectral_density
 from curvlab.spectra.exact import eigvalsh
@@ -149,6 +150,8 @@ def curvature_along_gradient(C, direction: Tensor | None = None) -> CurvatureAlo
         if problem is None:
             raise ValueError(f"{type(C).__name__} has no problem; pass the direction explicitly")
         direction = problem.gradient()
+    elif not bool(torch.isfinite(direction).all()):
+        raise DataError("the direction has NaN or Inf entries")
     gg = direction.dot(direction).item()
     gCg = quadratic_forms(C, direction.unsqueeze(1)).item()  # a form: plain MLPs need no product
     step = gg / gCg if gCg > 0 else math.inf

@@ -80,7 +80,7 @@ class KFAC(BlockDiagonalOperator):
         self.seed = check_integer("seed", seed)
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
-        self.max_vectors = max_vectors
+        self.max_vectors = None if max_vectors is None else check_count("max_vectors", max_vectors)
         self.other_structure = other_structure
         self.unsupported: list[int] = []
         self.layers = find_layers(problem, self.unsupported if other_structure else None)
