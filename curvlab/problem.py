@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab.errors import DataError, NonFiniteError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
-
-
-def _weight_norm_from_parts(v: Tensor, g: Tensor, dim: int) -> Tensor:
-    """The weight g · v / ‖v‖ (norm over all dims but ``dim``), as torch computes it unfused."""
-    if dim == -1:  # one norm for the whole tensor (weight_norm(dim=None))
-        return v * (g / torch.linalg.vector_norm(v))
-    others = [d for d in range(v.dim()) if d != dim % v.dim()]
-    return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=True))
-
-
-@contextlib.contextmanager
-def _weight_norm_by_parts():
-    """``torch._weight_norm`` (and the old ``nn.utils.weight_norm``'s copy of it) unfused, for the call."""
-    old_module = sys.modules.get("torch.nn.utils.weight_norm")
-    saved = [(torch, torch._weight_norm)]
-    if old_module is not None and hasattr(old_module, "_weight_norm"):
-        saved.append((old_module, old_module._weight_norm))
-    try:
-        for owner, _ in saved:
-            owner._weight_norm = _weight_norm_from_parts
-        yield
-    finally:
-        for owner, original in saved:
-            owner._weight_norm = original
+from curvlab.shims import curvature_pass
 
 
 def call_with(model: nn.Module, tensors: dict[str, Tensor], args: tuple):
@@ -493,18 +468,9 @@ class Problem:
         evaluates the loss, it does not take a training step. Dropout is off: with a
         new random mask in every pass, products would not be of one matrix.
 
-        Attention is computed from its differentiable parts: the fused kernels of
-        ``F.scaled_dot_product_attention`` (flash, memory-efficient) and the fast
-        path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` in eval mode
-        have no forward-mode derivative and no double backward, which the
-        GGN/Fisher products and the Hessian need. Both are switched off for the call.
-        So is cuDNN for a model with recurrent modules (``nn.RNN``/``LSTM``/``GRU``):
-        its RNN kernels have no backward in eval mode and no double backward.
-        Weight normalization (``nn.utils.parametrizations.weight_norm`` and the older
-        ``nn.utils.weight_norm``) is computed from its parts, as torch itself does
-        where its fused kernel does not apply: the fused kernel has no forward-mode
-        derivative, and its double backward gives wrong second derivatives (tested
-        against finite differences).
+        Torch itself is switched for the call by ``curvlab.shims.curvature_pass``
+        (attention's math path, weight norm from its parts, cuDNN off for recurrent
+        models), and restored after.
         """
         if self.eval_mode:
             saved = [(m, "training", m.training) for m in self.model.modules()]
@@ -519,18 +485,12 @@ class Problem:
                 for m in self.model.modules()
                 if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)) and m.training
             ]
-        settings = [(m, attribute, False) for m, attribute, _ in saved]
-        fast_path, cudnn = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.enabled
         recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
         try:
-            for m, attribute, value in settings:
-                setattr(m, attribute, value)
-            torch.backends.mha.set_fastpath_enabled(False)
-            torch.backends.cudnn.enabled = cudnn and not recurrent
-            with sdpa_kernel(SDPBackend.MATH), _weight_norm_by_parts():
+            for m, attribute, _ in saved:
+                setattr(m, attribute, False)
+            with curvature_pass(recurrent):
                 yield
         finally:
-            torch.backends.mha.set_fastpath_enabled(fast_path)
-            torch.backends.cudnn.enabled = cudnn
             for m, attribute, value in saved:
                 setattr(m, attribute, value)
