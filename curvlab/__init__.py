@@ -6,6 +6,7 @@ their structured approximations (KFAC, EKFAC, ACP, block-diagonal, diagonal),
 spectra and diagnostics of any of them, comparisons, HDF5 storage and plots.
 """
 
+from curvlab._version import __version__
 from curvlab.compare import ComparisonReport, compare
 from curvlab.errors import (
     CurvlabError,
@@ -39,8 +40,6 @@ from curvlab.structured import (
     EigenbasisBlock,
     KroneckerBlock,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ACP",

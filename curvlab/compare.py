@@ -31,11 +31,13 @@ from curvlab.errors import DataError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.memory import available_bytes
 from curvlab.options import check_count
+from curvlab.records import RecordParts, recordable
 from curvlab.spectra.lanczos import top_eigen
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import LayerMatrixBlock
 
 
+@recordable("comparison")
 @dataclass
 class ComparisonReport:
     """Result of ``compare``: ``overall`` metrics and one dict per block in ``blocks``."""
@@ -53,6 +55,21 @@ class ComparisonReport:
             "overall": self.overall,
             "blocks": self.blocks,
         }
+
+    def to_record(self, settings: dict) -> RecordParts:
+        """``to_dict()``: overall metrics, one group per block, the two names."""
+        return RecordParts("comparison", self.to_dict(), settings)
+
+    @classmethod
+    def from_record(cls, record) -> ComparisonReport:
+        """The report of a ``comparison`` record (metric lists as arrays)."""
+        data = record.data
+        return cls(
+            dict(data["overall"]),
+            [dict(b) for b in data["blocks"]],
+            data.get("approx", ""),
+            data.get("exact", ""),
+        )
 
     def __str__(self) -> str:
         """A readable table."""

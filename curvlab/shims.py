@@ -21,6 +21,16 @@ the first pass starts and restores the user's settings when the last one ends,
 under a lock: passes in several threads at once share one application, and none
 restores settings another still needs. While a pass runs, other code in the
 process sees the same switches (attention without its fused kernels, say).
+Threads may compute curvature at once on different models; one model object must
+not be shared by two threads computing at once (``torch.func.functional_call``
+puts the problem's parameters into the model for the length of a forward pass).
+
+**Forward-mode AD** keeps its dual level in process-wide state too: ``torch.func.jvp``
+in two threads at once raises ("no level exists") or, silently, gives wrong
+tangents (an empirical Fisher of zeros, seen here). curvlab's forward-mode
+products hold ``FORWARD_MODE`` for their length, so curvlab's own passes in
+several threads are serialized there (reverse mode needs no lock). Forward-mode
+AD that other code runs in another thread at the same time is not covered.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ _passes = 0  # curvature passes running now
 _recurrent = 0  # of them, passes of models with recurrent modules
 _saved: dict = {}  # the user's settings, while a pass runs
 _saved_cudnn: bool | None = None  # the user's cuDNN switch, while a recurrent pass runs
+
+FORWARD_MODE = threading.RLock()  # held by every forward-mode (torch.func.jvp) product of curvlab
 
 _SDP_SWITCHES = ("flash", "mem_efficient", "cudnn", "math")  # attention kernels: all but math off
 

@@ -41,7 +41,6 @@ written: no pickle anywhere.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import json
 import math
@@ -57,38 +56,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab._version import __version__
 from curvlab.errors import CurvlabError
+from curvlab.operators.base import CurvatureOperator
+from curvlab.records import KINDS, REQUIRED, RESULT_TYPES, numpy, parts_of
 
 FORMAT = "curvlab"
 SCHEMA_VERSION = 2
 DATA_GROUP = "data"  # version 2: a record's data, apart from its attributes
 RECORD_ATTRIBUTES = ("kind", "name", "step", "created", "curvature", "method", "settings", "provenance")
-
-REQUIRED = {
-    "eigenvalues": {"values": 1},
-    "top_eigen": {"values": 1, "residuals": 1},
-    "spectral_density": {"grid": 1, "density": 1, "nodes": 2, "weights": 2},
-    "trace": {"value": 0, "standard_error": 0},
-    "scalars": {},
-    "arrays": {},
-    "dense_block": {"matrix": 2},
-    "kfac_factors": {},
-    "comparison": {},
-}
-KINDS = tuple(REQUIRED)
-
-# Options that describe how a curvature object was built (where present).
-_CURVATURE_OPTIONS = (
-    "fisher_type",
-    "mc_samples",
-    "seed",
-    "kfac_approx",
-    "separate_weight_and_bias",
-    "alpha",
-    "method_used",
-    "by",
-    "cache_graph",
-)
 
 
 class StoreError(CurvlabError):
@@ -122,6 +98,21 @@ class Record:
         """The method that produced it (from the settings)."""
         return str(self.settings.get("method", ""))
 
+    def result(self):
+        """The result this record was saved from (``EigenResult``, ``SpectralDensity``, …).
+
+        Kinds without a result class give their data: a tensor for ``eigenvalues``
+        and ``dense_block``, the dict for ``scalars`` and ``arrays``.
+        """
+        if self.kind in RESULT_TYPES:
+            try:
+                return RESULT_TYPES[self.kind].from_record(self)
+            except (KeyError, ValueError) as error:
+                raise StoreError(f"record {self.index} ({self.kind} {self.name!r}): {error}") from error
+        if self.kind in ("eigenvalues", "dense_block"):
+            return torch.as_tensor(self.data["values" if self.kind == "eigenvalues" else "matrix"])
+        return dict(self.data)
+
 
 # ---------------------------------------------------------------- provenance
 def _jsonable(value):
@@ -140,21 +131,8 @@ def _jsonable(value):
     return str(value)
 
 
-def describe_curvature(C) -> dict:
-    """Kind and construction options of a curvature object (for provenance)."""
-    description = {"kind": type(C).__name__, "num_params": int(C.shape[0])}
-    for option in _CURVATURE_OPTIONS:
-        if hasattr(C, option):
-            description[option] = _jsonable(getattr(C, option))
-    description["dtype"] = str(C.dtype)
-    description["device"] = str(C.device)
-    return description
-
-
 def provenance(curvature=None, problem=None, dataset: str | None = None, **extra) -> dict:
     """Provenance of a result: curvature, problem, data, versions, time, and ``extra``."""
-    from curvlab import __version__
-
     problem = problem if problem is not None else getattr(curvature, "problem", None)
     record = {
         "curvlab_version": __version__,
@@ -163,7 +141,7 @@ def provenance(curvature=None, problem=None, dataset: str | None = None, **extra
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if curvature is not None:
-        record["curvature"] = describe_curvature(curvature)
+        record["curvature"] = _jsonable(curvature.description())
     if problem is not None:
         record.update(
             model=str(problem.model),
@@ -182,89 +160,29 @@ def provenance(curvature=None, problem=None, dataset: str | None = None, **extra
 
 
 # ---------------------------------------------------------------- results → records
-def _numpy(value) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def to_record(name: str, result, step: int | None = None, settings: dict | None = None, **provenance_options):
-    """A ``Record`` from a curvlab result (see the module docstring for the kinds).
+    """A ``Record`` from a curvlab result (``curvlab.records``: what can be stored, and how).
 
     Args:
         name: The record's label.
-        result: A 1-d tensor (eigenvalues), 2-d tensor (dense block), ``EigenResult``,
-            ``SpectralDensity``, ``TraceEstimate``, ``ComparisonReport``, ``KFAC``
-            (its factors), a dataclass of numbers or a dict of numbers (scalars),
-            or a dict holding arrays (arrays).
+        result: A 1-d tensor (eigenvalues), 2-d tensor (dense block), a result that
+            knows its record (``EigenResult``, ``SpectralDensity``, ``TraceEstimate``,
+            ``ComparisonReport``, a KFAC or other operator of Kronecker blocks), a
+            dataclass of numbers or a dict of numbers (scalars), or a dict holding
+            arrays (arrays).
         step: Training step.
         settings: The method's settings, e.g. ``{"method": "lanczos", "tol": 1e-6}``.
         **provenance_options: Passed to ``provenance`` (curvature, problem, dataset, ...).
     """
-    from curvlab.compare import ComparisonReport
-    from curvlab.spectra import EigenResult, SpectralDensity, TraceEstimate
-    from curvlab.structured.block_diagonal import BlockDiagonalOperator
-    from curvlab.structured.kfac import KFAC
-    from curvlab.structured.kronecker import KroneckerBlock
-
-    settings = dict(settings or {})
-    if isinstance(result, Tensor) and result.dim() == 1:
-        kind, data = "eigenvalues", {"values": _numpy(result)}
-        settings.setdefault("method", "exact")
-    elif isinstance(result, Tensor) and result.dim() == 2:
-        kind, data = "dense_block", {"matrix": _numpy(result)}
-    elif isinstance(result, EigenResult):
-        kind = "top_eigen"
-        data = {"values": _numpy(result.values), "residuals": _numpy(result.residuals)}
-        if settings.pop("save_vectors", False):
-            data["vectors"] = _numpy(result.vectors)
-        settings.setdefault("method", "lanczos")
-        settings.update(num_matvecs=result.num_matvecs, converged=result.converged)
-    elif isinstance(result, SpectralDensity):
-        kind = "spectral_density"
-        data = {k: _numpy(getattr(result, k)) for k in ("grid", "density", "nodes", "weights")}
-        settings.setdefault("method", "slq")
-        settings.update(
-            sigma=result.sigma,
-            num_probes=result.num_probes,
-            lanczos_steps=result.lanczos_steps,
-            seed=result.seed,
-            num_params=result.num_params,
-        )
-    elif isinstance(result, TraceEstimate):
-        kind = "trace"
-        data = {"value": np.float64(result.value), "standard_error": np.float64(result.standard_error)}
-        settings.update(method=result.method, num_matvecs=result.num_matvecs, seed=result.seed)
-    elif isinstance(result, ComparisonReport):
-        kind, data = "comparison", result.to_dict()
-    elif isinstance(result, KFAC) and type(result) is KFAC:
-        kind = "kfac_factors"
-        data = {layer: {"A": _numpy(A), "G": _numpy(G)} for layer, (A, G) in result.factors.items()}
+    try:
+        parts = parts_of(result, settings)
+    except TypeError as error:
+        raise StoreError(str(error)) from error
+    if isinstance(result, CurvatureOperator):
         provenance_options.setdefault("curvature", result)
-    elif isinstance(result, BlockDiagonalOperator) and all(
-        isinstance(b, KroneckerBlock) for b in result.block_operators
-    ):  # e.g. an optimizer's running-average KFAC or ACP: factors per block
-        kind = "kfac_factors"
-        data = {
-            " + ".join(block.param_names or [str(i)]): {"A": _numpy(block.A), "G": _numpy(block.G)}
-            for i, block in enumerate(result.block_operators)
-        }
-        provenance_options.setdefault("curvature", result)
-    elif isinstance(result, dict) and any(np.ndim(_numpy(v)) > 0 for v in result.values()):
-        kind = "arrays"
-        data = {str(key): _numpy(value) for key, value in result.items()}
-    elif dataclasses.is_dataclass(result) or isinstance(result, dict):
-        values = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
-        kind = "scalars"
-        data = {}
-        for key, value in values.items():
-            if isinstance(value, str):
-                settings[key] = value
-            elif value is not None:
-                data[key] = np.float64(float(value))
-    else:
-        raise StoreError(f"cannot store a {type(result).__name__}; see curvlab.storage for the kinds")
-    return Record(kind, name, step, data, _jsonable(settings), provenance(**provenance_options))
+    return Record(
+        parts.kind, name, step, parts.data, _jsonable(parts.settings), provenance(**provenance_options)
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -298,7 +216,7 @@ def _write_tree(group: h5py.Group, tree: dict) -> None:
             for i, row in enumerate(value):
                 _write_tree(rows.create_group(f"{i:03d}"), row)
         elif isinstance(value, (np.ndarray, np.generic, Tensor)):
-            group.create_dataset(key, data=_numpy(value))
+            group.create_dataset(key, data=numpy(value))
         elif isinstance(value, str):
             group.attrs[key] = _text(value, f"the text of {key!r}")
         elif isinstance(value, (bool, int, float)):
@@ -306,7 +224,7 @@ def _write_tree(group: h5py.Group, tree: dict) -> None:
         elif value is None:
             continue
         else:
-            group.create_dataset(key, data=_numpy(value))
+            group.create_dataset(key, data=numpy(value))
 
 
 def _write_record(records: h5py.Group, index: int, record: Record) -> None:
@@ -474,8 +392,6 @@ class Store:
 
 
 def _write_header(f: h5py.File, created=None) -> None:
-    from curvlab import __version__
-
     f.attrs["format"] = FORMAT
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["created"] = created or datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -370,3 +370,60 @@ def test_keys_hdf5_cannot_name_are_encoded_and_nul_is_refused(tmp_path):
     assert {k: float(v) for k, v in store.records()[0].data.items()} == keys
     with pytest.raises(StoreError, match="the record name .* contains a NUL character"):
         store.save("a\x00", {"x": 1.0})
+
+
+# ---------------------------------------------------------------- records back to results
+def test_every_result_comes_back_from_its_record(tmp_path, objects):
+    problem, H, G, K = objects
+    results = {
+        "eigenvalues": cl.eigvalsh(H),
+        "top": cl.top_eigen(H, 2, progress=False),
+        "density": cl.spectral_density(H, 3, 8, progress=False),
+        "trace": cl.trace(G, "hutch++", 30),
+        "report": cl.compare(K, G, k=2),
+        "dense": G.to_dense(),
+    }
+    store = Store(tmp_path / "run.h5")
+    with store.transaction():
+        for name, result in results.items():
+            store.save(name, result, settings={"save_vectors": True} if name == "top" else None)
+    back = {r.name: r.result() for r in store.records()}
+    assert torch.equal(back["eigenvalues"], results["eigenvalues"])
+    assert torch.equal(back["dense"], results["dense"])
+    for name in ("values", "vectors", "residuals", "num_matvecs", "converged"):
+        assert torch.equal(
+            torch.as_tensor(getattr(back["top"], name)), torch.as_tensor(getattr(results["top"], name))
+        )
+    for name in ("grid", "density", "nodes", "weights"):
+        assert torch.equal(getattr(back["density"], name), getattr(results["density"], name))
+    assert back["density"].sigma == results["density"].sigma and back["density"].seed == 0
+    assert back["trace"] == results["trace"]
+    assert back["report"].overall["rel_frobenius"] == results["report"].overall["rel_frobenius"]
+    assert [b["name"] for b in back["report"].blocks] == [b["name"] for b in results["report"].blocks]
+    assert (back["report"].approx_name, back["report"].exact_name) == ("KFAC", "GGN")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_kfac_comes_back_as_an_operator_from_its_factors(tmp_path, objects, separate):
+    problem = objects[0]
+    K = cl.KFAC(problem, separate_weight_and_bias=separate)
+    store = Store(tmp_path / "run.h5")
+    store.save("kfac", K, step=3)
+    (record,) = store.records()
+    assert record.provenance["curvature"]["separate_weight_and_bias"] is separate
+    again = record.result()
+    assert torch.equal(again.to_dense(), K.to_dense()) and again.param_names == K.param_names
+
+
+def test_an_incomplete_kfac_record_says_what_it_holds(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).double()
+    problem = cl.Problem(model, torch.nn.MSELoss(), (torch.randn(6, 3).double(), torch.randn(6, 2).double()))
+    store = Store(tmp_path / "run.h5")
+    store.save("kfac", cl.KFAC(problem, other_structure="exact"))
+    (record,) = store.records()
+    assert sorted(record.data) == ["0", "2"]
+    with pytest.raises(StoreError, match="holds only the Kronecker blocks"):
+        record.result()
+    with pytest.raises(StoreError, match="without Kronecker blocks has no factors"):
+        store.save("ekfac", cl.EKFAC(problem, other_structure="exact"))

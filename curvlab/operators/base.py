@@ -116,6 +116,20 @@ class CurvatureOperator:
         """Device the products run on."""
         return self._device
 
+    def description(self) -> dict:
+        """Kind, size, construction options, dtype and device (a result's provenance)."""
+        return {
+            "kind": type(self).__name__,
+            "num_params": self.shape[0],
+            **self._described(),
+            "dtype": str(self.dtype),
+            "device": str(self.device),
+        }
+
+    def _described(self) -> dict:
+        """The construction options worth recording (override)."""
+        return {}
+
     def __repr__(self) -> str:
         """Class name, size, dtype and device."""
         n = self.shape[0]

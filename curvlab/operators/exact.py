@@ -21,6 +21,7 @@ from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
 from curvlab.problem import Problem
+from curvlab.shims import FORWARD_MODE
 
 
 @functools.cache
@@ -31,7 +32,7 @@ def _load_forward_mode_quietly() -> None:
     ``torch.jit.script``, which recent torch versions flag with a ``FutureWarning``
     that would reach every user of the GGN/Fisher products and that they cannot act on.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), FORWARD_MODE:
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
@@ -51,6 +52,9 @@ class ProblemOperator(CurvatureOperator):
     def _options(self) -> dict:
         """Constructor keyword arguments other than the problem (for blocks)."""
         return {}
+
+    def _described(self) -> dict:
+        return self._options()
 
     _memos = ("_primal_cache",)  # attributes holding state kept between products
 
@@ -372,10 +376,11 @@ class OutputSpaceOperator(ProblemOperator):
             # locations zeroes their columns too (m M m u = m (M u)).
             return pullback(middle if mask is None else middle * mask)
 
-        if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead
-            results = [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
-        else:
-            results = list(vmap(product)(*Vs))
+        with FORWARD_MODE:  # forward-mode AD's level is process-wide (curvlab.shims)
+            if Vs[0].shape[0] == 1:  # one vector: skip vmap's batching overhead
+                results = [r.unsqueeze(0) for r in product(*(V[0] for V in Vs))]
+            else:
+                results = list(vmap(product)(*Vs))
         # A parameter the output does not use gets an expanded zero (one element in
         # memory) from the pull-back: materialised, as the batch sums write in place.
         return [r if r.is_contiguous() else r.contiguous() for r in results]

@@ -19,10 +19,12 @@ from torch import Tensor
 
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
+from curvlab.records import RecordParts, numpy, recordable
 from curvlab.spectra.lanczos import _as_matvec, lanczos_tridiagonal
 from curvlab.spectra.trace import rademacher
 
 
+@recordable("spectral_density")
 @dataclass
 class SpectralDensity:
     """An estimated eigenvalue density φ on a grid, with its quadrature.
@@ -56,6 +58,21 @@ class SpectralDensity:
     def mass_below(self, threshold: float) -> float:
         """Estimated fraction of eigenvalues below ``threshold`` (quadrature, no broadening)."""
         return (self.weights * (self.nodes < threshold)).sum(1).mean().item()
+
+    _ARRAYS = ("grid", "density", "nodes", "weights")
+    _SETTINGS = ("sigma", "num_probes", "lanczos_steps", "seed", "num_params")
+
+    def to_record(self, settings: dict) -> RecordParts:
+        """The grid, density and quadrature; width, probes, steps, seed and n as settings."""
+        settings.setdefault("method", "slq")
+        settings.update({name: getattr(self, name) for name in self._SETTINGS})
+        return RecordParts("spectral_density", {k: numpy(getattr(self, k)) for k in self._ARRAYS}, settings)
+
+    @classmethod
+    def from_record(cls, record) -> SpectralDensity:
+        """The density of a ``spectral_density`` record."""
+        arrays = {name: torch.as_tensor(record.data[name]) for name in cls._ARRAYS}
+        return cls(**arrays, **{name: record.settings[name] for name in cls._SETTINGS})
 
 
 def spectral_density(

@@ -31,11 +31,13 @@ from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.operators.memory import block_budget
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
+from curvlab.records import RecordParts, numpy, recordable
 
 WHICH = ("largest", "smallest", "magnitude")
 STARTS = ("auto", "random", "gradient")
 
 
+@recordable("top_eigen")
 @dataclass
 class EigenResult:
     """Eigenpairs from ``top_eigen``; unpacks as ``values, vectors = result``.
@@ -64,6 +66,32 @@ class EigenResult:
     def relative_residuals(self) -> Tensor:
         """‖C v_i − λ_i v_i‖ / |λ_i|."""
         return self.residuals / self.values.abs()
+
+    def to_record(self, settings: dict) -> RecordParts:
+        """Values and residuals; the vectors too with ``settings["save_vectors"]``."""
+        data = {"values": numpy(self.values), "residuals": numpy(self.residuals)}
+        if settings.pop("save_vectors", False):
+            data["vectors"] = numpy(self.vectors)
+        settings.setdefault("method", "lanczos")
+        settings.update(num_matvecs=self.num_matvecs, converged=self.converged)
+        return RecordParts("top_eigen", data, settings)
+
+    @classmethod
+    def from_record(cls, record) -> EigenResult:
+        """The result of a ``top_eigen`` record (``vectors`` empty unless they were saved)."""
+        values = torch.as_tensor(record.data["values"])
+        vectors = record.data.get("vectors")
+        vectors = (
+            torch.empty(0, len(values), dtype=values.dtype) if vectors is None else torch.as_tensor(vectors)
+        )
+        settings = record.settings
+        return cls(
+            values,
+            vectors,
+            torch.as_tensor(record.data["residuals"]),
+            settings["num_matvecs"],
+            settings["converged"],
+        )
 
 
 def check_symmetric_matrix(C: Tensor) -> None:

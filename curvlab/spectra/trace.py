@@ -11,16 +11,19 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.options import check_count, check_integer
 from curvlab.progress import progress_bar
+from curvlab.records import RecordParts, recordable
 
 METHODS = ("hutchinson", "hutch++", "exact")
 
 
+@recordable("trace")
 @dataclass
 class TraceEstimate:
     """A trace with its standard error (0 for ``"exact"``); ``float(estimate)`` works."""
@@ -33,6 +36,24 @@ class TraceEstimate:
 
     def __float__(self) -> float:
         return self.value
+
+    def to_record(self, settings: dict) -> RecordParts:
+        """Value and standard error; method, products and seed as settings."""
+        data = {"value": np.float64(self.value), "standard_error": np.float64(self.standard_error)}
+        settings.update(method=self.method, num_matvecs=self.num_matvecs, seed=self.seed)
+        return RecordParts("trace", data, settings)
+
+    @classmethod
+    def from_record(cls, record) -> TraceEstimate:
+        """The estimate of a ``trace`` record."""
+        data, settings = record.data, record.settings
+        return cls(
+            float(data["value"]),
+            float(data["standard_error"]),
+            settings["method"],
+            settings["num_matvecs"],
+            settings["seed"],
+        )
 
 
 def rademacher(

@@ -65,3 +65,7 @@ class ACP(BlockDiagonalOperator):
                 )
             )
         super().__init__(blocks, shapes, problem.dtype, problem.device, names)
+        self.alpha = alpha
+
+    def _described(self) -> dict:
+        return {"alpha": self.alpha}

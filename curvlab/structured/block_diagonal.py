@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from curvlab.operators.base import CurvatureOperator
+from curvlab.records import RecordParts, numpy, recordable
+from curvlab.structured.kronecker import KroneckerBlock
 
 
 def _structured(block: CurvatureOperator, method: str):
@@ -19,6 +21,7 @@ def _structured(block: CurvatureOperator, method: str):
     }[method]()
 
 
+@recordable("kfac_factors")
 class BlockDiagonalOperator(CurvatureOperator):
     """blockdiag(B_1, …, B_m); block i acts on the parameter tensors ``indices[i]``.
 
@@ -79,6 +82,80 @@ class BlockDiagonalOperator(CurvatureOperator):
             for i, b in zip(self.block_indices, self.block_operators)
         ]
         return BlockDiagonalOperator(blocks, self.param_shapes, self.dtype, self.device, self.param_names)
+
+    # ------------------------------------------------------------ as a store record
+    def _factor_keys(self) -> list[tuple[str, slice | None]]:
+        """Per Kronecker block: the key of its stored factors and the columns of A it uses (all)."""
+        return [
+            (" + ".join(block.param_names or map(str, indices)), None)
+            for indices, block in zip(self.block_indices, self.block_operators)
+            if isinstance(block, KroneckerBlock)
+        ]
+
+    def _stored_factors(self, key: str, block: KroneckerBlock) -> tuple:
+        """``(A, G)`` stored under ``key`` for ``block`` (KFAC: the layer's whole A)."""
+        return block.A, block.G
+
+    def to_record(self, settings: dict) -> RecordParts:
+        """The Kronecker blocks' factors (``kfac_factors``), and where each block sits.
+
+        Other blocks (``other_structure``'s exact or diagonal blocks) are not stored;
+        ``settings["complete"]`` says whether every block was.
+        """
+        kronecker = [
+            (indices, block)
+            for indices, block in zip(self.block_indices, self.block_operators)
+            if isinstance(block, KroneckerBlock)
+        ]
+        if not kronecker:
+            raise TypeError(f"a {type(self).__name__} without Kronecker blocks has no factors to store")
+        data, described = {}, []
+        for (key, columns), (indices, block) in zip(self._factor_keys(), kronecker):
+            A, G = self._stored_factors(key, block)
+            data[key] = {"A": numpy(A), "G": numpy(G)}
+            described.append(
+                {
+                    "key": key,
+                    "columns": None if columns is None else [columns.start, columns.stop],
+                    "indices": list(indices),
+                    "bias_folded": block.bias_folded,
+                }
+            )
+        settings.update(
+            blocks=described,
+            complete=len(kronecker) == len(self.block_operators),
+            param_shapes=[list(s) for s in self.param_shapes],
+            param_names=self.param_names,
+        )
+        return RecordParts("kfac_factors", data, settings)
+
+    @classmethod
+    def from_record(cls, record) -> BlockDiagonalOperator:
+        """The operator of a complete ``kfac_factors`` record (every block a Kronecker product)."""
+        settings = record.settings
+        if not settings.get("complete"):
+            raise ValueError(
+                f"record {record.name!r} holds only the Kronecker blocks of its operator "
+                "(others were exact or diagonal blocks, not stored): read its factors from record.data"
+            )
+        shapes = [torch.Size(s) for s in settings["param_shapes"]]
+        names = settings["param_names"]
+        blocks = []
+        for entry in settings["blocks"]:
+            factors = record.data[entry["key"]]
+            A, G = torch.as_tensor(factors["A"]), torch.as_tensor(factors["G"])
+            if entry["columns"] is not None:
+                start, stop = entry["columns"]
+                A = A[start:stop, start:stop]
+            indices = entry["indices"]
+            block_names = None if names is None else [names[i] for i in indices]
+            blocks.append(
+                (
+                    indices,
+                    KroneckerBlock(G, A, [shapes[i] for i in indices], entry["bias_folded"], block_names),
+                )
+            )
+        return BlockDiagonalOperator(blocks, shapes, blocks[0][1].dtype, blocks[0][1].device, names)
 
     def blocks(self, by: str = "layer"):
         """The stored blocks (``by="layer"``), or one block per tensor (``"parameter"``)."""

@@ -59,6 +59,9 @@ class Diagonal(CurvatureOperator):
     def to_dense(self, max_bytes=None) -> Tensor:  # noqa: D102
         return torch.diag(self.diagonal)
 
+    def _described(self) -> dict:
+        return {"method_used": self.method_used}
+
     def eigvalsh(self) -> Tensor:
         """The diagonal, sorted."""
         return self.diagonal.sort().values

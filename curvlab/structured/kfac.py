@@ -97,6 +97,19 @@ class KFAC(BlockDiagonalOperator):
             blocks, [p.shape for p in problem.params], problem.dtype, problem.device, problem.param_names
         )
 
+    def _described(self) -> dict:
+        options = ("fisher_type", "mc_samples", "seed", "kfac_approx", "separate_weight_and_bias")
+        return {option: getattr(self, option) for option in options}
+
+    def _factor_keys(self):
+        """Per Kronecker block: its layer's name and the columns of the layer's A it uses."""
+        return [
+            (layer.name, None if columns == slice(None) else columns) for layer, columns in self.block_sources
+        ]
+
+    def _stored_factors(self, key, block):
+        return self.factors[key]
+
     def _exact_operator(self, problem: Problem):
         """The exact matrix this flavour approximates, over ``problem``'s parameters."""
         from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
