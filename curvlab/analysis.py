@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab.operators.exact import EXACT
 from curvlab.progress import progress_bar
 from curvlab.storage import Store
 
@@ -56,12 +57,7 @@ def _batches(X, y, batch_size):
 
 
 def _exact_operators(problem: cl.Problem) -> dict:
-    return {
-        "hessian": cl.Hessian(problem),
-        "ggn": cl.GGN(problem),
-        "fisher": cl.Fisher(problem),
-        "empirical_fisher": cl.EmpiricalFisher(problem),
-    }
+    return {name: operator(problem) for name, operator in EXACT.items()}
 
 
 def _approximations(problem: cl.Problem, ggn) -> dict:

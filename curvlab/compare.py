@@ -32,6 +32,7 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.memory import available_bytes
 from curvlab.options import check_count
 from curvlab.records import RecordParts, recordable
+from curvlab.sampling import rademacher
 from curvlab.spectra.lanczos import top_eigen
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import LayerMatrixBlock
@@ -161,7 +162,7 @@ def _probe_squares(approx, exact, num_probes: int, seed: int) -> tuple[Tensor, T
     """‖(A − E) z‖² and ‖E z‖² for Rademacher probes z: unbiased for ‖A − E‖_F², ‖E‖_F²."""
     generator = torch.Generator().manual_seed(seed)
     n = exact.shape[0]
-    Z = (torch.randint(0, 2, (n, num_probes), generator=generator) * 2 - 1).to(exact.device, exact.dtype)
+    Z = rademacher(n, num_probes, generator, exact.dtype, exact.device)
     EZ = exact @ Z
     return (approx @ Z - EZ).pow(2).sum(0), EZ.pow(2).sum(0)
 

@@ -9,9 +9,10 @@ from torch import nn
 import curvlab as cl
 from curvlab import reference
 from curvlab.errors import DataError
+from curvlab.sampling import probe_buffer, rademacher
 from curvlab.spectra import lanczos
 from curvlab.spectra.lanczos import _random_unit, _start_vector, lanczos_tridiagonal
-from curvlab.spectra.trace import _project_out, orthonormal_basis, probe_buffer, rademacher
+from curvlab.spectra.trace import _project_out, orthonormal_basis
 from tests.cases import CASES
 from tests.helpers import assert_close_rel
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvlab as cl
+from curvlab.structured.capture import record_calls
 from curvlab.structured.kronecker import _scaled_identity_scalar
 from curvlab.structured.layers import rule_for
 from curvlab.structured.sequential import _trapezoidal_times
@@ -138,13 +139,10 @@ def test_capture_copies_layer_outputs_only_where_changed_in_place():
     Without in-place changes nothing is copied; an in-place ReLU is reported by
     ``modified()``, and with ``copy_outputs`` the recorded output does not see it.
     """
-    from curvlab.structured.statistics import capture, find_layers
-
     torch.manual_seed(0)
     X = torch.randn(5, 3, dtype=F64)
     for in_place in (False, True):
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=in_place), nn.Linear(4, 2)).double()
-        layers = find_layers(cl.Problem(model, nn.MSELoss(), (X, torch.randn(5, 2, dtype=F64))))
         received: dict = {}
 
         def record(module, args, store=received):
@@ -152,13 +150,29 @@ def test_capture_copies_layer_outputs_only_where_changed_in_place():
 
         handle = model[1].register_forward_pre_hook(record)
         try:
-            with capture(layers) as (inputs, outputs, modified):
+            with record_calls({"0": model[0]}) as calls:
                 model(X)
-            assert received["x"] is outputs["0"]  # no copy
-            assert modified() == (["0"] if in_place else [])
-            with capture(layers, copy_outputs=True) as (inputs, outputs, modified):
+            assert received["x"] is calls["0"].outputs[0]  # no copy
+            assert calls["0"].modified() == in_place
+            with record_calls({"0": model[0]}, copy_outputs=True) as calls:
                 model(X)
-            assert received["x"] is not outputs["0"] and modified() == []
-            assert_close_rel(outputs["0"], model[0](X), 1e-15, "recorded output, before the ReLU")
+            assert received["x"] is not calls["0"].outputs[0] and not calls["0"].modified()
+            assert_close_rel(calls["0"].outputs[0], model[0](X), 1e-15, "recorded output, before the ReLU")
         finally:
             handle.remove()
+        assert not model[0]._forward_hooks  # removed
+
+
+def test_capture_records_every_call_and_output_gradients():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    X = torch.randn(5, 3, dtype=F64)
+    with record_calls({"layer": layer}, output_gradients=True) as calls:
+        layer(layer(X)).sum().backward()
+    record = calls["layer"]
+    assert len(record.inputs) == 2 and torch.equal(record.inputs[0], X)
+    assert len(record.output_grads) == 2  # in backward order: the outer call's output first
+    ones = torch.ones(5, 3, dtype=F64)
+    assert_close_rel(record.output_grads[0], ones, 0)
+    assert_close_rel(record.output_grads[1], ones @ layer.weight, 1e-15)
+    assert not layer._forward_hooks

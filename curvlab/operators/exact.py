@@ -21,6 +21,7 @@ from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
 from curvlab.problem import Problem
+from curvlab.sampling import mc_noise, sampled_output_gradients
 from curvlab.shims import FORWARD_MODE
 
 
@@ -466,20 +467,60 @@ class Fisher(OutputSpaceOperator):
     def _prepare(self, X, y, index):
         if self.mc_samples is None:
             return None
-        rule = self.problem.loss_rule
-        generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + index) % 2**63)
-        noise = rule.draw_noise(rule.noise_shape(y, self.mc_samples), generator, self.dtype)
-        return noise.to(self.device)
+        return mc_noise(self.problem.loss_rule, y, self.mc_samples, self.seed, index, self.dtype)
 
     def _middle(self, output, y, u, aux):
         rule = self.problem.loss_rule
         if aux is None:
             return rule.fisher_vp(output, u)
-        samples = aux.shape[0]
-        sampled = rule.sample_targets(output, aux)  # (S, *y.shape)
-        repeated = output.unsqueeze(0).expand(samples, *output.shape)
-        r = rule.sampled_gradient(
-            repeated.reshape(-1, *output.shape[1:]), sampled.reshape(-1, *sampled.shape[2:])
-        ).reshape(samples, *output.shape)  # (S, N, ...)
+        r = sampled_output_gradients(rule, output, aux)  # (S, N, ...)
         weights = _per_example_dot(r, u.unsqueeze(0), leading=2)  # (S, N, 1, …)
-        return (r * weights).sum(0) / samples
+        return (r * weights).sum(0) / aux.shape[0]
+
+
+# ---------------------------------------------------------------- the registries of names
+EXACT = {"hessian": Hessian, "ggn": GGN, "fisher": Fisher, "empirical_fisher": EmpiricalFisher}
+
+
+def exact_class(name: str, allowed: tuple[str, ...] | None = None) -> type[ProblemOperator]:
+    """The exact operator called ``name`` (``EXACT``), or ``ValueError`` listing the choices.
+
+    ``allowed``: the names a caller accepts (default all).
+    """
+    choices = tuple(EXACT) if allowed is None else allowed
+    if name not in choices:
+        raise ValueError(f"curvature must be one of {', '.join(map(repr, choices))}, got {name!r}")
+    return EXACT[name]
+
+
+# The matrices the layerwise approximations (KFAC, EKFAC, the exact diagonal) estimate:
+# "type-2" the GGN (= the exact Fisher for these losses), "mc" the Monte-Carlo Fisher,
+# "empirical" the empirical Fisher.
+FLAVOURS = ("type-2", "mc", "empirical")
+
+
+def check_flavour(flavour: str) -> str:
+    """``flavour`` if it is one of ``FLAVOURS``, else ``ValueError``."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"fisher_type must be one of {FLAVOURS}, got {flavour!r}")
+    return flavour
+
+
+def flavour_operator(problem: Problem, flavour: str, mc_samples: int = 1, seed: int = 0) -> ProblemOperator:
+    """The exact matrix of a flavour, over ``problem``'s parameters."""
+    if check_flavour(flavour) == "type-2":
+        return GGN(problem)
+    if flavour == "empirical":
+        return EmpiricalFisher(problem)
+    return Fisher(problem, mc_samples=mc_samples, seed=seed)
+
+
+def flavour_of(C) -> tuple[str, int, int] | None:
+    """``(flavour, mc_samples, seed)`` whose layerwise statistics give C exactly; ``None`` for others."""
+    if type(C) is GGN or (type(C) is Fisher and C.mc_samples is None):
+        return "type-2", 1, 0
+    if type(C) is Fisher:
+        return "mc", C.mc_samples, C.seed
+    if type(C) is EmpiricalFisher:
+        return "empirical", 1, 0
+    return None

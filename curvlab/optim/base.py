@@ -48,14 +48,14 @@ from torch import Tensor, nn
 
 from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError
 from curvlab.operators.base import CurvatureOperator
-from curvlab.operators.exact import GGN, Fisher, Hessian
+from curvlab.operators.exact import exact_class
 from curvlab.optim import state as curvature_state
 from curvlab.optim.factored import precondition, record_linear_factors
 from curvlab.options import check_count, check_nonnegative, check_positive
 from curvlab.problem import Problem
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
-RESCALE_CURVATURES = {"ggn": GGN, "fisher": Fisher, "hessian": Hessian}
+RESCALE_CURVATURES = ("ggn", "fisher", "hessian")  # exact matrices whose quadratic model rescales a step
 MAX_SKIPPED_IN_ROW = 10  # then a clear error instead of raising the damping forever
 _INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
 
@@ -449,7 +449,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if all(u is not None for u in previous):
             columns.append(_flat(previous))
         V = torch.stack(columns, dim=1)
-        exact = RESCALE_CURVATURES[self.rescale](problem)
+        exact = exact_class(self.rescale)(problem)
         EV = exact @ V
         if any(decays):
             EV = EV + V * _flat([torch.full_like(p, d) for p, d in zip(params, decays)])[:, None]

@@ -19,48 +19,31 @@ weight decay added take the ordinary route).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from curvlab.structured.capture import Calls, record_calls
+
 _PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
 
 
-@dataclass
-class _Record:
-    inputs: list[Tensor] = field(default_factory=list)
-    output_grads: list[Tensor] = field(default_factory=list)
-
-
-@contextlib.contextmanager
 def record_linear_factors(model: nn.Module, params: list[Tensor]):
     """Record the inputs and output gradients of ``model``'s Linear layers that own ``params``.
 
-    Yields ``{module: _Record}``, filled while the block runs forward and backward
-    passes. The inputs are the tensors autograd keeps anyway (no copy); the hooks
-    change nothing and are removed on exit, also after an error.
+    A context manager yielding ``{module: Calls}`` (``curvlab.structured.capture``),
+    filled while the block runs forward and backward passes. The inputs are the
+    tensors autograd keeps anyway (no copy); the hooks change nothing and are
+    removed on exit, also after an error.
     """
     owned = {id(p) for p in params}
-    records: dict[nn.Module, _Record] = {}
-    handles = []
-
-    def hook(module, args, output):
-        record = records.setdefault(module, _Record())
-        record.inputs.append(args[0].detach())
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(lambda grad: record.output_grads.append(grad.detach()))
-
-    try:
-        for module in model.modules():
-            if type(module) is nn.Linear and any(id(p) in owned for p in module.parameters(recurse=False)):
-                handles.append(module.register_forward_hook(hook))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
+    linear = {
+        module: module
+        for module in model.modules()
+        if type(module) is nn.Linear and any(id(p) in owned for p in module.parameters(recurse=False))
+    }
+    return record_calls(linear, output_gradients=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -70,7 +53,7 @@ def _probe(length: int, dtype, device) -> Tensor:
     return torch.randn(length, generator=generator, dtype=torch.float64).to(device, dtype)
 
 
-def _factors_of(module: nn.Module, roles: list[str], record: _Record | None):
+def _factors_of(module: nn.Module, roles: list[str], record: Calls | None):
     """``(U, X)`` of the block's gradient over ``roles`` of ``module``, or ``None``."""
     if record is None or len(record.inputs) != 1 or len(record.output_grads) != 1:
         return None  # not used, or used several times (shared weights, accumulation)

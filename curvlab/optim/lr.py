@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from curvlab.operators.exact import GGN, Hessian
+from curvlab.operators.exact import exact_class
 from curvlab.problem import Problem
 from curvlab.spectra.diagnostics import learning_rate
 
@@ -16,9 +16,7 @@ def curvature_learning_rate(
 
     Use it to set SGD's step: ``torch.optim.SGD(model.parameters(), lr=curvature_learning_rate(...))``.
     """
-    classes = {"hessian": Hessian, "ggn": GGN}
-    if curvature not in classes:
-        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    operator = exact_class(curvature, allowed=("hessian", "ggn"))
     lanczos.setdefault("progress", False)
     problem = Problem(model, loss_fn, tuple(batch), eval_mode=not model.training)  # the trained function
-    return learning_rate(classes[curvature](problem), **lanczos)
+    return learning_rate(operator(problem), **lanczos)

@@ -16,21 +16,13 @@ from torch import Tensor
 
 from curvlab.errors import NotPositiveDefiniteError
 from curvlab.operators.dense import DenseOperator
-from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher, Hessian
+from curvlab.operators.exact import exact_class
 from curvlab.optim.base import CurvatureOptimizer
 from curvlab.options import check_count, check_positive
 from curvlab.structured.acp import ACP as ACPCurvature
 from curvlab.structured.diagonal import Diagonal
 from curvlab.structured.ekfac import EKFAC as EKFACCurvature
 from curvlab.structured.kfac import KFAC as KFACCurvature
-
-EXACT = {"hessian": Hessian, "ggn": GGN, "fisher": Fisher, "empirical_fisher": EmpiricalFisher}
-
-
-def _exact_class(name: str):
-    if name not in EXACT:
-        raise ValueError(f"curvature must be one of {sorted(EXACT)}, got {name!r}")
-    return EXACT[name]
 
 
 class KFAC(CurvatureOptimizer):
@@ -108,7 +100,7 @@ class DiagonalGGN(CurvatureOptimizer):
     def __init__(self, model, loss_fn, params=None, curvature: str = "ggn", **options):
         super().__init__(model, loss_fn, params, **options)
         self.curvature_name = curvature
-        self._class = _exact_class(curvature)
+        self._class = exact_class(curvature)
 
     def build_curvature(self, problem):  # noqa: D102
         return Diagonal(self._class(problem))
@@ -126,7 +118,7 @@ class Newton(CurvatureOptimizer):
         options.setdefault("damping", 0.0)
         super().__init__(model, loss_fn, params, **options)
         self.curvature_name = curvature
-        self._class = _exact_class(curvature)
+        self._class = exact_class(curvature)
 
     def build_curvature(self, problem):  # noqa: D102
         C = self._class(problem)
@@ -156,7 +148,7 @@ class HessianFree(CurvatureOptimizer):
         options.setdefault("damping_policy", "levenberg-marquardt")
         super().__init__(model, loss_fn, params, **options)
         self.curvature_name = curvature
-        self._class = _exact_class(curvature)
+        self._class = exact_class(curvature)
         self.cg_iterations = check_count("cg_iterations", cg_iterations)
         self.cg_tol = check_positive("cg_tol", cg_tol)
 

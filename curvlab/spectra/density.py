@@ -20,8 +20,8 @@ from torch import Tensor
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
 from curvlab.records import RecordParts, numpy, recordable
+from curvlab.sampling import rademacher
 from curvlab.spectra.lanczos import _as_matvec, lanczos_tridiagonal
-from curvlab.spectra.trace import rademacher
 
 
 @recordable("spectral_density")

@@ -7,7 +7,6 @@ multiplied in chunks of the operator's ``columns_per_chunk()`` (within a memory 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.options import check_count, check_integer
 from curvlab.progress import progress_bar
 from curvlab.records import RecordParts, recordable
+from curvlab.sampling import probe_buffer, rademacher
 
 METHODS = ("hutchinson", "hutch++", "exact")
 
@@ -54,61 +54,6 @@ class TraceEstimate:
             settings["num_matvecs"],
             settings["seed"],
         )
-
-
-def rademacher(
-    n: int, k: int, generator: torch.Generator, dtype, device, out: Tensor | None = None
-) -> Tensor:
-    """``(n, k)`` random signs drawn on the CPU, probe after probe (probe-major layout).
-
-    The i-th probe of a seed is the same however the probes are chunked, and on
-    every device. Eight signs per random byte (bits), which is several times
-    faster than one integer draw per entry for millions of parameters; only the
-    bytes cross to the device, where each is looked up in a 256 × 8 table of its
-    signs (on a GPU, unpacking on the CPU and copying the signs cost ten times
-    the products of a trace).
-
-    Args:
-        n: Probe length.
-        k: Number of probes.
-        generator: CPU generator the bytes are drawn from.
-        dtype: Float dtype of the signs.
-        device: Where the signs go.
-        out: A ``(≥ k, 8 ⌈n/8⌉)`` buffer of ``dtype`` on ``device`` to write into
-            (``probe_buffer``): probes drawn chunk after chunk then reuse one
-            allocation, where fresh memory for every chunk costs more in page
-            faults than drawing the signs. The result is a view of it.
-    """
-    size = (n + 7) // 8
-    random_bytes = torch.randint(0, 256, (k, size), generator=generator, dtype=torch.uint8).to(device)
-    if out is None:
-        out = probe_buffer(n, k, dtype, device)
-    elif (
-        out.shape[0] < k
-        or out.shape[1] != 8 * size
-        or (out.dtype, out.device) != (dtype, random_bytes.device)
-    ):
-        raise ValueError(
-            f"out must be a ({k}+, {8 * size}) {dtype} buffer on {device}, "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    signs = out[:k]
-    table = _sign_table(dtype, random_bytes.device)  # the concrete device ("cuda" → cuda:i)
-    torch.index_select(table, 0, random_bytes.reshape(-1).int(), out=signs.view(k * size, 8))
-    return signs[:, :n].T
-
-
-def probe_buffer(n: int, k: int, dtype, device) -> Tensor:
-    """Storage for ``k`` probes of length ``n`` from ``rademacher``: ``(k, 8 ⌈n/8⌉)``."""
-    return torch.empty(k, 8 * ((n + 7) // 8), dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _sign_table(dtype, device) -> Tensor:
-    """``(256, 8)``: row b holds the signs 2 bit_j(b) − 1 of byte b, lowest bit first (kept, read only)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> shifts) & 1
-    return bits.to(dtype).mul_(2).sub_(1).to(device)
 
 
 def orthonormal_basis(Y: Tensor) -> Tensor:

@@ -16,8 +16,9 @@ from torch import Tensor
 from curvlab.errors import UnsupportedError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
-from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
+from curvlab.operators.exact import flavour_of
 from curvlab.options import check_count, check_nonnegative
+from curvlab.sampling import rademacher
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.sequential import statistics_pass
 from curvlab.structured.statistics import find_layers, squared_gradient_moments
@@ -96,19 +97,9 @@ class Diagonal(CurvatureOperator):
         return operator
 
 
-def _flavour(C: CurvatureOperator):
-    if type(C) is GGN or (type(C) is Fisher and C.mc_samples is None):
-        return "type-2", 1, 0
-    if type(C) is Fisher:
-        return "mc", C.mc_samples, C.seed
-    if type(C) is EmpiricalFisher:
-        return "empirical", 1, 0
-    return None
-
-
 def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
     """Exact diagonal from one statistics pass, or None if C or its layers don't allow it."""
-    flavour = _flavour(C)
+    flavour = flavour_of(C)
     if flavour is None:
         return None
     try:
@@ -154,7 +145,7 @@ def _hutchinson(C: CurvatureOperator, num_probes: int, seed: int) -> tuple[Tenso
     total_sq = torch.zeros_like(total)
     for start in range(0, num_probes, C.max_columns):
         k = min(C.max_columns, num_probes - start)
-        Z = (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(C.device, C.dtype)
+        Z = rademacher(n, k, generator, C.dtype, C.device)
         samples = Z * (C @ Z)
         total += samples.sum(1)
         total_sq += (samples**2).sum(1)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.operators.exact import check_flavour, flavour_operator
 from curvlab.options import check_count, check_integer
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
 from curvlab.structured.sequential import ScaledRows, statistics_pass
-from curvlab.structured.statistics import FISHER_TYPES, Layer, accumulate, find_layers, second_moment
+from curvlab.structured.statistics import Layer, accumulate, find_layers, second_moment
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -70,8 +71,7 @@ class KFAC(BlockDiagonalOperator):
     ):
         if other_structure not in (None, "exact", "diagonal"):
             raise ValueError(f"other_structure must be None, 'exact' or 'diagonal', got {other_structure!r}")
-        if fisher_type not in FISHER_TYPES:
-            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+        check_flavour(fisher_type)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
         self.problem = problem
@@ -112,13 +112,7 @@ class KFAC(BlockDiagonalOperator):
 
     def _exact_operator(self, problem: Problem):
         """The exact matrix this flavour approximates, over ``problem``'s parameters."""
-        from curvlab.operators.exact import GGN, EmpiricalFisher, Fisher
-
-        if self.fisher_type == "type-2":
-            return GGN(problem)
-        if self.fisher_type == "empirical":
-            return EmpiricalFisher(problem)
-        return Fisher(problem, mc_samples=self.mc_samples, seed=self.seed)
+        return flavour_operator(problem, self.fisher_type, self.mc_samples, self.seed)
 
     def _other_blocks(self):
         """Blocks for parameters of modules without a Kronecker rule (``other_structure``)."""

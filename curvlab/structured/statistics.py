@@ -5,7 +5,6 @@ KFAC, EKFAC and ACP all consume this pass; they differ in what they accumulate.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from torch import Tensor, nn
 from curvlab.errors import UnsupportedError
 from curvlab.operators.memory import block_budget
 from curvlab.problem import Problem
+from curvlab.sampling import mc_noise, sampled_output_gradients
+from curvlab.structured.capture import record_calls
 from curvlab.structured.layers import LayerRule, module_label, rule_for
-
-FISHER_TYPES = ("type-2", "mc", "empirical")
 
 _MAX_ELEMENTS = 2**24  # bound on the (vectors, examples, d_out, d_A) intermediate
 
@@ -190,50 +189,6 @@ def find_layers(
     return layers
 
 
-@contextlib.contextmanager
-def capture(layers: list[Layer], copy_outputs: bool = False):
-    """Record each layer's input and output in a forward pass; hooks always removed.
-
-    Yields ``(inputs, outputs, modified)``: after the forward pass, ``modified()``
-    names the layers whose recorded output was changed in place later in the
-    pass (an in-place activation such as ``ReLU(inplace=True)``), whose gradients
-    would then be taken w.r.t. the changed values. With ``copy_outputs`` the
-    model computes on from a copy of each recorded output, so none is changed.
-    """
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-    versions: dict[str, int] = {}
-    handles = []
-
-    def hook_for(name):
-        def hook(module, args, output):
-            if name in inputs:  # a second call in one forward pass (e.g. in a loop)
-                raise UnsupportedError(
-                    f"{module_label(name, module)} is called more than once in one forward "
-                    f"pass (weight sharing, e.g. in a loop); {_ONCE}. Leave its parameters out of the "
-                    "problem's params, or use the exact operators (cl.GGN, cl.BlockDiagonal of them)"
-                )
-            inputs[name] = args[0].detach()
-            outputs[name] = output
-            if copy_outputs:
-                return output.clone()
-            versions[name] = output._version  # bumped by every in-place change
-            return None
-
-        return hook
-
-    def modified() -> list[str]:
-        return [name for name, version in versions.items() if outputs[name]._version != version]
-
-    try:
-        for layer in layers:
-            handles.append(layer.module.register_forward_hook(hook_for(layer.name)))
-        yield inputs, outputs, modified
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def input_vectors(layer: Layer, x: Tensor) -> Tensor:
     """ã: ``(N, R, d_A)``, with a trailing 1 when the layer's bias is in the problem."""
     a = layer.rule.input_vectors(layer.module, x, append_one=layer.bias is not None)
@@ -268,17 +223,8 @@ def backpropagated_vectors(
     if fisher_type == "type-2":
         vectors = rule.hessian_sqrt_columns(output, y)
     else:
-        generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + index) % 2**63)
-        shape = list(rule.noise_shape(y, mc_samples))  # (S, N, ...)
-        if counted is not None:
-            shape[1] = counted.shape[0]
-        noise = rule.draw_noise(tuple(shape), generator, output.dtype)
-        if counted is not None:
-            noise = noise[:, counted.cpu()]
-        sampled = rule.sample_targets(output, noise.to(output.device))
-        repeated = output.unsqueeze(0).expand(mc_samples, *output.shape).reshape(-1, *output.shape[1:])
-        r = rule.sampled_gradient(repeated, sampled.reshape(-1, *sampled.shape[2:]))
-        vectors = r.reshape(mc_samples, *output.shape) / mc_samples**0.5
+        noise = mc_noise(rule, y, mc_samples, seed, index, output.dtype, counted)
+        vectors = sampled_output_gradients(rule, output, noise) / mc_samples**0.5
     mask = rule.mask(y)  # entries without a loss term (ignore_index) backpropagate nothing
     return vectors if mask is None else vectors * mask
 
@@ -318,24 +264,34 @@ def layer_statistics(
     ``max_vectors`` backpropagated vectors (``None``: see ``vectors_per_pass``).
     """
     params = [p.detach().requires_grad_(True) for p in problem.params]
+    modules = {layer.name: layer.module for layer in layers}
     copy_outputs = False  # until a layer's output is found changed in place
     for index, X, y, counted in problem.counted_batches():
-        with capture(layers, copy_outputs) as (inputs, outputs, modified):
+        with record_calls(modules, copy_outputs) as calls:
             output = problem.forward(params, X)
-        if modified():
+        if not copy_outputs and any(record.modified() for record in calls.values()):
             # Run the batch again with copies of the recorded outputs (and every
             # later batch: the model is the same). Copying always would cost a copy
             # and fresh memory of every layer output per pass.
             copy_outputs = True
-            with capture(layers, copy_outputs) as (inputs, outputs, _):
+            with record_calls(modules, copy_outputs) as calls:
                 output = problem.forward(params, X)
         problem.loss_rule.check(output, y)
         for layer in layers:
-            if layer.name not in inputs:
+            called = len(calls[layer.name].inputs)
+            if called == 0:
                 raise UnsupportedError(
                     f"{module_label(layer.name, layer.module)} is not called in the forward "
                     f"pass of batch {index} (it was in the first): {_ONCE}, in every batch"
                 )
+            if called > 1:
+                raise UnsupportedError(
+                    f"{module_label(layer.name, layer.module)} is called more than once in one forward "
+                    f"pass (weight sharing, e.g. in a loop); {_ONCE}. Leave its parameters out of the "
+                    "problem's params, or use the exact operators (cl.GGN, cl.BlockDiagonal of them)"
+                )
+        inputs = {name: record.inputs[0] for name, record in calls.items()}
+        outputs = {name: record.outputs[0] for name, record in calls.items()}
         a = {layer.name: input_vectors(layer, inputs[layer.name]) for layer in layers}
         layer_outputs = [outputs[layer.name] for layer in layers]
         vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed, counted)
