@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError
+from curvlab.memory import available_bytes
 from curvlab.operators.base import CurvatureOperator
-from curvlab.operators.memory import available_bytes
 from curvlab.options import check_count
 from curvlab.records import RecordParts, recordable
 from curvlab.sampling import rademacher

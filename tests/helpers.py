@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab.passes import fast
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, what: str = ""):
@@ -74,3 +75,9 @@ def curvlinops_kfac_dense(problem: cl.Problem, **options) -> torch.Tensor:
             problem.model, problem.loss_fn, problem.params, problem.data, check_deterministic=False, **options
         )
         return theirs @ torch.eye(problem.num_params, dtype=problem.params[0].dtype)
+
+
+def takes_fast_path(problem: cl.Problem) -> bool:
+    """Whether the exact operators of ``problem`` take forms and products from a fast path."""
+    route = fast.compile(problem)
+    return route is not None and route.covers_parameters and route.applies()

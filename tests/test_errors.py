@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.operators import memory
+from curvlab import memory
 
 
 def _problem(loss=None, data=None, params=None, model=None):

@@ -17,8 +17,7 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from curvlab.operators import taylor
-from tests.helpers import assert_close_rel, finite_difference_hessian
+from tests.helpers import assert_close_rel, finite_difference_hessian, takes_fast_path
 
 F64 = torch.float64
 EXACT = {
@@ -239,7 +238,7 @@ def test_weight_norm(wrap):
     assert torch._weight_norm.__name__ == "_weight_norm"  # torch's own again
     # The weight is computed from g and v: not a plain MLP for the closed forms
     # (they took the hook form's weight as fixed: traces missed g and v).
-    assert not taylor.supports(problem)
+    assert not takes_fast_path(problem)
     V = torch.randn(problem.num_params, 3, dtype=F64)
     for operator, matrix in ((cl.Hessian, reference.hessian_matrix), (cl.GGN, reference.ggn)):
         expected = (V * (matrix(problem) @ V)).sum(0)

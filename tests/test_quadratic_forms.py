@@ -6,9 +6,9 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import reference
-from curvlab.operators import taylor
+from curvlab.passes import fast
 from tests.cases import CASES
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, takes_fast_path
 
 
 def _dense_forms(C, V):
@@ -30,7 +30,7 @@ def _no_products(C):
 def test_forms_match_dense(case, operator_class):
     problem = case.build(torch.float64)
     plain_mlp = case.name.startswith(("mlp_", "subset_"))
-    assert taylor.supports(problem) == plain_mlp
+    assert takes_fast_path(problem) == plain_mlp
     V = torch.randn(problem.num_params, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = _dense_forms(operator_class(problem), V)
     C = operator_class(problem)
@@ -74,7 +74,7 @@ def _odd_problem(pick, loss):
     }[loss]
     loss_fn = {"ce": nn.CrossEntropyLoss(), "mse": nn.MSELoss(reduction="sum"), "bce": nn.BCEWithLogitsLoss()}
     problem = cl.Problem(model, loss_fn[loss], [(X[:5], y[:5]), (X[5:], y[5:])], params=pick(model))
-    assert taylor.supports(problem)
+    assert takes_fast_path(problem)
     return problem
 
 
@@ -114,7 +114,7 @@ def test_trace_by_forms_equals_trace_by_products(method, monkeypatch):
     case = next(c for c in CASES if c.name == "mlp_relu_ce_mean_3batches")
     problem = case.build(torch.float64)
     by_forms = cl.trace(cl.Hessian(problem), method, 30, seed=4, progress=False)
-    monkeypatch.setattr(taylor, "supports", lambda problem: False)
+    monkeypatch.setattr(fast, "FAST_PATHS", [])
     by_products = cl.trace(cl.Hessian(problem), method, 30, seed=4, progress=False)
     assert by_forms.value == pytest.approx(by_products.value, rel=1e-12)
     assert by_forms.standard_error == pytest.approx(by_products.standard_error, rel=1e-10)
@@ -207,7 +207,7 @@ def test_closed_form_products_match_autograd_on_other_activations_and_subsets(pi
     assert_close_rel(closed, dense @ V, 1e-10, loss)
     into = _product_into(_no_autograd_hessian(cl.Hessian(problem)), V[:, 0])
     assert_close_rel(into, dense @ V[:, 0], 1e-10, f"{loss}, written into a vector")
-    monkeypatch.setattr(taylor, "supports", lambda problem: False)  # the reverse-over-reverse route
+    monkeypatch.setattr(fast, "FAST_PATHS", [])  # the reverse-over-reverse route
     assert_close_rel(closed, cl.Hessian(problem) @ V, 1e-10, f"{loss} against autograd")
     assert_close_rel(gradient, cl.Hessian(problem).gradient(), 1e-12, "gradient")
 
@@ -261,7 +261,7 @@ def test_closed_form_ggn_products_match_torch_func_on_other_activations_and_subs
     into = _product_into(_no_output_space_products(cl.GGN(problem)), V[:, 0])
     assert_close_rel(closed, reference.ggn(problem) @ V, 1e-10, loss)
     assert_close_rel(into, closed[:, 0], 1e-12, f"{loss}, written into a vector")
-    monkeypatch.setattr(taylor, "supports", lambda problem: False)  # the jvp/vjp route
+    monkeypatch.setattr(fast, "FAST_PATHS", [])  # the jvp/vjp route
     assert_close_rel(closed, cl.GGN(problem) @ V, 1e-10, f"{loss} against torch.func")
 
 

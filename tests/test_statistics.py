@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvlab as cl
-from curvlab.structured.capture import record_calls
+from curvlab.passes.autograd import vectors_per_pass
+from curvlab.passes.capture import record_calls
+from curvlab.passes.fast.mlp import _trapezoidal_times
+from curvlab.passes.layers import rule_for
+from curvlab.passes.vectors import gram, second_moment
 from curvlab.structured.kronecker import _scaled_identity_scalar
-from curvlab.structured.layers import rule_for
-from curvlab.structured.sequential import _trapezoidal_times
-from curvlab.structured.statistics import gram, second_moment, vectors_per_pass
 from tests.helpers import assert_close_rel
 
 F64 = torch.float64

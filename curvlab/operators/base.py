@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError, UnsupportedError
+from curvlab.memory import block_budget, check_fits
 from curvlab.operators.cg import conjugate_gradient
-from curvlab.operators.memory import block_budget, check_fits
 from curvlab.options import check_nonnegative, check_positive
 
 
@@ -186,7 +186,7 @@ class CurvatureOperator:
         By products in chunks of ``columns_per_chunk`` columns (the memory bound
         of ``C @ V``), summed block by block (no flat ``(n, k)`` product is
         assembled); operators with a cheaper route override it (the Hessian and
-        GGN of plain MLPs: ``curvlab.operators.taylor``).
+        GGN where a fast path covers the model: ``curvlab.passes.fast``).
         """
         self._check_tensor(V, "V")
         if V.dim() != 2 or V.shape[0] != self.shape[0]:

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from curvlab.operators import taylor
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
+from curvlab.passes import fast
 from curvlab.problem import Problem
 from curvlab.sampling import mc_noise, sampled_output_gradients
 from curvlab.shims import FORWARD_MODE
@@ -39,7 +39,16 @@ def _load_forward_mode_quietly() -> None:
 
 
 class ProblemOperator(CurvatureOperator):
-    """A curvature operator of a ``Problem``: products summed over its batches."""
+    """A curvature operator of a ``Problem``: products summed over its batches.
+
+    Where a fast path (``curvlab.passes.fast``) covers the model, chosen once here,
+    the Hessian and the GGN take their forms, products and the gradient from it on
+    a primal pass kept between calls; every other case takes the general route.
+    """
+
+    # The fast path's forms and products of this matrix: the Hessian (True), the GGN
+    # (False), or none (None: the Fisher and empirical Fisher).
+    _second_order: bool | None = None
 
     def __init__(self, problem: Problem):
         if not isinstance(problem, Problem):
@@ -49,6 +58,7 @@ class ProblemOperator(CurvatureOperator):
         )
         self.problem = problem
         self._primal_cache = None
+        self._fast = fast.compile(problem) if self._second_order is not None else None
 
     def _options(self) -> dict:
         """Constructor keyword arguments other than the problem (for blocks)."""
@@ -118,38 +128,42 @@ class ProblemOperator(CurvatureOperator):
         """Free the state kept between products."""
         self._primal_cache = None
 
-    def _forward_forms(self, V: Tensor, second_order: bool) -> Tensor | None:
-        """vᵢᵀ C vᵢ by forward propagation (``taylor``), or ``None`` where the model is not a plain MLP.
-
-        The primal pass is kept between calls where ``_caching`` allows (like the
-        Hessian's graph) and rebuilt when a parameter or the data changes in place.
-        """
-        if not taylor.supports(self.problem):
+    def _fast_route(self):
+        """The fast path for this matrix's forms and products, or ``None`` (the general route)."""
+        route = self._fast
+        if route is None or not route.covers_parameters or not route.applies():
             return None
-        return taylor.quadratic_forms(
-            self.problem, self._primal_batches(), self.flat_to_list(V), second_order
-        )
+        return route
 
-    def _primal_batches(self):
-        """Every batch's primal pass for ``taylor`` (a plain MLP): kept where ``_caching`` allows."""
-        batches = (taylor.primal(self.problem, X, y) for X, y in self.problem.batches())
+    def _primal_batches(self, route):
+        """Every batch's primal pass: kept between calls where ``_caching`` allows."""
+        batches = (route.primal(X, y) for X, y in self.problem.batches())
         if self._caching():
             return self._memo("_primal_cache", lambda: list(batches))
         return batches
 
-    def _closed_form_products(self, Vs: list[Tensor], second_order: bool, out=None) -> list[Tensor] | None:
-        """``taylor.products`` on the primal passes (a plain MLP), or None where they do not apply."""
-        if not taylor.supports(self.problem):
-            return None
-        return taylor.products(self.problem, self._primal_batches(), Vs, second_order, out)
+    def _quadratic_forms(self, V):
+        """vᵢᵀ C vᵢ; by the fast path's forward propagation where it applies (no products)."""
+        route = self._fast_route()
+        if route is None:
+            return super()._quadratic_forms(V)
+        return route.quadratic_forms(self._primal_batches(route), self.flat_to_list(V), self._second_order)
 
-    def _closed_form_into(self, v: Tensor, out: Tensor, second_order: bool) -> bool:
-        """The closed-form product of a flat v written into ``out``; False where it does not apply."""
-        if not out.is_contiguous():
-            return False
+    def _matmat(self, Vs):
+        route = self._fast_route()
+        if route is None:
+            return self._general_matmat(Vs)
+        return route.products(self._primal_batches(route), Vs, self._second_order)
+
+    def _matvec_into(self, v, out):
+        route = self._fast_route()
+        if route is None or not out.is_contiguous():
+            return super()._matvec_into(v, out)
         outs = self.flat_to_list(out.unsqueeze(1))  # views of out
-        directions = self.flat_to_list(v.unsqueeze(1))
-        return self._closed_form_products(directions, second_order, outs) is not None
+        route.products(
+            self._primal_batches(route), self.flat_to_list(v.unsqueeze(1)), self._second_order, outs
+        )
+        return out
 
     def _block(self, indices):
         params = [self.problem.params[i] for i in indices]
@@ -159,7 +173,8 @@ class ProblemOperator(CurvatureOperator):
         """Sum-reduced product of one batch; ``index`` numbers the batch."""
         raise NotImplementedError
 
-    def _matmat(self, Vs):
+    def _general_matmat(self, Vs):
+        """The product by the general route: one ``_batch_matmat`` per batch, summed and scaled by c."""
         total = None
         for index, (X, y) in enumerate(self.problem.batches()):
             part = self._batch_matmat(X, y, index, Vs)
@@ -171,7 +186,10 @@ class ProblemOperator(CurvatureOperator):
         return tuple(p.detach() for p in self.problem.params)
 
     def gradient(self) -> Tensor:
-        """∇_θ R of the operator's problem, flat ``(n,)`` in parameter order."""
+        """∇_θ R of the operator's problem, flat ``(n,)``; off the kept primal pass where there is one."""
+        route = self._fast_route()
+        if route is not None and self._caching():
+            return route.gradient(self._primal_batches(route))
         return self.problem.gradient()
 
 
@@ -185,18 +203,17 @@ class Hessian(ProblemOperator):
     """H = ∇²_θ R(θ), by differentiating the gradient once more (Pearlmutter 1994).
 
     Reverse-over-reverse: the batch gradient is built with a graph, then pulled
-    back along the k vectors in one batched pass (``is_grads_batched``). A plain
-    MLP (``nn.Sequential`` of ``nn.Linear`` and elementwise activations) instead
-    takes forward-over-reverse in closed form on a cached primal pass
-    (``taylor.products``): the same numbers, without autograd's engine
-    (MLP 64-128-128-10, batch 256: 2.1 ms against 3.0 ms a product).
+    back along the k vectors in one batched pass (``is_grads_batched``). Where a
+    fast path covers the model (``curvlab.passes.fast``: a plain MLP) the products
+    are forward-over-reverse in closed form on a cached primal pass instead: the
+    same numbers, without autograd's engine.
 
     Args:
         problem: The problem.
         cache_graph: Keep the gradient's graph (a plain MLP: its primal pass)
             between products, so repeated products (Lanczos, traces, CG) only pay
-            the second backward pass, not the forward and first backward pass again
-            (on the benchmark autoencoder about 2 gradients a product). ``None``
+            the second backward pass, not the forward and first backward pass again.
+            ``None``
             (default): cache when the data is a single in-memory batch, where the
             graph is no larger than one product's peak memory. The cache is
             rebuilt whenever a parameter, buffer or the data is modified in place
@@ -204,6 +221,7 @@ class Hessian(ProblemOperator):
     """
 
     _memos = ("_primal_cache", "_cache")
+    _second_order = True
 
     def __init__(self, problem: Problem, cache_graph: bool | None = None):
         super().__init__(problem)
@@ -222,11 +240,6 @@ class Hessian(ProblemOperator):
         if self.cache_graph is None:
             return super()._caching()
         return bool(self.cache_graph)
-
-    def _quadratic_forms(self, V):
-        """vᵢᵀ H vᵢ; plain MLPs by second-order forward propagation (no product, ``taylor``)."""
-        forms = self._forward_forms(V, second_order=True)
-        return super()._quadratic_forms(V) if forms is None else forms
 
     def _gradient_graphs(self):
         """Per batch: (leaf parameters, gradient with graph, connected indices).
@@ -249,22 +262,17 @@ class Hessian(ProblemOperator):
 
     def gradient(self) -> Tensor:
         """∇_θ R, flat; read off the cached primal pass or graph (no extra pass) when caching."""
-        if not self._caching():
+        if not self._caching() or self._fast_route() is not None:
             return super().gradient()
-        if taylor.supports(self.problem):
-            return taylor.gradient(self.problem, self._primal_batches())
         total = None
         for _, gradient, _ in self._cached_graphs():
             flat = torch.cat([g.detach().reshape(-1) for g in gradient])
             total = flat if total is None else total.add_(flat)
         return total
 
-    def _matmat(self, Vs):
-        products = self._closed_form_products(Vs, second_order=True)  # a plain MLP: forward-over-reverse
-        if products is not None:
-            return products
+    def _general_matmat(self, Vs):
         if not self._caching():
-            return super()._matmat(Vs)
+            return super()._general_matmat(Vs)
         total = None
         for graph in self._cached_graphs():
             # Column by column: with the graph kept, one backward per vector is
@@ -276,9 +284,6 @@ class Hessian(ProblemOperator):
             part = columns[0] if len(columns) == 1 else [torch.cat(pieces) for pieces in zip(*columns)]
             total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
         return total  # already scaled: the cached graphs are those of c · loss
-
-    def _matvec_into(self, v, out):
-        return out if self._closed_form_into(v, out, second_order=True) else super()._matvec_into(v, out)
 
     def _batch_matmat(self, X, y, index, Vs):
         return self._pull_back(*self._gradient_graph(X, y), Vs, retain_graph=False)
@@ -406,25 +411,15 @@ def _per_example_dot(a: Tensor, b: Tensor, leading: int = 1) -> Tensor:
 class GGN(OutputSpaceOperator):
     r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (THEORY.md).
 
-    Products by forward-mode J v and a pull-back per product; a plain MLP instead
-    takes them in closed form on a cached primal pass (``taylor.products``: J v
-    forward, Λ, Jᵀ back, 4 GEMMs a layer, no second forward pass).
+    Products by forward-mode J v and a pull-back per product; where a fast path
+    covers the model (a plain MLP) in closed form on a cached primal pass instead
+    (J v forward, Λ, Jᵀ back: no second forward pass).
     """
+
+    _second_order = False
 
     def _middle(self, output, y, u, aux):
         return self.problem.loss_rule.hessian_vp(output, u, y)
-
-    def _matmat(self, Vs):
-        products = self._closed_form_products(Vs, second_order=False)
-        return super()._matmat(Vs) if products is None else products
-
-    def _matvec_into(self, v, out):
-        return out if self._closed_form_into(v, out, second_order=False) else super()._matvec_into(v, out)
-
-    def _quadratic_forms(self, V):
-        """vᵢᵀ G vᵢ = c Σₙ (J v)ᵀ Λ (J v); plain MLPs by one forward propagation (``taylor``)."""
-        forms = self._forward_forms(V, second_order=False)
-        return super()._quadratic_forms(V) if forms is None else forms
 
 
 class EmpiricalFisher(OutputSpaceOperator):

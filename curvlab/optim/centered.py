@@ -25,8 +25,9 @@ from torch import nn
 from curvlab.optim.base import all_finite, check_group, check_state_shapes, scratch
 from curvlab.optim.factored import owners, record_linear_factors, verified_factors
 from curvlab.options import check_positive
+from curvlab.passes.autograd import autograd_statistics
+from curvlab.passes.layers import find_layers
 from curvlab.problem import Problem
-from curvlab.structured.statistics import find_layers, layer_statistics
 
 
 class CenteredSGD(torch.optim.Optimizer):
@@ -100,9 +101,11 @@ class CenteredSGD(torch.optim.Optimizer):
         )
         result = [torch.zeros_like(p) for p in params]
         c = problem.reduction_factor
-        for _, inputs, grads in layer_statistics(problem, layers, "empirical"):
+        for batch in autograd_statistics(problem, layers, "empirical"):
+            (chunk,) = batch.chunks  # one vector: one chunk
             for layer in layers:
-                a, g = inputs[layer.name], grads[layer.name][0]  # (N, R, d_A), (N, R, d_out)
+                a = batch.inputs[layer.name]  # (N, R, d_A)
+                g = chunk.gradients[layer.name].tensor()[0]  # (N, R, d_out)
                 if layer.weight is not None:
                     h = a[..., :-1] if layer.bias is not None else a
                     centered = h - h.mean(dim=(0, 1), keepdim=True)

@@ -24,7 +24,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from curvlab.structured.capture import Calls, record_calls
+from curvlab.passes.capture import Calls, record_calls
 
 _PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
 
@@ -32,7 +32,7 @@ _PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
 def record_linear_factors(model: nn.Module, params: list[Tensor]):
     """Record the inputs and output gradients of ``model``'s Linear layers that own ``params``.
 
-    A context manager yielding ``{module: Calls}`` (``curvlab.structured.capture``),
+    A context manager yielding ``{module: Calls}`` (``curvlab.passes.capture``),
     filled while the block runs forward and backward passes. The inputs are the
     tensors autograd keeps anyway (no copy); the hooks change nothing and are
     removed on exit, also after an error.

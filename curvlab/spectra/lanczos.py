@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError, NonFiniteError
+from curvlab.memory import block_budget
 from curvlab.operators.base import CurvatureOperator, in_fixed_state
-from curvlab.operators.memory import block_budget
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
 from curvlab.records import RecordParts, numpy, recordable

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from curvlab.passes.autograd import autograd_statistics
+from curvlab.passes.layers import find_layers
+from curvlab.passes.vectors import accumulate, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
-from curvlab.structured.statistics import accumulate, find_layers, layer_statistics, second_moment
 
 
 class ACP(BlockDiagonalOperator):
@@ -39,13 +41,14 @@ class ACP(BlockDiagonalOperator):
             problem, remedy="ACP covers those layers only: leave its parameters out of the problem's params"
         )
         A_sum, max_square = {}, {}
-        for _, inputs, grads in layer_statistics(problem, self.layers, "empirical"):
+        for batch in autograd_statistics(problem, self.layers, "empirical"):
             for layer in self.layers:
-                accumulate(
-                    A_sum, layer.name, second_moment(inputs[layer.name]).div_(inputs[layer.name].shape[1])
-                )
-                square = grads[layer.name].pow(2).max()
-                max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
+                a = batch.inputs[layer.name]
+                accumulate(A_sum, layer.name, second_moment(a).div_(a.shape[1]))
+            for chunk in batch.chunks:
+                for layer in self.layers:
+                    square = chunk.gradients[layer.name].tensor().pow(2).max()
+                    max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
         scale = problem.reduction_factor * problem.num_counted_examples
         shapes, names = [p.shape for p in problem.params], problem.param_names
         self.alphas = {}

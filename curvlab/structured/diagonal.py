@@ -18,10 +18,11 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from curvlab.operators.exact import flavour_of
 from curvlab.options import check_count, check_nonnegative
+from curvlab.passes import fast, statistics
+from curvlab.passes.layers import find_layers
+from curvlab.passes.vectors import accumulate
 from curvlab.sampling import rademacher
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
-from curvlab.structured.sequential import statistics_pass
-from curvlab.structured.statistics import find_layers, squared_gradient_moments
 
 
 class Diagonal(CurvatureOperator):
@@ -109,10 +110,11 @@ def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
     problem = C.problem
     moments = {}
     try:
-        for _, inputs, grads in statistics_pass(problem, layers, *flavour):
-            for layer in layers:
-                m = squared_gradient_moments(grads[layer.name], inputs[layer.name])
-                moments[layer.name] = m if layer.name not in moments else moments[layer.name] + m
+        for batch in statistics(problem, layers, *flavour, fast_path=fast.compile(problem)):
+            for chunk in batch.chunks:
+                for layer in layers:
+                    a = batch.inputs[layer.name][chunk.examples]
+                    accumulate(moments, layer.name, chunk.gradients[layer.name].squared_moments(a))
     except UnsupportedError:  # found during the pass: a layer called twice per forward pass
         return None
     parts: list[Tensor | None] = [None] * len(problem.params)

@@ -14,8 +14,6 @@ import torch
 
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kfac import KFAC
-from curvlab.structured.sequential import as_tensor
-from curvlab.structured.statistics import squared_gradient_moments
 
 
 class EKFAC(KFAC):
@@ -30,11 +28,12 @@ class EKFAC(KFAC):
         kronecker_blocks = self.block_operators[: len(self.block_sources)]  # others: other_structure
         bases = [block.eigenbasis_form() for block in kronecker_blocks]
         D = [torch.zeros_like(basis.D) for basis in bases]
-        for _, inputs, grads in self._statistics() if bases else ():
-            for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
-                g = as_tensor(grads[layer.name]) @ basis.Q_G
-                a = inputs[layer.name][..., columns] @ basis.Q_A
-                D[i] += squared_gradient_moments(g, a)
+        for batch in self._statistics() if bases else ():
+            for chunk in batch.chunks:
+                for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
+                    g = chunk.gradients[layer.name].rotated(basis.Q_G)
+                    a = batch.inputs[layer.name][chunk.examples][..., columns] @ basis.Q_A
+                    D[i] += g.squared_moments(a)
         c = problem.reduction_factor
         for basis, moments in zip(bases, D):
             basis.D = moments * c

@@ -1,6 +1,6 @@
 r"""KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015).
 
-Per supported layer (registry in ``curvlab.structured.layers``), the block of the
+Per supported layer (registry in ``curvlab.passes.layers``), the block of the
 GGN/Fisher over its weight [and bias] is replaced by G ⊗ A (THEORY.md):
 
 * expand (Eschenhagen et al. 2023): A = 1/(N R) Σ_{n,r} ã_{n,r} ã_{n,r}ᵀ and
@@ -23,16 +23,16 @@ The conventions agree with curvlinops 3.x ``KFACLinearOperator``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from curvlab.operators.exact import check_flavour, flavour_operator
 from curvlab.options import check_count, check_integer
+from curvlab.passes import fast, statistics
+from curvlab.passes.layers import Layer, find_layers
+from curvlab.passes.vectors import GramSum, accumulate, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.kronecker import KroneckerBlock
-from curvlab.structured.sequential import ScaledRows, statistics_pass
-from curvlab.structured.statistics import Layer, accumulate, find_layers, second_moment
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -84,6 +84,7 @@ class KFAC(BlockDiagonalOperator):
         self.other_structure = other_structure
         self.unsupported: list[int] = []
         self.layers = find_layers(problem, self.unsupported if other_structure else None)
+        self._fast = fast.compile(problem)  # chosen once: the statistics pass of this model
         self.factors = self._collect_factors()
         blocks = []
         self.block_sources: list[tuple[Layer, slice]] = []  # (layer, columns of ã) per block
@@ -132,8 +133,14 @@ class KFAC(BlockDiagonalOperator):
         ]
 
     def _statistics(self):
-        return statistics_pass(
-            self.problem, self.layers, self.fisher_type, self.mc_samples, self.seed, self.max_vectors
+        return statistics(
+            self.problem,
+            self.layers,
+            self.fisher_type,
+            self.mc_samples,
+            self.seed,
+            self.max_vectors,
+            self._fast,
         )
 
     def _blocks_of(self, layer: Layer, A: Tensor, G: Tensor):
@@ -160,43 +167,16 @@ class KFAC(BlockDiagonalOperator):
             return {}
         A_sum: dict[str, Tensor] = {}
         G_sum: dict[str, Tensor] = {}
-        seen = set()
-        # Inputs of a batch not yet in A_sum. The autograd pass repeats a batch's inputs
-        # for every chunk of vectors (index: the batch); the MLP pass hands out a few
-        # examples per chunk (index: (batch, first example)), gathered here so that each
-        # batch's input moment is one GEMM, not one per chunk of a handful of rows.
-        # Likewise the MLP pass' factored output gradients (ScaledRows, next to a diagonal
-        # output Hessian): one Gram per batch, not one d × d product per chunk.
-        pending: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
-        pending_factored: dict[str, list[ScaledRows]] = {layer.name: [] for layer in self.layers}
-        pending_batch = None
-
-        def add_pending():
-            for name, rows in pending.items():
-                if rows:
-                    accumulate(A_sum, name, self._input_moment(torch.cat(rows) if len(rows) > 1 else rows[0]))
-                    rows.clear()
-            for name, parts in pending_factored.items():
-                if parts:
-                    accumulate(G_sum, name, ScaledRows.gram_of_chunks(parts))
-                    parts.clear()
-
-        for index, inputs, grads in self._statistics():
-            batch = index[0] if isinstance(index, tuple) else index
-            if batch != pending_batch:
-                add_pending()
-                pending_batch = batch
-            if index not in seen:
-                seen.add(index)
+        reduce = self.kfac_approx == "reduce"
+        for batch in self._statistics():
+            for layer in self.layers:  # one input moment per batch, one GEMM
+                accumulate(A_sum, layer.name, self._input_moment(batch.inputs[layer.name]))
+            grams = {layer.name: GramSum(reduce) for layer in self.layers}
+            for chunk in batch.chunks:
                 for layer in self.layers:
-                    pending[layer.name].append(inputs[layer.name])
-            for layer in self.layers:
-                g = grads[layer.name]
-                if isinstance(g, ScaledRows):
-                    pending_factored[layer.name].append(g)
-                else:
-                    accumulate(G_sum, layer.name, self._output_moment(g))
-        add_pending()
+                    grams[layer.name].add(chunk.gradients[layer.name])
+            for name, gram in grams.items():
+                accumulate(G_sum, name, gram.result())
         c, N = self.problem.reduction_factor, self.problem.num_counted_examples
         return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
 
@@ -206,11 +186,3 @@ class KFAC(BlockDiagonalOperator):
             moment = second_moment(a)
             return moment if a.shape[1] == 1 else moment.div_(a.shape[1])
         return second_moment(a.mean(1))
-
-    def _output_moment(self, g: Tensor) -> Tensor:
-        """Σ over vectors and examples of the output-gradient second moment."""
-        if not isinstance(g, Tensor):  # the MLP pass (one location per example)
-            return g.gram()
-        if self.kfac_approx == "reduce":
-            g = g.sum(2)
-        return second_moment(g)

@@ -1,7 +1,7 @@
 """Hooks that record what chosen modules see in a forward (and backward) pass, always removed.
 
 The one capture mechanism of curvlab: the layerwise statistics pass records each
-layer's input and output (``structured/statistics.py``), the optimizers the inputs
+layer's input and output (``passes/autograd.py``), the optimizers the inputs
 and output gradients of the Linear layers of a training step (``optim/factored.py``).
 """
 

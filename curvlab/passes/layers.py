@@ -1,6 +1,8 @@
-"""Explicit registry of layer rules for Kronecker-factored curvature.
+"""The layers of a problem with Kronecker-factored curvature, and the rules for each layer type.
 
-A rule turns a module's input into per-location input vectors ``(N, R, d_in)``
+``find_layers`` groups a problem's parameters by module and refuses what no
+layerwise pass captures (a module without a rule, used twice, or not at all).
+A rule (the explicit ``REGISTRY``) turns a module's input into per-location input vectors ``(N, R, d_in)``
 and an output gradient into per-location vectors ``(V, N, R, d_out)``, where R
 counts the locations that share the weight (sequence positions, convolution
 patches; R = 1 for a plain ``Linear`` on ``(N, d_in)`` inputs). The flattened
@@ -9,11 +11,15 @@ weight ``(d_out, d_in)`` is ``module.weight.reshape(d_out, -1)``, row-major.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.errors import UnsupportedError
+from curvlab.problem import Problem
 
 
 def module_label(name: str, module: nn.Module) -> str:
@@ -149,3 +155,108 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
         )
     rule.check(module, name)
     return rule
+
+
+@dataclass
+class Layer:
+    """A supported module and where its weight and bias sit in the problem's params."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    weight: int | None
+    bias: int | None
+
+
+# Why a layer used several times (or not at all) has no layerwise statistics.
+_ONCE = "Kronecker factors and the layerwise statistics need each layer used once per forward pass"
+
+
+def _shared_message(module: nn.Module, name: str, uses: int | None = None) -> str:
+    how = f"is used {uses} times" if uses else "shares a parameter with another module"
+    return f"{module_label(name, module)} {how} (weight sharing); {_ONCE}"
+
+
+def _check_used_once(problem: Problem, module: nn.Module, name: str, indices) -> None:
+    """UnsupportedError unless each of the module's parameters is read once by the forward pass.
+
+    Counted in the first batch's autograd graph (``Problem.param_uses``): 0 means
+    the module takes no part in the forward pass; more than 1 that it is called
+    again (a loop) or that its parameter is also used outside it (a decoder
+    reading an encoder's weight transposed), which no per-layer pass captures.
+    """
+    uses = {problem.param_uses[problem.param_names[i]] for i in indices}
+    if uses == {1}:
+        return
+    if 0 in uses:
+        raise UnsupportedError(
+            f"{module_label(name, module)} takes no part in the model's forward pass "
+            "(its parameters get no gradient, so its curvature is 0)"
+        )
+    raise UnsupportedError(
+        f"{module_label(name, module)} has a parameter read {max(uses)} times in one "
+        "forward pass: the module is called more than once (e.g. in a loop) or its parameter is "
+        f"also used outside it (weight sharing); {_ONCE}"
+    )
+
+
+OTHER_STRUCTURE_REMEDY = (
+    "Pass other_structure='exact' or 'diagonal' to give its parameters an exact block or diagonal, "
+    "or leave them out of the problem's params"
+)
+
+
+def find_layers(
+    problem: Problem, unsupported: list[int] | None = None, remedy: str = OTHER_STRUCTURE_REMEDY
+) -> list[Layer]:
+    """Group the problem's parameters by module; error on unsupported modules.
+
+    A module reachable by two paths (the same layer twice in a ``Sequential``),
+    owning a parameter tied to another module, or whose parameters the first
+    batch's forward pass reads more than once or never, counts as unsupported:
+    its parameters' curvature couples several uses, which no per-layer pass
+    captures (or is 0).
+
+    Args:
+        problem: The problem.
+        unsupported: If given, indices of parameters of modules without a rule are
+            appended to it instead of raising.
+        remedy: The sentence the error ends with: what the caller offers instead
+            (``other_structure`` for the KFAC family).
+    """
+    index_of = {id(p): i for i, p in enumerate(problem.params)}
+    paths = Counter(id(m) for _, m in problem.model.named_modules(remove_duplicate=False))
+    owners = Counter(
+        id(p) for m in problem.model.modules() for _, p in m.named_parameters(recurse=False)
+    )  # more than 1: a parameter tied across modules
+    layers = []
+    for name, module in problem.model.named_modules():
+        owned = {
+            role: index_of[id(p)] for role, p in module.named_parameters(recurse=False) if id(p) in index_of
+        }
+        if not owned:
+            continue
+        try:
+            if paths[id(module)] > 1 or any(owners[id(problem.params[i])] > 1 for i in owned.values()):
+                uses = paths[id(module)]
+                raise UnsupportedError(_shared_message(module, name, uses if uses > 1 else None))
+            _check_used_once(problem, module, name, owned.values())
+            rule = rule_for(module, name)
+        except UnsupportedError as error:
+            if unsupported is None:
+                raise UnsupportedError(f"{error}. {remedy}") from None
+            unsupported.extend(i for i in owned.values() if i not in unsupported)
+            continue
+        unknown = set(owned) - {"weight", "bias"}
+        if unknown:
+            raise UnsupportedError(f"{module_label(name, module)} has parameters {sorted(unknown)}")
+        layers.append(Layer(name, module, rule, owned.get("weight"), owned.get("bias")))
+    return layers
+
+
+def input_vectors(layer: Layer, x: Tensor) -> Tensor:
+    """ã: ``(N, R, d_A)``, with a trailing 1 when the layer's bias is in the problem."""
+    a = layer.rule.input_vectors(layer.module, x, append_one=layer.bias is not None)
+    if layer.weight is None:
+        a = a[..., -1:]
+    return a

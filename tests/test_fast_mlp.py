@@ -1,13 +1,20 @@
-"""The MLP statistics pass (manual backpropagation, compression) equals the autograd pass."""
+"""The plain-MLP fast path's statistics (manual backpropagation, compression) equal the autograd pass.
+
+Its forms and products are checked against the dense references and the general
+routes in ``test_quadratic_forms.py``.
+"""
 
 import pytest
 import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.structured import sequential
-from curvlab.structured.sequential import sequential_statistics, statistics_pass, supports
-from curvlab.structured.statistics import find_layers, layer_statistics, squared_gradient_moments
+from curvlab.passes import fast, statistics
+from curvlab.passes.autograd import autograd_statistics
+from curvlab.passes.fast import mlp
+from curvlab.passes.fast.mlp import PlainMLP
+from curvlab.passes.layers import find_layers
+from curvlab.passes.vectors import LocatedVectors
 from tests.helpers import assert_close_rel
 
 LOSSES = {
@@ -45,15 +52,14 @@ def _bottleneck_problem(loss_name: str, outputs: int = 24, final_tanh: bool = Tr
 def _sums(stream, layers):
     """Per layer: Σ g gᵀ, the squared-gradient moments and Σ g gᵀ from ``tensor()``."""
     gram, moments, from_tensor = {}, {}, {}
-    for _, inputs, grads in stream:
-        for layer in layers:
-            g, a = grads[layer.name], inputs[layer.name]
-            t = g if isinstance(g, torch.Tensor) else g.tensor()
-            flat = t.reshape(-1, t.shape[-1])
-            gram[layer.name] = gram.get(layer.name, 0) + (flat.T @ flat if g is t else g.gram())
-            m = squared_gradient_moments(g, a) if g is t else g.squared_moments(a)
-            moments[layer.name] = moments.get(layer.name, 0) + m
-            from_tensor[layer.name] = from_tensor.get(layer.name, 0) + flat.T @ flat
+    for batch in stream:
+        for chunk in batch.chunks:
+            for layer in layers:
+                g, a = chunk.gradients[layer.name], batch.inputs[layer.name][chunk.examples]
+                flat = g.tensor().reshape(-1, g.tensor().shape[-1])
+                gram[layer.name] = gram.get(layer.name, 0) + g.gram()
+                moments[layer.name] = moments.get(layer.name, 0) + g.squared_moments(a)
+                from_tensor[layer.name] = from_tensor.get(layer.name, 0) + flat.T @ flat
     return gram, moments, from_tensor
 
 
@@ -65,9 +71,10 @@ def _sums(stream, layers):
 def test_mlp_pass_equals_autograd_pass(loss_name, fisher_type, outputs, final_tanh):
     problem = _bottleneck_problem(loss_name, outputs, final_tanh)
     layers = find_layers(problem)
-    assert supports(problem, layers)
-    expected = _sums(layer_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
-    actual = _sums(sequential_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    route = PlainMLP.compile(problem)
+    assert route.covers(layers)
+    expected = _sums(autograd_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    actual = _sums(route.statistics(layers, fisher_type, mc_samples=3, seed=1), layers)
     for what, exp, act in zip(("gram", "moments", "tensor gram"), expected, actual):
         for name in exp:
             assert_close_rel(act[name], exp[name], 1e-12, f"{what} of layer {name}")
@@ -85,18 +92,22 @@ def test_chunks_reuse_buffers_and_sum_to_the_autograd_pass(loss_name, fisher_typ
     problem = _bottleneck_problem(loss_name, outputs=24, final_tanh=False)
     layers = find_layers(problem)
     V = 24 if fisher_type == "type-2" else 3
-    monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * V * 40 * 8)
-    expected = _sums(layer_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
+    monkeypatch.setattr(mlp, "block_budget", lambda device: 2 * V * 40 * 8)
+    expected = _sums(autograd_statistics(problem, layers, fisher_type, mc_samples=3, seed=1), layers)
     pointers, sizes = {}, []
-    stream = sequential_statistics(problem, layers, fisher_type, mc_samples=3, seed=1)
+    stream = PlainMLP.compile(problem).statistics(layers, fisher_type, mc_samples=3, seed=1)
 
     def recording(stream):
-        for index, inputs, grads in stream:
-            sizes.append(next(iter(inputs.values())).shape[0])
-            for name, g in grads.items():
-                if isinstance(g, sequential.DenseVectors) and g.B.shape[1] == V:  # not compressed (QR)
+        for batch in stream:
+            yield type(batch)(batch.index, batch.inputs, recorded(batch))
+
+    def recorded(batch):
+        for chunk in batch.chunks:
+            sizes.append(next(iter(batch.inputs.values()))[chunk.examples].shape[0])
+            for name, g in chunk.gradients.items():
+                if isinstance(g, mlp.DenseVectors) and g.B.shape[1] == V:  # not compressed (QR)
                     pointers.setdefault(name, set()).add(g.B.data_ptr())
-            yield index, inputs, grads
+            yield chunk
 
     actual = _sums(recording(stream), layers)
     assert sizes == [2, 2, 2, 1, 2, 2, 2]
@@ -112,11 +123,9 @@ def test_compression_really_happens(monkeypatch):
     """The 24 vectors per example reach the 3-wide layer as 3 (QR), not 24."""
     problem = _bottleneck_problem("mse")
     layers = find_layers(problem)
-    seen = {}
-    for _, _, grads in sequential_statistics(problem, layers, "type-2"):
-        seen = {name: g for name, g in grads.items()}
-        break
-    assert isinstance(seen["6"], sequential.ScaledRows)  # next to the output: kept factored
+    batch = next(iter(PlainMLP.compile(problem).statistics(layers, "type-2")))
+    seen = next(iter(batch.chunks)).gradients
+    assert isinstance(seen["6"], mlp.ScaledRows)  # next to the output: kept factored
     assert seen["2"].tensor().shape[0] == 3  # compressed at the bottleneck
 
 
@@ -132,34 +141,34 @@ def test_structured_objects_agree_with_the_autograd_pass(loss_name, final_tanh, 
     """
     problem = _bottleneck_problem(loss_name, final_tanh=final_tanh)
     if chunks == "2 examples":
-        monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * 24 * 40 * 8)
-    fast = {
+        monkeypatch.setattr(mlp, "block_budget", lambda device: 2 * 24 * 40 * 8)
+    by_fast_path = {
         "kfac": cl.KFAC(problem).to_dense(),
         "ekfac": cl.EKFAC(problem).to_dense(),
         "diagonal": cl.Diagonal(cl.GGN(problem)).to_dense(),
         "mc kfac": cl.KFAC(problem, fisher_type="mc", mc_samples=4, seed=3).to_dense(),
     }
-    monkeypatch.setattr(sequential, "supports", lambda problem, layers: False)
+    monkeypatch.setattr(fast, "FAST_PATHS", [])
     slow = {
         "kfac": cl.KFAC(problem).to_dense(),
         "ekfac": cl.EKFAC(problem).to_dense(),
         "diagonal": cl.Diagonal(cl.GGN(problem)).to_dense(),
         "mc kfac": cl.KFAC(problem, fisher_type="mc", mc_samples=4, seed=3).to_dense(),
     }
-    for name in fast:
-        assert_close_rel(fast[name], slow[name], 1e-12, name)
+    for name in by_fast_path:
+        assert_close_rel(by_fast_path[name], slow[name], 1e-12, name)
     exact = cl.GGN(problem).to_dense()
-    assert_close_rel(fast["diagonal"].diagonal(), exact.diagonal(), 1e-12, "diagonal vs dense GGN")
+    assert_close_rel(by_fast_path["diagonal"].diagonal(), exact.diagonal(), 1e-12, "diagonal vs dense GGN")
 
 
 def test_kfac_takes_one_gram_per_batch_of_the_factored_gradients(monkeypatch):
     """MSE, linear output, chunks of 2 examples: the last layer's G is one Gram per batch, not per chunk."""
     problem = _bottleneck_problem("mse", final_tanh=False)
-    monkeypatch.setattr(sequential, "block_budget", lambda device: 2 * 24 * 40 * 8)
+    monkeypatch.setattr(mlp, "block_budget", lambda device: 2 * 24 * 40 * 8)
     calls = []
-    gram = sequential.ScaledRows.gram
+    gram = mlp.ScaledRows.gram
     monkeypatch.setattr(
-        sequential.ScaledRows, "gram", lambda self: calls.append(self.s.shape[0]) or gram(self)
+        mlp.ScaledRows, "gram", lambda self, reduce=False: calls.append(self.s.shape[0]) or gram(self)
     )
     cl.KFAC(problem)
     assert calls == [7, 6]  # the batches' examples, joined
@@ -180,16 +189,15 @@ def test_other_models_use_the_autograd_pass():
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 3))
     problem = cl.Problem(conv, nn.MSELoss(), (torch.randn(4, 1, 10), torch.randn(4, 3)))
-    layers = find_layers(problem)
-    assert not supports(problem, layers)
+    assert fast.compile(problem) is None
     dropout = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     problem = cl.Problem(dropout, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
-    assert not supports(problem, find_layers(problem))
+    assert fast.compile(problem) is None
     sequence = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # (N, T, d) inputs
     problem = cl.Problem(sequence, nn.MSELoss(), (torch.randn(4, 5, 3), torch.randn(4, 5, 2)))
-    stream = statistics_pass(problem, find_layers(problem), "type-2")
-    _, _, grads = next(iter(stream))
-    assert all(isinstance(g, torch.Tensor) for g in grads.values())
+    assert fast.compile(problem) is None
+    batch = next(iter(statistics(problem, find_layers(problem), "type-2", fast_path=fast.compile(problem))))
+    assert all(isinstance(g, LocatedVectors) for g in next(iter(batch.chunks)).gradients.values())
 
 
 @pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
@@ -203,7 +211,7 @@ def test_in_place_activations_single_example_kfac_is_exact(model_kind, monkeypat
     if model_kind == "mlp":
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1)).double()
         X = torch.randn(1, 3, dtype=torch.float64)
-        monkeypatch.setattr(sequential, "supports", lambda problem, layers: False)
+        monkeypatch.setattr(fast, "FAST_PATHS", [])
     else:
         model = nn.Sequential(
             nn.Conv1d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(6, 1)
