@@ -18,6 +18,13 @@ def _is_scalar_tensor(value) -> bool:
     return hasattr(value, "dim") and value.dim() == 0 and value.is_floating_point()
 
 
+def check_finite(name: str, value) -> float:
+    """``value`` as a float if it is a finite number, else ``ValueError`` naming ``name``."""
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_nonnegative(name: str, value) -> float:
     """``value`` as a float if it is a finite number ≥ 0, else ``ValueError`` naming ``name``."""
     if not _is_real(value) or not (math.isfinite(float(value)) and float(value) >= 0):

@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from curvlab.operators.base import CurvatureOperator
 from curvlab.storage import Record, read
 
 
@@ -36,9 +38,9 @@ def save(fig: Figure, path, dpi: int = 150) -> Path:
 def _array(x) -> np.ndarray:
     if isinstance(x, Record):
         return np.asarray(x.data["values"])
-    if hasattr(x, "to_dense") and not hasattr(x, "detach"):  # a curvature operator or block
+    if isinstance(x, CurvatureOperator):
         x = x.to_dense()
-    if hasattr(x, "detach"):
+    if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=float)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import Tensor
 from curvlab.errors import DataError, UnsupportedError
 from curvlab.memory import block_budget, check_fits
 from curvlab.operators.cg import conjugate_gradient
-from curvlab.options import check_nonnegative, check_positive
+from curvlab.options import check_finite, check_nonnegative, check_positive
 
 
 def in_fixed_state(function):
@@ -308,6 +309,129 @@ class CurvatureOperator:
         subclasses with cheaper blocks override it.
         """
         return RestrictedOperator(self, indices)
+
+    # ------------------------------------------------------------ matrix functions
+    structured_eigvalsh = False  # eigvalsh comes from the structure, not a dense eigendecomposition
+
+    def diag(self) -> Tensor:
+        """The exact diagonal, flat ``(n,)``: here by products with unit vectors, in chunks.
+
+        Structured objects read it off their structure; the exact GGN, Fisher and
+        empirical Fisher take one statistics pass where the layers allow it.
+        """
+        return self._diag_route()[0]
+
+    def _diag_route(self) -> tuple[Tensor, str]:
+        """``(diagonal, how)``: ``"products"`` here; ``"structure"``, ``"layerwise"`` in subclasses."""
+        return self._diagonal_by_products(), "products"
+
+    def _diagonal_by_products(self) -> Tensor:
+        n = self.shape[0]
+        pieces = []
+        with self.fixed_state():
+            for start in range(0, n, self.columns_per_chunk()):
+                stop = min(n, start + self.columns_per_chunk())
+                rows = torch.arange(start, stop, device=self.device)
+                columns = torch.arange(stop - start, device=self.device)
+                units = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+                units[rows, columns] = 1
+                pieces.append(self._matmat_flat(units)[rows, columns])
+        return torch.cat(pieces)
+
+    def trace(self) -> Tensor:
+        """tr(C), exactly: the sum of ``diag()`` (structured objects: from their structure)."""
+        return self.diag().sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """‖C‖_F, exactly: from products with unit vectors in chunks (structured: from the structure)."""
+        n = self.shape[0]
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        with self.fixed_state():
+            for start in range(0, n, self.columns_per_chunk()):
+                stop = min(n, start + self.columns_per_chunk())
+                units = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+                units[torch.arange(start, stop), torch.arange(stop - start)] = 1
+                total += self._matmat_flat(units).pow(2).sum()
+        return total.sqrt()
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
+        """All eigenvalues, ascending: structured objects from their structure.
+
+        Here of the dense matrix (``to_dense`` refuses one that would not fit, with
+        the bytes it needs).
+        """
+        return torch.linalg.eigvalsh(self.to_dense(max_bytes=max_bytes))
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """The log-determinant log det(C + damping·I) from ``eigvalsh``; ``ValueError`` if not PD."""
+        damping = check_nonnegative("damping", damping)
+        shifted = self.eigvalsh() + damping
+        if bool((shifted <= 0).any()):
+            raise ValueError(
+                f"log det(C + {damping:g}·I) is undefined: its smallest eigenvalue is "
+                f"{shifted.min().item():.3e} ≤ 0 (raise the damping)"
+            )
+        return torch.log(shifted).sum()
+
+    # ------------------------------------------------------------ sums and multiples
+    def _check_compatible(self, other: CurvatureOperator) -> None:
+        if self.param_shapes != other.param_shapes:
+            raise DataError(f"cannot add operators over different parameters: {self.shape} and {other.shape}")
+        if self.dtype != other.dtype or self.device != other.device:
+            raise DataError(
+                f"cannot add a {self.dtype} operator on {self.device} "
+                f"and a {other.dtype} one on {other.device}"
+            )
+
+    def _added(self, other: CurvatureOperator) -> CurvatureOperator | None:
+        """``self + other`` keeping a structure both share, or ``None`` (a general sum)."""
+        return None
+
+    def _scaled(self, scale: float) -> CurvatureOperator:
+        """``scale · self``; structured objects scale their structure."""
+        from curvlab.operators.combined import ScaledOperator
+
+        return ScaledOperator(scale, self)
+
+    def __add__(self, other):
+        """C + D: structured where both share a structure (dense, diagonal, same blocks), else a sum."""
+        if not isinstance(other, CurvatureOperator):
+            if isinstance(other, numbers.Number) and other == 0:
+                return self  # sum([...]) starts from 0
+            return NotImplemented
+        self._check_compatible(other)
+        combined = self._added(other)
+        if combined is not None:
+            return combined
+        from curvlab.operators.combined import SumOperator
+
+        return SumOperator([self, other])
+
+    __radd__ = __add__
+
+    def __mul__(self, scale):
+        """C · C for a finite real c."""
+        if isinstance(scale, CurvatureOperator) or not isinstance(scale, numbers.Real):
+            return NotImplemented
+        return self._scaled(check_finite("scale", scale))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale):
+        """C / c."""
+        if not isinstance(scale, numbers.Real):
+            return NotImplemented
+        if check_finite("divisor", scale) == 0:
+            raise ValueError("cannot divide an operator by 0")
+        return self._scaled(1.0 / float(scale))
+
+    def __neg__(self):
+        return self._scaled(-1.0)
+
+    def __sub__(self, other):
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        return self + (-1.0) * other
 
     # ------------------------------------------------------------ solves
     @property

@@ -22,8 +22,21 @@ class DenseOperator(CurvatureOperator):
     def _matmat(self, Vs):
         return self.flat_to_list(self.matrix @ self.list_to_flat(Vs))
 
+    structured_eigvalsh = True
+
     def to_dense(self, max_bytes=None) -> Tensor:  # noqa: D102
         return self.matrix
+
+    def _diag_route(self):
+        return self.matrix.diagonal().clone(), "structure"
+
+    def _added(self, other):
+        if isinstance(other, DenseOperator):
+            return DenseOperator(self.matrix + other.matrix, self.param_shapes, self.param_names)
+        return None
+
+    def _scaled(self, scale):
+        return DenseOperator(self.matrix * scale, self.param_shapes, self.param_names)
 
     def eigen(self) -> tuple[Tensor, Tensor]:
         """Cached ``torch.linalg.eigh`` of the matrix."""
@@ -31,7 +44,7 @@ class DenseOperator(CurvatureOperator):
             self._eigen = torch.linalg.eigh(self.matrix)
         return self._eigen
 
-    def eigvalsh(self) -> Tensor:
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
         """Eigenvalues, ascending."""
         return self.eigen()[0]
 

@@ -17,9 +17,12 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from curvlab.errors import UnsupportedError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
-from curvlab.passes import fast
+from curvlab.passes import fast, statistics
+from curvlab.passes.layers import find_layers
+from curvlab.passes.vectors import accumulate
 from curvlab.problem import Problem
 from curvlab.sampling import mc_noise, sampled_output_gradients
 from curvlab.shims import FORWARD_MODE
@@ -168,6 +171,41 @@ class ProblemOperator(CurvatureOperator):
     def _block(self, indices):
         params = [self.problem.params[i] for i in indices]
         return type(self)(self.problem.restrict(params), **self._options())
+
+    def _diag_route(self):
+        """One statistics pass where the matrix has a flavour and its layers allow it, else products."""
+        layerwise = self._layerwise_diagonal()
+        return (layerwise, "layerwise") if layerwise is not None else super()._diag_route()
+
+    def _layerwise_diagonal(self) -> Tensor | None:
+        """The exact diagonal from one statistics pass: Σ (g ãᵀ)² per layer (``squared_moments``).
+
+        ``None`` where the matrix is not a flavour's (the Hessian, a Fisher of other
+        options) or its layers have no layerwise statistics.
+        """
+        flavour = flavour_of(self)
+        problem = self.problem
+        if flavour is None:
+            return None
+        try:
+            layers = find_layers(problem)
+            moments: dict[str, Tensor] = {}
+            for batch in statistics(problem, layers, *flavour, fast_path=fast.compile(problem)):
+                for chunk in batch.chunks:
+                    for layer in layers:
+                        a = batch.inputs[layer.name][chunk.examples]
+                        accumulate(moments, layer.name, chunk.gradients[layer.name].squared_moments(a))
+        except UnsupportedError:  # no rule, or found during the pass: a layer called twice
+            return None
+        parts: list[Tensor | None] = [None] * len(problem.params)
+        for layer in layers:
+            m = moments[layer.name] * problem.reduction_factor
+            if layer.weight is not None:
+                weight_columns = m.shape[1] - (1 if layer.bias is not None else 0)
+                parts[layer.weight] = m[:, :weight_columns].reshape(problem.params[layer.weight].shape)
+            if layer.bias is not None:
+                parts[layer.bias] = m[:, -1].reshape(problem.params[layer.bias].shape)
+        return torch.cat([p.flatten() for p in parts])
 
     def _batch_matmat(self, X: Tensor, y: Tensor, index: int, Vs: list[Tensor]) -> list[Tensor]:
         """Sum-reduced product of one batch; ``index`` numbers the batch."""

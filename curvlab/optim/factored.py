@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.passes.capture import Calls, record_calls
+from curvlab.structured.kronecker import LayerMatrixBlock
 
 _PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
 
@@ -143,7 +144,7 @@ def verified_factors(module: nn.Module, roles: list[str], records: dict, gradien
 
 def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None:
     """One block's preconditioned gradient from the factors, or ``None`` (take the ordinary route)."""
-    if not hasattr(block, "prefers_factors"):
+    if not isinstance(block, LayerMatrixBlock):
         return None
     found = [owner.get(id(p)) for p in params]
     if any(o is None for o in found) or len({id(o[0]) for o in found}) != 1:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError
+from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_nonnegative
 from curvlab.spectra.density import spectral_density
 from curvlab.spectra.exact import eigvalsh
@@ -36,7 +37,8 @@ def _use_exact(C, method: str) -> bool:
     if method not in ("auto", "exact", "lanczos", "slq"):
         raise ValueError(f"method must be 'auto', 'exact', 'lanczos' or 'slq', got {method!r}")
     if method == "auto":
-        return hasattr(C, "eigvalsh") or C.shape[0] <= EXACT_LIMIT
+        structured = isinstance(C, CurvatureOperator) and C.structured_eigvalsh
+        return structured or C.shape[0] <= EXACT_LIMIT
     return method == "exact"
 
 

@@ -22,6 +22,4 @@ def eigvalsh(C: CurvatureOperator | Tensor, max_bytes: int | None = None) -> Ten
         return torch.linalg.eigvalsh(C)
     if not isinstance(C, CurvatureOperator):
         raise TypeError(f"expected a curvlab curvature object or a square tensor, got {type(C).__name__}")
-    if hasattr(C, "eigvalsh"):
-        return C.eigvalsh()
-    return torch.linalg.eigvalsh(C.to_dense(max_bytes=max_bytes))
+    return C.eigvalsh(max_bytes=max_bytes)

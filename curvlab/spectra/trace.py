@@ -127,7 +127,7 @@ def trace(
             its standard error is that of the remainder (Meyer et al. 2021, Alg. 1).
             ``"exact"``: the structure's own trace where it has one (KFAC, diagonal,
             dense), else the sum of the exact diagonal from n products.
-        num_matvecs: m, products to spend (estimators only).
+        num_matvecs: m, products to spend (estimators only; ``"exact"`` reports 0).
         seed: Seed of the probes.
         progress: Show a progress bar (``None``: only on a terminal).
     """
@@ -136,12 +136,8 @@ def trace(
     num_matvecs = check_count("num_matvecs", num_matvecs)
     seed = check_integer("seed", seed)
     n = C.shape[0]
-    if method == "exact":
-        if hasattr(C, "trace"):
-            return TraceEstimate(float(C.trace()), 0.0, method, 0, None)
-        from curvlab.structured.diagonal import Diagonal
-
-        return TraceEstimate(float(Diagonal(C).trace()), 0.0, method, n, None)
+    if method == "exact":  # the structure's trace, or the exact diagonal's sum (C.trace())
+        return TraceEstimate(float(C.trace()), 0.0, method, 0, None)
     generator = torch.Generator().manual_seed(seed)
     chunk = C.columns_per_chunk() if isinstance(C, CurvatureOperator) else 64
     bar = progress_bar(total=num_matvecs, desc=f"trace ({method})", enabled=progress)

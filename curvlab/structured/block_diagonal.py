@@ -9,18 +9,6 @@ from curvlab.records import RecordParts, numpy, recordable
 from curvlab.structured.kronecker import KroneckerBlock
 
 
-def _structured(block: CurvatureOperator, method: str):
-    """``block.method()`` if the block has structure, else from its dense matrix."""
-    if hasattr(block, method):
-        return getattr(block, method)()
-    dense = block.to_dense()
-    return {
-        "trace": dense.trace,
-        "frobenius_norm": dense.norm,
-        "eigvalsh": lambda: torch.linalg.eigvalsh(dense),
-    }[method]()
-
-
 @recordable("kfac_factors")
 class BlockDiagonalOperator(CurvatureOperator):
     """blockdiag(B_1, …, B_m); block i acts on the parameter tensors ``indices[i]``.
@@ -53,19 +41,40 @@ class BlockDiagonalOperator(CurvatureOperator):
 
     def trace(self):
         """Sum of the blocks' traces."""
-        return sum(_structured(b, "trace") for b in self.block_operators)
+        return sum(b.trace() for b in self.block_operators)
 
     def frobenius_norm(self):
         """√(Σ_blocks ‖B_i‖_F²)."""
-        return sum(_structured(b, "frobenius_norm") ** 2 for b in self.block_operators) ** 0.5
+        return sum(b.frobenius_norm() ** 2 for b in self.block_operators) ** 0.5
 
-    def eigvalsh(self):
+    @property
+    def structured_eigvalsh(self) -> bool:  # noqa: D102
+        return all(b.structured_eigvalsh for b in self.block_operators)
+
+    def eigvalsh(self, max_bytes: int | None = None):
         """All eigenvalues (the union of the blocks'), ascending."""
-        return torch.cat([_structured(b, "eigvalsh") for b in self.block_operators]).sort().values
+        return torch.cat([b.eigvalsh(max_bytes) for b in self.block_operators]).sort().values
 
-    def logdet(self, damping: float = 0.0):
-        """Log det(C + damping·I) = Σ_blocks log det(B_i + damping·I)."""
-        return torch.log(self.eigvalsh() + damping).sum()
+    def _diag_route(self):
+        parts: list = [None] * len(self.param_shapes)
+        for indices, block in zip(self.block_indices, self.block_operators):
+            sizes = [self.param_shapes[i].numel() for i in indices]
+            for i, piece in zip(indices, block.diag().split(sizes)):
+                parts[i] = piece
+        return torch.cat(parts), "structure"
+
+    def _scaled(self, scale):
+        blocks = [(i, b._scaled(scale)) for i, b in zip(self.block_indices, self.block_operators)]
+        return BlockDiagonalOperator(blocks, self.param_shapes, self.dtype, self.device, self.param_names)
+
+    def _added(self, other):
+        """Block by block where both have the same blocks (KFAC + KFAC: sums of Kronecker blocks)."""
+        if not isinstance(other, BlockDiagonalOperator) or other.block_indices != self.block_indices:
+            return None
+        blocks = [
+            (i, a + b) for i, a, b in zip(self.block_indices, self.block_operators, other.block_operators)
+        ]
+        return BlockDiagonalOperator(blocks, self.param_shapes, self.dtype, self.device, self.param_names)
 
     @property
     def has_inverse(self) -> bool:  # noqa: D102

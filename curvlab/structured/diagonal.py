@@ -13,14 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvlab.errors import UnsupportedError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
-from curvlab.operators.exact import flavour_of
 from curvlab.options import check_count, check_nonnegative
-from curvlab.passes import fast, statistics
-from curvlab.passes.layers import find_layers
-from curvlab.passes.vectors import accumulate
 from curvlab.sampling import rademacher
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 
@@ -37,7 +32,8 @@ class Diagonal(CurvatureOperator):
     Attributes:
         diagonal: The flat diagonal ``(n,)``.
         standard_error: Per-entry standard error for Hutchinson, else ``None``.
-        method_used: ``"layerwise"`` (one data pass), ``"products"`` or ``"hutchinson"``.
+        method_used: ``"layerwise"`` (one data pass), ``"products"``, ``"structure"`` (read
+            off a structured object) or ``"hutchinson"``.
     """
 
     def __init__(self, C: CurvatureOperator, method: str = "exact", num_probes: int = 100, seed: int = 0):
@@ -49,11 +45,7 @@ class Diagonal(CurvatureOperator):
             self.diagonal, self.standard_error = _hutchinson(C, num_probes, seed)
             self.method_used = "hutchinson"
             return
-        layerwise = _layerwise_diagonal(C)
-        if layerwise is not None:
-            self.diagonal, self.method_used = layerwise, "layerwise"
-        else:
-            self.diagonal, self.method_used = _diagonal_by_products(C), "products"
+        self.diagonal, self.method_used = C._diag_route()
 
     def _matmat(self, Vs):
         return self.flat_to_list(self.diagonal.unsqueeze(1) * self.list_to_flat(Vs))
@@ -64,7 +56,22 @@ class Diagonal(CurvatureOperator):
     def _described(self) -> dict:
         return {"method_used": self.method_used}
 
-    def eigvalsh(self) -> Tensor:
+    structured_eigvalsh = True
+
+    def _diag_route(self):
+        return self.diagonal, "structure"
+
+    def _added(self, other):
+        if isinstance(other, Diagonal):
+            return Diagonal.from_tensor(self.diagonal + other.diagonal, self.param_shapes, self.param_names)
+        return None
+
+    def _scaled(self, scale):
+        return Diagonal.from_tensor(
+            self.diagonal * scale, self.param_shapes, self.param_names, self.method_used
+        )
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
         """The diagonal, sorted."""
         return self.diagonal.sort().values
 
@@ -96,47 +103,6 @@ class Diagonal(CurvatureOperator):
         CurvatureOperator.__init__(operator, param_shapes, diagonal.dtype, diagonal.device, param_names)
         operator.diagonal, operator.standard_error, operator.method_used = diagonal, None, method_used
         return operator
-
-
-def _layerwise_diagonal(C: CurvatureOperator) -> Tensor | None:
-    """Exact diagonal from one statistics pass, or None if C or its layers don't allow it."""
-    flavour = flavour_of(C)
-    if flavour is None:
-        return None
-    try:
-        layers = find_layers(C.problem)
-    except UnsupportedError:
-        return None
-    problem = C.problem
-    moments = {}
-    try:
-        for batch in statistics(problem, layers, *flavour, fast_path=fast.compile(problem)):
-            for chunk in batch.chunks:
-                for layer in layers:
-                    a = batch.inputs[layer.name][chunk.examples]
-                    accumulate(moments, layer.name, chunk.gradients[layer.name].squared_moments(a))
-    except UnsupportedError:  # found during the pass: a layer called twice per forward pass
-        return None
-    parts: list[Tensor | None] = [None] * len(problem.params)
-    for layer in layers:
-        m = moments[layer.name] * problem.reduction_factor
-        if layer.weight is not None:
-            weight_columns = m.shape[1] - (1 if layer.bias is not None else 0)
-            parts[layer.weight] = m[:, :weight_columns].reshape(problem.params[layer.weight].shape)
-        if layer.bias is not None:
-            parts[layer.bias] = m[:, -1].reshape(problem.params[layer.bias].shape)
-    return torch.cat([p.flatten() for p in parts])
-
-
-def _diagonal_by_products(C: CurvatureOperator, chunk: int = 256) -> Tensor:
-    n = C.shape[0]
-    pieces = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        E = torch.zeros(n, stop - start, dtype=C.dtype, device=C.device)
-        E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
-        pieces.append((C @ E)[torch.arange(start, stop), torch.arange(stop - start)])
-    return torch.cat(pieces)
 
 
 def _hutchinson(C: CurvatureOperator, num_probes: int, seed: int) -> tuple[Tensor, Tensor]:

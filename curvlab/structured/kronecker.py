@@ -116,11 +116,20 @@ class LayerMatrixBlock(CurvatureOperator):
         out = self.list_to_flat(self._from_matrix(fn(self._to_matrix(self.flat_to_list(flat)))))
         return out.squeeze(1) if v.dim() == 1 else out
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        """Log-determinant log det(B + damping·I) from the structured eigenvalues."""
-        return torch.log(self.eigvalsh() + damping).sum()
+    structured_eigvalsh = True
 
-    def eigvalsh(self) -> Tensor:
+    def _diag_route(self):
+        return self._from_flat_matrix(self._diagonal_matrix()), "structure"
+
+    def _diagonal_matrix(self) -> Tensor:
+        """The diagonal as a ``(d_out, d_A)`` matrix M (entry i, j belongs to M[i, j] of [W b])."""
+        raise NotImplementedError
+
+    def _from_flat_matrix(self, M: Tensor) -> Tensor:
+        """A ``(d_out, d_A)`` matrix in [W b] layout as a flat ``(n,)`` vector in parameter order."""
+        return torch.cat([t.reshape(-1) for t in self._from_matrix(M.unsqueeze(0))])
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
         """All eigenvalues, ascending."""
         raise NotImplementedError
 
@@ -186,7 +195,13 @@ class KroneckerBlock(LayerMatrixBlock):
             self._eigen = (lam_G, Q_G, lam_A, Q_A)
         return self._eigen
 
-    def eigvalsh(self) -> Tensor:
+    def _diagonal_matrix(self):
+        return torch.outer(self.G.diagonal(), self.A.diagonal())  # (G ⊗ A)_(ij),(ij) = G_ii A_jj
+
+    def _scaled(self, scale):
+        return KroneckerBlock(self.G * scale, self.A, self.param_shapes, self.bias_folded, self.param_names)
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
         """All eigenvalues λ_i(G) λ_j(A), ascending, without forming G ⊗ A."""
         lam_G, _, lam_A, _ = self.eigen()
         return torch.outer(lam_G, lam_A).flatten().sort().values
@@ -274,7 +289,16 @@ class EigenbasisBlock(LayerMatrixBlock):
         rotated = (U @ self.Q_G).T @ (X @ self.Q_A)
         return self.Q_G @ (rotated * self.D) @ self.Q_A.T
 
-    def eigvalsh(self) -> Tensor:  # noqa: D102
+    def _diagonal_matrix(self):
+        # Entry (i, j) of (Q_G ⊗ Q_A) diag(D) (Q_G ⊗ Q_A)ᵀ's diagonal: Σ_ab Q_G[i,a]² D[a,b] Q_A[j,b]².
+        return self.Q_G.pow(2) @ self.D @ self.Q_A.pow(2).T
+
+    def _scaled(self, scale):
+        return EigenbasisBlock(
+            self.Q_G, self.Q_A, self.D * scale, self.param_shapes, self.bias_folded, self.param_names
+        )
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:  # noqa: D102
         return self.D.flatten().sort().values
 
     def trace(self) -> Tensor:
