@@ -8,6 +8,7 @@ spectra and diagnostics of any of them, comparisons, HDF5 storage and plots.
 
 from curvlab._version import __version__
 from curvlab.compare import ComparisonReport, compare
+from curvlab.crosscheck import Crosscheck, crosscheck
 from curvlab.errors import (
     CurvlabError,
     DataError,
@@ -67,6 +68,8 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "compare",
+    "Crosscheck",
+    "crosscheck",
     "ComparisonReport",
     "eigvalsh",
     "top_eigen",
