@@ -2,7 +2,7 @@ r"""Per-loss rules: reduction count, output-space Hessian, Fisher, gradients, sa
 
 Every rule works on a batch of model outputs ``f`` (the logits) and targets ``y``
 and uses the **sum** form of the loss, ℓ_n summed over every entry of example n;
-the global reduction factor c (THEORY.md) is applied by the caller. Output-space
+the global reduction factor c (docs/theory.md) is applied by the caller. Output-space
 vectors ``u`` have the shape of ``f``.
 
 The curvature matrices differ only in the output-space matrix M_n placed between
@@ -293,7 +293,7 @@ class CrossEntropyRule(LossRule):
 
     The Fisher, exact and Monte-Carlo, is the model's own in every case: labels
     ŷ ~ p with the score p − e_ŷ of the likelihood, whatever the training targets
-    (THEORY.md); it equals the GGN where s = 1.
+    (docs/conventions.md); it equals the GGN where s = 1.
     """
 
     loss_class = nn.CrossEntropyLoss

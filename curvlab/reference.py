@@ -66,7 +66,7 @@ def _setup(problem):
 
 
 def _factor(loss_fn: nn.Module, y: Tensor, output_shape) -> float:
-    """C of THEORY.md: 1/(number of loss terms) for mean, 1 for sum (ignored targets are no terms)."""
+    """The reduction factor c (docs/theory.md): 1/(number of loss terms) for mean, 1 for sum."""
     if loss_fn.reduction == "sum":
         return 1.0
     if isinstance(loss_fn, nn.CrossEntropyLoss):

@@ -25,6 +25,17 @@ def linear_case(request):
     return request.param
 
 
+SPECTRA_CASES = [
+    c for c in CASES if c.name in ("mlp_tanh_mse_mean", "mlp_relu_ce_mean_3batches", "conv2d_ce_mean")
+]
+
+
+@pytest.fixture(params=SPECTRA_CASES, ids=lambda c: c.name)
+def spectra_problem(request):
+    """Problems the spectra are tested on: two MLPs (one over three batches) and a CNN."""
+    return request.param.build(torch.float64)
+
+
 @pytest.fixture(params=list(OPERATORS), ids=str)
 def operator_name(request):
     return request.param

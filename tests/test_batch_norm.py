@@ -71,7 +71,18 @@ def test_training_mode_hessian_equals_finite_differences():
     assert_close_rel(cl.Hessian(problem).to_dense(), finite_differences, 1e-7, "Hessian")
 
 
-def test_training_mode_equals_a_batch_norm_without_buffers():
+KFAC_FLAVOURS = ["KFAC type-2", "KFAC mc", "KFAC empirical"]
+
+
+def _curvature(what: str, problem) -> torch.Tensor:
+    """The dense matrix of an exact operator (``EXACT``) or of a KFAC flavour."""
+    if what in EXACT:
+        return EXACT[what][0](problem).to_dense()
+    return cl.KFAC(problem, fisher_type=what.removeprefix("KFAC "), other_structure="exact").to_dense()
+
+
+@pytest.mark.parametrize("what", [*EXACT, *KFAC_FLAVOURS])
+def test_training_mode_equals_a_batch_norm_without_buffers(what):
     """The same function written with F.batch_norm on batch statistics (no running statistics at all)."""
 
     class BatchStatisticsNorm(nn.Module):
@@ -85,27 +96,29 @@ def test_training_mode_equals_a_batch_norm_without_buffers():
     model = _model()
     plain = nn.Sequential(model[0], BatchStatisticsNorm(model[1]), model[2], model[3])
     first, second = _problem(model), _problem(plain)
-    for name, (operator, _) in EXACT.items():
-        assert_close_rel(operator(first).to_dense(), operator(second).to_dense(), 1e-13, name)
-    for fisher_type in ("type-2", "mc", "empirical"):
-        a = cl.KFAC(first, fisher_type=fisher_type, other_structure="exact").to_dense()
-        b = cl.KFAC(second, fisher_type=fisher_type, other_structure="exact").to_dense()
-        assert_close_rel(a, b, 1e-13, f"KFAC {fisher_type}")
+    assert_close_rel(_curvature(what, first), _curvature(what, second), 1e-13, what)
 
 
-def test_curvature_leaves_running_statistics_and_modes_alone():
-    model = _model()
-    before = _state(model)
-    problem = _problem(model)
-    for operator, _ in EXACT.values():
-        C = operator(problem)
+def _use(use: str, problem) -> None:
+    """Products, a top eigenvalue and a trace of an exact operator, or build an approximation."""
+    if use in EXACT:
+        C = EXACT[use][0](problem)
         C.to_dense()
         cl.top_eigen(C, 2)
         cl.trace(C, num_matvecs=6)
-    for fisher_type in ("type-2", "mc", "empirical"):
-        cl.KFAC(problem, fisher_type=fisher_type, other_structure="exact")
-    cl.EKFAC(problem, other_structure="diagonal")
-    cl.Diagonal(cl.GGN(problem))
+    elif use in KFAC_FLAVOURS:
+        cl.KFAC(problem, fisher_type=use.removeprefix("KFAC "), other_structure="exact")
+    elif use == "EKFAC":
+        cl.EKFAC(problem, other_structure="diagonal")
+    else:
+        cl.Diagonal(cl.GGN(problem))
+
+
+@pytest.mark.parametrize("use", [*EXACT, *KFAC_FLAVOURS, "EKFAC", "diagonal"])
+def test_curvature_leaves_running_statistics_and_modes_alone(use):
+    model = _model()
+    before = _state(model)
+    _use(use, _problem(model))
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, before[name]), name
     assert model[1].training and model[1].track_running_stats

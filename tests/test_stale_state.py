@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvlab as cl
+from curvlab import reference
 from curvlab.operators.exact import ProblemOperator
 from tests.helpers import Wrapped, assert_close_rel
 
@@ -203,3 +204,19 @@ def test_products_follow_the_model_mode_when_it_is_the_function():
     model.eval()
     expected = cl.Hessian(cl.Problem(model, nn.MSELoss(), data, eval_mode=False)) @ v
     assert_close_rel(H @ v, expected, 1e-12)
+
+
+def test_cached_hessian_follows_in_place_parameter_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    problem = cl.Problem(model, nn.MSELoss(), data)
+    cached = cl.Hessian(problem)
+    assert cached._caching()
+    v = torch.randn(cached.shape[0], dtype=torch.float64)
+    before = cached @ v
+    assert_close_rel(cached @ v, before, 1e-14, "cache reused")
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    assert_close_rel(cached @ v, cl.Hessian(problem, cache_graph=False) @ v, 1e-12, "after the update")
+    assert_close_rel(cached @ v, reference.hessian_matrix(problem) @ v, 1e-10, "reference")

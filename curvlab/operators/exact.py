@@ -314,7 +314,7 @@ class Hessian(ProblemOperator):
         total = None
         for graph in self._cached_graphs():
             # Column by column: with the graph kept, one backward per vector is
-            # cheaper than the vmapped batched backward (measured ~2× per column).
+            # cheaper than the vmapped batched backward.
             columns = [
                 self._pull_back(*graph, [V[j : j + 1] for V in Vs], retain_graph=True)
                 for j in range(len(Vs[0]))
@@ -447,7 +447,7 @@ def _per_example_dot(a: Tensor, b: Tensor, leading: int = 1) -> Tensor:
 
 
 class GGN(OutputSpaceOperator):
-    r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (THEORY.md).
+    r"""Generalized Gauss-Newton G = c Σ_n J_nᵀ Λ_n J_n, Λ_n = ∇²_f ℓ_n (docs/theory.md).
 
     Products by forward-mode J v and a pull-back per product; where a fast path
     covers the model (a plain MLP) in closed form on a cached primal pass instead

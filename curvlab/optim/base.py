@@ -428,7 +428,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state["momentum_buffer"] = buffer
                     d = buffer
                 # Written into a kept scratch tensor: a fresh one per step would fault in
-                # new pages (for the autoencoder's 1000 × 784 weight, 1.5 ms a step).
+                # new pages.
                 updates.append(torch.mul(d, -group["lr"], out=scratch(self._scratch, p, d.dtype)))
         return updates
 

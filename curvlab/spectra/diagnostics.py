@@ -1,6 +1,6 @@
 r"""Scalar diagnostics built on the spectra: conditioning, saddles, curvature along g.
 
-* Condition number κ = λ_max / λ_min⁺ (THEORY.md). Curvature matrices of networks
+* Condition number κ = λ_max / λ_min⁺ (docs/theory.md). Curvature matrices of networks
   are singular PSD (rank ≤ outputs × examples), so λ_min⁺ is the smallest
   eigenvalue above a rank cutoff rtol · λ_max, as in a numerical rank.
 * Negative-eigenvalue share of the Hessian: the fraction of eigenvalues below

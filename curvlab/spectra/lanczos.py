@@ -304,20 +304,17 @@ def top_eigen(
         start: The Lanczos start vector. ``"random"``: a seeded Gaussian vector.
             ``"gradient"``: the normalised gradient ∇R of the operator's problem
             plus an equal-norm seeded random part; the gradient lies mostly in the
-            top eigenspace (Gur-Ari et al. 2018), which saves Lanczos steps (top
-            Hessian eigenvalue of the benchmark autoencoder to 1e-4: 13 steps
-            instead of 17–25 from random starts), and the random part keeps every
-            eigenvector in the start. A cached ``cl.Hessian`` reads the gradient off its graph; other
-            problem operators pay one gradient pass. ``"auto"`` (default):
+            top eigenspace (Gur-Ari et al. 2018), which saves Lanczos steps, and the
+            random part keeps every eigenvector in the start. A cached ``cl.Hessian``
+            reads the gradient off its graph; other problem operators pay one
+            gradient pass. ``"auto"`` (default):
             ``"gradient"`` for problem operators unless ``which="smallest"``, else
             ``"random"``. A flat ``(n,)`` tensor: that vector.
         guard: Extra Ritz pairs, next in line after the k, that must converge too
             (their estimate |β s_m| only) and are then dropped. Within a cluster
             tighter than the tolerance resolves, one Ritz vector can still mix two
             eigenvectors while the k-th place goes to the next eigenvalue, every
-            residual within tolerance: the benchmark autoencoder's top 10 in
-            float32 at 1e-4 reported λ11 = 0.681943 for λ10 = 0.682082 without a
-            guard (263 products), all ten within 2.4e-6 with 1 or 2 (353–358).
+            residual within tolerance (``docs/numerics.md`` has a measured case).
             Default 0 for k = 1 (its Ritz value is the largest), else 2; at most
             n − k and basis_size − k − 1.
         progress: Show a progress bar (``None``: only on a terminal).

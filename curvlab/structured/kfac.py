@@ -1,7 +1,7 @@
 r"""KFAC: Kronecker-factored approximate curvature (Martens & Grosse 2015).
 
 Per supported layer (registry in ``curvlab.passes.layers``), the block of the
-GGN/Fisher over its weight [and bias] is replaced by G ⊗ A (THEORY.md):
+GGN/Fisher over its weight [and bias] is replaced by G ⊗ A (docs/theory.md):
 
 * expand (Eschenhagen et al. 2023): A = 1/(N R) Σ_{n,r} ã_{n,r} ã_{n,r}ᵀ and
   G = c Σ_v Σ_{n,r} g_{v,n,r} g_{v,n,r}ᵀ,

@@ -3,7 +3,7 @@ r"""Layer blocks with Kronecker structure: G ⊗ A, and Q_G diag(D) Q_Gᵀ ⊗ Q
 For a weight W of shape (d_out, d_in) flattened row-major, (G ⊗ A) vec(M) =
 vec(G M A) (A symmetric), so a product never forms the Kronecker matrix. With the
 bias folded in, M = [W b] of shape (d_out, d_in + 1) and A's last row/column
-belongs to the constant input 1 (THEORY.md §Kronecker factorization).
+belongs to the constant input 1 (docs/theory.md, Approximations).
 eig(G ⊗ A) = {λ_i(G) λ_j(A)}: the spectrum of a huge block from two small ones.
 """
 
