@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvlab.errors import DataError, NonFiniteError, UnsupportedError
+from curvlab.distributed import Group, check_same, resolve, unwrap
+from curvlab.errors import CurvlabError, DataError, NonFiniteError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
 from curvlab.shims import curvature_pass
 
@@ -142,9 +143,12 @@ class Problem:
         data,
         params: Sequence[Tensor] | None = None,
         eval_mode: bool = True,
+        process_group="auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = unwrap(model)  # DistributedDataParallel: its module (its hooks must not fire)
+        self.group: Group | None = resolve(process_group)
         self.model = model
         self.loss_fn = loss_fn
         self.loss_rule: LossRule = rule_for(loss_fn)
@@ -154,10 +158,7 @@ class Problem:
         self.params: list[Tensor] = self._check_params(model, params)
         self.param_names: list[str] = self._names_of(model, self.params)
         self.data = self._as_reiterable(data)
-        # num_counted_examples: those with at least one loss term (fewer than
-        # num_examples only when cross-entropy targets equal ignore_index); KFAC's
-        # and ACP's averages over examples use it.
-        self.num_terms, self.num_examples, self.num_counted_examples, self.num_batches = self._count()
+        self._count_globally()
         self._check_first_batch()
 
     # ------------------------------------------------------------------ set-up
@@ -221,7 +222,44 @@ class Problem:
             return list(data)
         return data
 
+    def _count_globally(self) -> None:
+        """Counts over every rank's shard (one all-reduce); this process' batches are ``num_local_batches``.
+
+        num_counted_examples: those with at least one loss term (fewer than num_examples
+        only when cross-entropy targets equal ignore_index); KFAC's and ACP's averages over
+        examples use it. ``batch_offset``: this rank's first batch in the global order
+        (rank 0's batches, then rank 1's, ...), which Monte-Carlo labels are drawn by.
+        """
+        error, local = None, (0, 0, 0, 0)
+        try:
+            local = self._count()
+        except CurvlabError as caught:
+            error = caught
+        self.num_local_batches, self.batch_offset = local[3], 0
+        totals = local
+        if self.group is not None:
+            per_rank = torch.zeros(3 + self.group.size, dtype=torch.float64)
+            per_rank[:3] = torch.tensor(local[:3], dtype=torch.float64)
+            per_rank[3 + self.group.rank] = local[3]
+            per_rank = self.group.sum_([per_rank], error)[0].long().tolist()
+            batches = per_rank[3:]
+            totals = (*per_rank[:3], sum(batches))
+            self.batch_offset = sum(batches[: self.group.rank])
+            names, params = self.param_names, self.params
+            signature = [(name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params)]
+            check_same(self.group, "the parameters (names, shapes, dtypes)", signature)
+            check_same(self.group, "the loss", (self.loss_rule.name, self.loss_rule.reduction))
+        elif error is not None:
+            raise error
+        self.num_terms, self.num_examples, self.num_counted_examples, self.num_batches = totals
+        where = " on every rank" if self.group is not None else ""
+        if self.num_batches == 0 or self.num_examples == 0:
+            raise DataError(f"data is empty{where}: curvature needs at least one example")
+        if self.num_terms == 0:
+            raise DataError(f"no loss terms{where}: every target equals the loss' ignore_index")
+
     def _count(self) -> tuple[int, int, int, int]:
+        """This process' loss terms, examples, counted examples and batches."""
         num_terms = num_examples = num_counted = num_batches = 0
         self.input_ndims: set[int] = set()  # X.dim() of the batches (MLP pass: {2})
         for index, (X, y) in enumerate(self._raw_batches()):
@@ -243,15 +281,30 @@ class Problem:
             counted = self.loss_rule.example_mask(y)
             num_counted += X.shape[0] if counted is None else int(counted.sum())
             num_batches += 1
-        if num_batches == 0 or num_examples == 0:
-            raise DataError("data is empty: curvature needs at least one example")
-        if num_terms == 0:
-            raise DataError("no loss terms: every target equals the loss' ignore_index")
         return num_terms, num_examples, num_counted, num_batches
 
     def _check_first_batch(self) -> None:
-        """Check the model's output on the first batch; count each parameter's uses in its graph."""
-        X, y = next(iter(self.batches()))
+        """Check the model's output on the first batch; count each parameter's uses in its graph.
+
+        Under a process group every rank checks its own first batch, and a parameter's
+        uses are the largest count of any rank (a rank with an empty shard reads none).
+        """
+        if self.group is None:
+            self._check_batch(*next(iter(self.batches())))
+            return
+        error, uses = None, [0] * len(self.params)
+        try:
+            if self.num_local_batches:
+                self._check_batch(*next(iter(self.batches())))
+                uses = [self.param_uses[name] for name in self.param_names]
+        except CurvlabError as caught:
+            error = caught
+        self.group.sum_([], error)
+        counts = self.group.max_(torch.tensor(uses, dtype=torch.float64))
+        self.param_uses = dict(zip(self.param_names, counts.long().tolist()))
+
+    def _check_batch(self, X: Tensor, y: Tensor) -> None:
+        """Check the model's output on one batch; count each parameter's uses in its graph."""
         leaves = [p.detach().requires_grad_(True) for p in self.params]
         buffers = list(self.model.named_buffers())
         before = [(b._version, b.clone()) for _, b in buffers]
@@ -383,10 +436,11 @@ class Problem:
         cross-entropy targets equal ``ignore_index``: examples whose every target is
         ignored are left out, ``counted`` the bool ``(N,)`` mask of the batch's
         examples kept (a batch left empty is skipped; ``index`` stays the batch's
+        position, in the global order of a process group: ``batch_offset`` + local
         position). The layerwise statistics (KFAC's input factors average over the
         examples) use this, so such examples count as if they were not in the data.
         """
-        for index, (X, y) in enumerate(self.batches()):
+        for index, (X, y) in enumerate(self.batches(), start=self.batch_offset):
             counted = self.loss_rule.example_mask(y)
             if counted is not None:
                 if not bool(counted.any()):
@@ -426,21 +480,50 @@ class Problem:
         return self.loss_rule.sum_loss(output, y)
 
     def loss(self) -> Tensor:
-        """The risk R(θ) over all batches at the current parameters."""
-        with torch.no_grad():
-            total = sum(self.batch_loss(self.params, X, y) for X, y in self.batches())
-        return total * self.reduction_factor
+        """The risk R(θ) over all batches (of every rank) at the current parameters."""
+
+        def local():
+            with torch.no_grad():
+                total = torch.zeros((), dtype=self.dtype, device=self.device)
+                for X, y in self.batches():
+                    total += self.batch_loss(self.params, X, y)
+            return [total * self.reduction_factor]
+
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return self.sum_over_ranks(local, lambda: [zero])[0]
 
     def gradient(self) -> Tensor:
-        """∇_θ R over all batches, flat ``(n,)`` in parameter order (the model is not touched)."""
-        total = [torch.zeros_like(p) for p in self.params]
-        for X, y in self.batches():
-            params = [p.detach().requires_grad_(True) for p in self.params]
-            grads = torch.autograd.grad(self.batch_loss(params, X, y), params, allow_unused=True)
-            for t, g in zip(total, grads):
-                if g is not None:
-                    t.add_(g)
-        return torch.cat([t.reshape(-1) for t in total]) * self.reduction_factor
+        """∇_θ R over all batches (of every rank), flat ``(n,)`` in parameter order (model untouched)."""
+
+        def local():
+            total = [torch.zeros_like(p) for p in self.params]
+            for X, y in self.batches():
+                params = [p.detach().requires_grad_(True) for p in self.params]
+                grads = torch.autograd.grad(self.batch_loss(params, X, y), params, allow_unused=True)
+                for t, g in zip(total, grads):
+                    if g is not None:
+                        t.add_(g)
+            return [torch.cat([t.reshape(-1) for t in total]).mul_(self.reduction_factor)]
+
+        # Each rank's share scaled before the sum: ranks may take different routes to it
+        # (a kept primal pass on one, a gradient pass on another).
+        zeros = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        return self.sum_over_ranks(local, lambda: [zeros])[0]
+
+    def sum_over_ranks(self, compute, placeholders) -> list[Tensor]:
+        """``compute()``'s tensors summed over the ranks of the process group (one all-reduce).
+
+        Without a group, ``compute()`` itself. With one, a rank where ``compute`` fails
+        takes part with ``placeholders()`` (tensors of the same shapes) and raises its
+        error after the collective; the other ranks raise ``RankFailure``: no hang.
+        """
+        if self.group is None:
+            return compute()
+        try:
+            tensors, error = compute(), None
+        except Exception as caught:  # noqa: BLE001 (raised again after the collective)
+            tensors, error = placeholders(), caught
+        return self.group.sum_(tensors, error)
 
     def restrict(self, params: Sequence[Tensor]) -> Problem:
         """The same problem with curvature taken over ``params`` only (a block)."""

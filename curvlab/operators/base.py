@@ -100,6 +100,40 @@ class CurvatureOperator:
         """Operators whose products this one uses (a block's parent, the blocks of a sum)."""
         return []
 
+    @property
+    def process_group(self):
+        """The ``curvlab.distributed.Group`` whose ranks share this operator's products, or ``None``.
+
+        Products are summed over its ranks; the iterative algorithms take their
+        decisions on rank 0 (``agree``) so that no rank takes another branch.
+        """
+        for operand in self._operands():
+            if operand.process_group is not None:
+                return operand.process_group
+        return None
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` as rank 0 of the process group decides it (``flag`` itself without a group)."""
+        group = self.process_group
+        return flag if group is None else group.agree(flag)
+
+    def _agreed_mask(self, mask: Tensor) -> Tensor:
+        """A boolean decision tensor as rank 0 has it (itself without a process group)."""
+        if self.process_group is None:
+            return mask
+        decided = mask.to(torch.float64)
+        return self.process_group.broadcast_(decided).to(torch.bool)
+
+    def from_rank_zero(self, *tensors: Tensor) -> None:
+        """Overwrite ``tensors`` in place with rank 0's (nothing without a process group).
+
+        Algorithms end with it, so every rank returns the very numbers of rank 0.
+        """
+        group = self.process_group
+        if group is not None:
+            for t in tensors:
+                group.broadcast_(t)
+
     # ------------------------------------------------------------ basic facts
     @property
     def shape(self) -> tuple[int, int]:
@@ -492,7 +526,9 @@ class CurvatureOperator:
             return self._matmat_flat(X) + damping * X
 
         with self.fixed_state():
-            X, _residual, _iterations = conjugate_gradient(damped, B, tol=tol, maxiter=maxiter)
+            X, _residual, _iterations = conjugate_gradient(
+                damped, B, tol=tol, maxiter=maxiter, agree=self._agreed_mask
+            )
         if as_list:
             return [x.squeeze(0) for x in self.flat_to_list(X)]
         return X.squeeze(1) if v.dim() == 1 else X

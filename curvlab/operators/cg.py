@@ -17,6 +17,7 @@ def conjugate_gradient(
     B: Tensor,
     tol: float = 1e-6,
     maxiter: int | None = None,
+    agree: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Solve A X = B column by column, all columns advanced in one batched product.
 
@@ -25,6 +26,9 @@ def conjugate_gradient(
         B: Right-hand sides, shape (n, k).
         tol: Stop a column when ‖b − A x‖ ≤ tol · ‖b‖.
         maxiter: Iteration cap (default 10 n).
+        agree: Applied to every boolean decision (the columns still active, the
+            non-positive curvature check): under a process group, rank 0's decision
+            for every rank, so that none takes another branch.
 
     Returns:
         ``(X, relative_residuals, iterations)``.
@@ -33,18 +37,19 @@ def conjugate_gradient(
         NotPositiveDefiniteError: a search direction p with pᵀ A p ≤ 0.
     """
     n, _k = B.shape
+    agree = agree or (lambda decision: decision)
     maxiter = 10 * n if maxiter is None else check_count("maxiter", maxiter)
     X = torch.zeros_like(B)
     R = B.clone()
     P = R.clone()
     b_norm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
     rs = (R * R).sum(0)
-    active = (rs.sqrt() / b_norm) > tol
+    active = agree((rs.sqrt() / b_norm) > tol)
     iteration = 0
     while bool(active.any()) and iteration < maxiter:
         AP = matmat(P)
         curvature = (P * AP).sum(0)
-        if bool((curvature[active] <= 0).any()):
+        if bool(agree((curvature[active] <= 0).any().reshape(1))):
             raise NotPositiveDefiniteError(
                 "conjugate gradient met non-positive curvature pᵀ(C + damping·I)p ≤ 0: the "
                 "damped matrix is not positive definite (the Hessian can be indefinite); "
@@ -57,7 +62,7 @@ def conjugate_gradient(
         beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
         P = R + beta * P
         rs = rs_new
-        active = (rs.sqrt() / b_norm) > tol
+        active = agree((rs.sqrt() / b_norm) > tol)
         iteration += 1
     residual = (B - matmat(X)).norm(dim=0) / b_norm
     if bool((residual > 10 * tol).any()):

@@ -81,7 +81,7 @@ class ProblemOperator(CurvatureOperator):
 
     def _caching(self) -> bool:
         """Keep state between products: only for one batch held in a list (small, and valid)."""
-        return self.problem.num_batches == 1 and isinstance(self.problem.data, list)
+        return self.problem.num_local_batches == 1 and isinstance(self.problem.data, list)
 
     def _versions(self, tensors: list[Tensor]) -> tuple:
         """In-place versions of ``tensors``, and every module's training flag.
@@ -145,14 +145,32 @@ class ProblemOperator(CurvatureOperator):
             return self._memo("_primal_cache", lambda: list(batches))
         return batches
 
+    # ------------------------------------------------------------ products, summed over the ranks
+    @property
+    def process_group(self):  # noqa: D102
+        return self.problem.group
+
     def _quadratic_forms(self, V):
         """vᵢᵀ C vᵢ; by the fast path's forward propagation where it applies (no products)."""
         route = self._fast_route()
         if route is None:
-            return super()._quadratic_forms(V)
-        return route.quadratic_forms(self._primal_batches(route), self.flat_to_list(V), self._second_order)
+            return super()._quadratic_forms(V)  # by products, already summed over the ranks
+
+        def local():
+            return [
+                route.quadratic_forms(self._primal_batches(route), self.flat_to_list(V), self._second_order)
+            ]
+
+        zeros = torch.zeros(V.shape[1], dtype=V.dtype, device=V.device)
+        return self.problem.sum_over_ranks(local, lambda: [zeros])[0]
 
     def _matmat(self, Vs):
+        """This rank's product summed over the ranks: one all-reduce (none without a process group)."""
+        return self.problem.sum_over_ranks(
+            lambda: self._local_matmat(Vs), lambda: [torch.zeros_like(V) for V in Vs]
+        )
+
+    def _local_matmat(self, Vs):
         route = self._fast_route()
         if route is None:
             return self._general_matmat(Vs)
@@ -161,11 +179,15 @@ class ProblemOperator(CurvatureOperator):
     def _matvec_into(self, v, out):
         route = self._fast_route()
         if route is None or not out.is_contiguous():
-            return super()._matvec_into(v, out)
-        outs = self.flat_to_list(out.unsqueeze(1))  # views of out
-        route.products(
-            self._primal_batches(route), self.flat_to_list(v.unsqueeze(1)), self._second_order, outs
-        )
+            return super()._matvec_into(v, out)  # by _matmat: summed over the ranks
+
+        def local():
+            outs = self.flat_to_list(out.unsqueeze(1))  # views of out
+            direction = self.flat_to_list(v.unsqueeze(1))
+            route.products(self._primal_batches(route), direction, self._second_order, outs)
+            return [out]
+
+        self.problem.sum_over_ranks(local, lambda: [out.zero_()])
         return out
 
     def _block(self, indices):
@@ -173,8 +195,25 @@ class ProblemOperator(CurvatureOperator):
         return type(self)(self.problem.restrict(params), **self._options())
 
     def _diag_route(self):
-        """One statistics pass where the matrix has a flavour and its layers allow it, else products."""
-        layerwise = self._layerwise_diagonal()
+        """One statistics pass where the matrix has a flavour and its layers allow it, else products.
+
+        Under a process group every rank takes the same route: products where any rank
+        could not take the pass; the pass' sums are added over the ranks.
+        """
+        layerwise, error = None, None
+        try:
+            layerwise = self._layerwise_diagonal()
+        except Exception as caught:  # noqa: BLE001 (raised again after the collective)
+            error = caught
+        group = self.problem.group
+        if group is not None:
+            missing = torch.tensor([1.0 if layerwise is None and error is None else 0.0], dtype=torch.float64)
+            if group.sum_([missing], error)[0] > 0:
+                layerwise = None
+            else:
+                layerwise = group.sum_([layerwise])[0]
+        elif error is not None:
+            raise error
         return (layerwise, "layerwise") if layerwise is not None else super()._diag_route()
 
     def _layerwise_diagonal(self) -> Tensor | None:
@@ -199,6 +238,11 @@ class ProblemOperator(CurvatureOperator):
             return None
         parts: list[Tensor | None] = [None] * len(problem.params)
         for layer in layers:
+            if layer.name not in moments:  # an empty shard of a process group: its share is 0
+                for i in (layer.weight, layer.bias):
+                    if i is not None:
+                        parts[i] = torch.zeros_like(problem.params[i])
+                continue
             m = moments[layer.name] * problem.reduction_factor
             if layer.weight is not None:
                 weight_columns = m.shape[1] - (1 if layer.bias is not None else 0)
@@ -212,11 +256,17 @@ class ProblemOperator(CurvatureOperator):
         raise NotImplementedError
 
     def _general_matmat(self, Vs):
-        """The product by the general route: one ``_batch_matmat`` per batch, summed and scaled by c."""
+        """This rank's product by the general route: one ``_batch_matmat`` per batch, summed, scaled by c.
+
+        ``_batch_matmat`` gets the batch's global index (Monte-Carlo labels are drawn by it).
+        """
         total = None
+        offset = self.problem.batch_offset
         for index, (X, y) in enumerate(self.problem.batches()):
-            part = self._batch_matmat(X, y, index, Vs)
+            part = self._batch_matmat(X, y, offset + index, Vs)
             total = part if total is None else [t.add_(p) for t, p in zip(total, part)]
+        if total is None:  # an empty shard of a process group
+            return [torch.zeros_like(V) for V in Vs]
         c = self.problem.reduction_factor
         return [t.mul_(c) for t in total]
 
@@ -227,7 +277,9 @@ class ProblemOperator(CurvatureOperator):
         """∇_θ R of the operator's problem, flat ``(n,)``; off the kept primal pass where there is one."""
         route = self._fast_route()
         if route is not None and self._caching():
-            return route.gradient(self._primal_batches(route))
+            zeros = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            local = lambda: [route.gradient(self._primal_batches(route))]  # noqa: E731
+            return self.problem.sum_over_ranks(local, lambda: [zeros])[0]
         return self.problem.gradient()
 
 
@@ -302,11 +354,16 @@ class Hessian(ProblemOperator):
         """∇_θ R, flat; read off the cached primal pass or graph (no extra pass) when caching."""
         if not self._caching() or self._fast_route() is not None:
             return super().gradient()
-        total = None
-        for _, gradient, _ in self._cached_graphs():
-            flat = torch.cat([g.detach().reshape(-1) for g in gradient])
-            total = flat if total is None else total.add_(flat)
-        return total
+
+        def local():
+            total = None
+            for _, gradient, _ in self._cached_graphs():
+                flat = torch.cat([g.detach().reshape(-1) for g in gradient])
+                total = flat if total is None else total.add_(flat)
+            return [total]
+
+        zeros = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        return self.problem.sum_over_ranks(local, lambda: [zeros])[0]
 
     def _general_matmat(self, Vs):
         if not self._caching():

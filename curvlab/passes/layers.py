@@ -260,3 +260,11 @@ def input_vectors(layer: Layer, x: Tensor) -> Tensor:
     if layer.weight is None:
         a = a[..., -1:]
     return a
+
+
+def factor_sizes(layer: Layer, params: list[Tensor]) -> tuple[int, int]:
+    """``(d_out, d_A)`` of a layer's Kronecker factors G and A (d_A counts the bias column)."""
+    if layer.weight is None:
+        return params[layer.bias].shape[0], 1
+    weight = params[layer.weight]
+    return weight.shape[0], weight[0].numel() + (layer.bias is not None)

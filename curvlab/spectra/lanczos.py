@@ -121,6 +121,11 @@ def _as_matvec(C):
     raise TypeError(f"expected a curvlab curvature object or a square tensor, got {type(C).__name__}")
 
 
+def _agree(C, flag: bool) -> bool:
+    """Rank 0's decision under a process group (``CurvatureOperator.agree``), else ``flag``."""
+    return C.agree(bool(flag)) if isinstance(C, CurvatureOperator) else bool(flag)
+
+
 def _not_finite(products: int) -> NonFiniteError:
     return NonFiniteError(
         f"a product with the curvature is not finite (NaN or Inf after {products} products): "
@@ -380,7 +385,7 @@ def top_eigen(
         size += 1
         theta, S = torch.linalg.eigh(T[:size, :size])
         norm_estimate = max(theta.abs().max().item(), 1e-300)
-        if beta <= 1e3 * torch.finfo(dtype).eps * norm_estimate:
+        if _agree(C, beta <= 1e3 * torch.finfo(dtype).eps * norm_estimate):
             # An invariant subspace: continue with a fresh direction, coupling 0.
             beta = 0.0
             recorded = False  # what is left of w is dropped for a fresh direction
@@ -396,7 +401,7 @@ def top_eigen(
         wanted = order[:k]
         estimates = (beta * S[size - 1, order[:guarded]]).abs()  # the guard's too
         exhausted = matvecs >= max_matvecs
-        if size == n or exhausted or bool((estimates <= tol * norm_estimate).all()):
+        if _agree(C, size == n or exhausted or bool((estimates <= tol * norm_estimate).all())):
             # The residuals of the products themselves: rounding in them (or a
             # product that is not quite symmetric) can leave these above the
             # recurrence's estimate, which assumes T is C's projection.
@@ -411,7 +416,7 @@ def top_eigen(
                 residuals = (products - vectors * values).norm(dim=0)
                 matvecs += k
                 bar.update(k)
-            converged = size == n or bool((residuals <= tol * norm_estimate).all())
+            converged = _agree(C, size == n or bool((residuals <= tol * norm_estimate).all()))
             if converged or exhausted:
                 break
         if size == m:
@@ -426,6 +431,8 @@ def top_eigen(
             size = keep
             recorded = False
     bar.close()
+    if isinstance(C, CurvatureOperator):
+        C.from_rank_zero(values, vectors, residuals)  # every rank returns rank 0's numbers
     if not converged:
         warnings.warn(
             f"top_eigen: {k} eigenpair(s) not converged after {matvecs} products "
@@ -500,6 +507,8 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
             raise _not_finite(j + 1)
         scale = torch.cat([alpha[:, : j + 1], beta[:, :j]], 1).abs().amax(1)
         breakdown = active & (norms <= 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300))
+        if isinstance(C, CurvatureOperator):
+            breakdown = C._agreed_mask(breakdown)
         lengths = torch.where(breakdown, j + 1, lengths)
         active &= ~breakdown
         beta[:, j] = torch.where(active, norms, torch.zeros_like(norms))
@@ -509,6 +518,8 @@ def lanczos_tridiagonal(C, V0: Tensor, steps: int) -> tuple[Tensor, Tensor, Tens
             active, 1 / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norms)
         )
         W.mul_(inverse_norms.unsqueeze(1))
+    if isinstance(C, CurvatureOperator):
+        C.from_rank_zero(alpha, beta, lengths)  # every rank returns rank 0's numbers
     return alpha, beta[:, : m - 1], lengths
 
 

@@ -146,9 +146,8 @@ def trace(
             if num_matvecs < 2:
                 raise ValueError("hutchinson needs num_matvecs ≥ 2 for a standard error")
             forms = _quadratic_forms(C, n, num_matvecs, generator, bar=bar, chunk=chunk)
-            return TraceEstimate(
-                forms.mean().item(), (forms.std() / math.sqrt(num_matvecs)).item(), method, num_matvecs, seed
-            )
+            value, error = _from_rank_zero(C, forms.mean(), forms.std() / math.sqrt(num_matvecs))
+            return TraceEstimate(value, error, method, num_matvecs, seed)
         third = num_matvecs // 3
         if third < 2:
             raise ValueError("hutch++ needs num_matvecs ≥ 6")
@@ -161,7 +160,15 @@ def trace(
         forms = _quadratic_forms(
             C, n, remaining, generator, project=lambda V: _project_out(Q, V), bar=bar, chunk=chunk
         )
-        value = top + forms.mean().item()
-        return TraceEstimate(value, (forms.std() / math.sqrt(remaining)).item(), method, num_matvecs, seed)
+        value, error = _from_rank_zero(C, top + forms.mean(), forms.std() / math.sqrt(remaining))
+        return TraceEstimate(value, error, method, num_matvecs, seed)
     finally:
         bar.close()
+
+
+def _from_rank_zero(C, value: Tensor, error: Tensor) -> tuple[float, float]:
+    """``(value, error)`` as floats, rank 0's under a process group (every rank returns the same)."""
+    numbers = torch.stack([value.reshape(()), error.reshape(())]).to(torch.float64)
+    if isinstance(C, CurvatureOperator):
+        C.from_rank_zero(numbers)
+    return numbers[0].item(), numbers[1].item()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from curvlab.passes.autograd import autograd_statistics
-from curvlab.passes.layers import find_layers
+from curvlab.passes.layers import factor_sizes, find_layers
 from curvlab.passes.vectors import accumulate, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
@@ -40,15 +40,41 @@ class ACP(BlockDiagonalOperator):
         self.layers = find_layers(
             problem, remedy="ACP covers those layers only: leave its parameters out of the problem's params"
         )
-        A_sum, max_square = {}, {}
-        for batch in autograd_statistics(problem, self.layers, "empirical"):
-            for layer in self.layers:
-                a = batch.inputs[layer.name]
-                accumulate(A_sum, layer.name, second_moment(a).div_(a.shape[1]))
-            for chunk in batch.chunks:
+        sizes = [factor_sizes(layer, problem.params) for layer in self.layers]
+
+        def zeros() -> list[torch.Tensor]:
+            options = {"dtype": problem.dtype, "device": problem.device}
+            return [torch.zeros(d_A, d_A, **options) for _, d_A in sizes] + [
+                torch.zeros(len(sizes), **options)
+            ]
+
+        def local() -> list[torch.Tensor]:
+            A_sum, max_square = {}, {}
+            for batch in autograd_statistics(problem, self.layers, "empirical"):
                 for layer in self.layers:
-                    square = chunk.gradients[layer.name].tensor().pow(2).max()
-                    max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
+                    a = batch.inputs[layer.name]
+                    accumulate(A_sum, layer.name, second_moment(a).div_(a.shape[1]))
+                for chunk in batch.chunks:
+                    for layer in self.layers:
+                        square = chunk.gradients[layer.name].tensor().pow(2).max()
+                        max_square[layer.name] = torch.maximum(max_square.get(layer.name, square), square)
+            if not A_sum:
+                return zeros()
+            squares = torch.stack([max_square[layer.name] for layer in self.layers])
+            return [A_sum[layer.name] for layer in self.layers] + [squares]
+
+        if problem.group is None:
+            *A_sums, squares = local()
+        else:  # the input moments summed over the ranks, the largest squared gradients maximised
+            try:
+                parts, error = local(), None
+            except Exception as caught:  # noqa: BLE001 (raised again after the collective)
+                parts, error = zeros(), caught
+            *A_sums, squares = parts
+            problem.group.sum_(A_sums, error)
+            problem.group.max_(squares)
+        A_sum = {layer.name: A for layer, A in zip(self.layers, A_sums)}
+        max_square = {layer.name: square for layer, square in zip(self.layers, squares)}
         scale = problem.reduction_factor * problem.num_counted_examples
         shapes, names = [p.shape for p in problem.params], problem.param_names
         self.alphas = {}

@@ -27,13 +27,18 @@ class EKFAC(KFAC):
         super().__init__(problem, **options)
         kronecker_blocks = self.block_operators[: len(self.block_sources)]  # others: other_structure
         bases = [block.eigenbasis_form() for block in kronecker_blocks]
-        D = [torch.zeros_like(basis.D) for basis in bases]
-        for batch in self._statistics() if bases else ():
-            for chunk in batch.chunks:
-                for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
-                    g = chunk.gradients[layer.name].rotated(basis.Q_G)
-                    a = batch.inputs[layer.name][chunk.examples][..., columns] @ basis.Q_A
-                    D[i] += g.squared_moments(a)
+
+        def local() -> list[torch.Tensor]:
+            D = [torch.zeros_like(basis.D) for basis in bases]
+            for batch in self._statistics() if bases else ():
+                for chunk in batch.chunks:
+                    for i, ((layer, columns), basis) in enumerate(zip(self.block_sources, bases)):
+                        g = chunk.gradients[layer.name].rotated(basis.Q_G)
+                        a = batch.inputs[layer.name][chunk.examples][..., columns] @ basis.Q_A
+                        D[i] += g.squared_moments(a)
+            return D
+
+        D = problem.sum_over_ranks(local, lambda: [torch.zeros_like(basis.D) for basis in bases])
         c = problem.reduction_factor
         for basis, moments in zip(bases, D):
             basis.D = moments * c

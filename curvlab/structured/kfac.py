@@ -23,12 +23,13 @@ The conventions agree with curvlinops 3.x ``KFACLinearOperator``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from curvlab.operators.exact import check_flavour, flavour_operator
 from curvlab.options import check_count, check_integer
 from curvlab.passes import fast, statistics
-from curvlab.passes.layers import Layer, find_layers
+from curvlab.passes.layers import Layer, factor_sizes, find_layers
 from curvlab.passes.vectors import GramSum, accumulate, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
@@ -165,20 +166,35 @@ class KFAC(BlockDiagonalOperator):
     def _collect_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         if not self.layers:  # every parameter has another structure: no pass needed
             return {}
-        A_sum: dict[str, Tensor] = {}
-        G_sum: dict[str, Tensor] = {}
         reduce = self.kfac_approx == "reduce"
-        for batch in self._statistics():
-            for layer in self.layers:  # one input moment per batch, one GEMM
-                accumulate(A_sum, layer.name, self._input_moment(batch.inputs[layer.name]))
-            grams = {layer.name: GramSum(reduce) for layer in self.layers}
-            for chunk in batch.chunks:
-                for layer in self.layers:
-                    grams[layer.name].add(chunk.gradients[layer.name])
-            for name, gram in grams.items():
-                accumulate(G_sum, name, gram.result())
-        c, N = self.problem.reduction_factor, self.problem.num_counted_examples
-        return {layer.name: (A_sum[layer.name].div_(N), G_sum[layer.name].mul_(c)) for layer in self.layers}
+        problem = self.problem
+
+        def zeros() -> list[Tensor]:  # this rank's sums where its shard has no batch
+            sizes = [factor_sizes(layer, problem.params) for layer in self.layers]
+            options = {"dtype": problem.dtype, "device": problem.device}
+            return [torch.zeros(d_A, d_A, **options) for _, d_A in sizes] + [
+                torch.zeros(d_out, d_out, **options) for d_out, _ in sizes
+            ]
+
+        def local() -> list[Tensor]:
+            A_sum: dict[str, Tensor] = {}
+            G_sum: dict[str, Tensor] = {}
+            for batch in self._statistics():
+                for layer in self.layers:  # one input moment per batch, one GEMM
+                    accumulate(A_sum, layer.name, self._input_moment(batch.inputs[layer.name]))
+                grams = {layer.name: GramSum(reduce) for layer in self.layers}
+                for chunk in batch.chunks:
+                    for layer in self.layers:
+                        grams[layer.name].add(chunk.gradients[layer.name])
+                for name, gram in grams.items():
+                    accumulate(G_sum, name, gram.result())
+            if not A_sum:
+                return zeros()
+            return [A_sum[layer.name] for layer in self.layers] + [G_sum[layer.name] for layer in self.layers]
+
+        sums = problem.sum_over_ranks(local, zeros)  # one all-reduce of every factor: the global sums
+        L, c, N = len(self.layers), problem.reduction_factor, problem.num_counted_examples
+        return {layer.name: (sums[i].div_(N), sums[L + i].mul_(c)) for i, layer in enumerate(self.layers)}
 
     def _input_moment(self, a: Tensor) -> Tensor:
         """Σ_n over the batch of the input second moment (before dividing by N)."""
