@@ -9,7 +9,12 @@ overall, for dense-able matrices A (approximation) and E (exact):
   which a learning rate absorbs),
 * ``topk_eigenvalue_rel_error``: |λ_i(A) − λ_i(E)| / |λ_i(E)| for the k largest,
 * ``topk_subspace_overlap`` = ‖U_Aᵀ U_E‖_F² / k for the top-k eigenvectors (1 = same
-  subspace, 0 = orthogonal),
+  subspace, 0 = orthogonal). Where λ_k is tied (eigenvalues within √ε·|λ|max of it,
+  ε the dtype's rounding unit) the top-k subspace is not unique (a Kronecker factor
+  with equal eigenvalues, a scaled identity): the overlap is then that of the average
+  projector over every admissible choice, P̄ = U₁U₁ᵀ + (s/m)·U_tU_tᵀ for s of the k
+  vectors drawn from a tied cluster U_t of m, i.e. tr(P̄_A P̄_E) / k, a number that
+  does not depend on which basis of the cluster the eigensolver returned,
 * for Kronecker blocks ``optimal_kronecker_rel_frobenius``: the error of the best
   single Kronecker product X ⊗ Y ≈ E (Van Loan & Pitsianis 1993: the top singular
   pair of the rearrangement R(E) with R[(i,i'),(j,j')] = E[(i,j),(i',j')], error
@@ -108,12 +113,34 @@ def _top_eigenpairs(M: Tensor, k: int, which: str = "LA") -> tuple[Tensor, Tenso
     return result.values, result.vectors
 
 
+def _top_subspace(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest eigenvalues, and vectors U with weights w (Σw = k) of the average top-k projector.
+
+    P̄ = U diag(w) Uᵀ: weight 1 for eigenvalues above the cluster tied with λ_k, s/m for
+    the m members of that cluster of which s are among the top k (see the module note).
+    """
+    n = M.shape[0]
+    tie = torch.finfo(M.dtype).eps ** 0.5
+    count = n if n <= FULL_EIGH_LIMIT else min(n, 2 * k + 8)
+    while True:
+        values, vectors = _top_eigenpairs(M, count)
+        tied = ((values - values[k - 1]).abs() <= tie * values.abs().max()).nonzero().flatten()
+        first, last = int(tied[0]), int(tied[-1])
+        if last < count - 1 or count == n:
+            break
+        count = n  # the cluster may go on past the computed pairs: all of them
+    weights = torch.zeros(last + 1, dtype=M.dtype, device=M.device)
+    weights[:first] = 1
+    weights[first:] = (k - first) / (last + 1 - first)
+    return values[:k], vectors[:, : last + 1], weights
+
+
 def _dense_metrics(A: Tensor, E: Tensor, k: int) -> dict:
     difference = A - E
     E_norm = E.norm().item()
     k = min(k, E.shape[0])
-    top_E, U_E = _top_eigenpairs(E, k)
-    top_A, U_A = _top_eigenpairs(A, k)
+    top_E, U_E, w_E = _top_subspace(E, k)
+    top_A, U_A, w_A = _top_subspace(A, k)
     spectral_E = _top_eigenpairs(E, 1, "LM")[0].abs().item()
     spectral_difference = _top_eigenpairs(difference, 1, "LM")[0].abs().item()
     return {
@@ -123,7 +150,7 @@ def _dense_metrics(A: Tensor, E: Tensor, k: int) -> dict:
         "topk_eigenvalues_exact": top_E.tolist(),
         "topk_eigenvalues_approx": top_A.tolist(),
         "topk_eigenvalue_rel_error": ((top_A - top_E).abs() / top_E.abs().clamp_min(1e-300)).tolist(),
-        "topk_subspace_overlap": (U_A.T @ U_E).pow(2).sum().item() / k,
+        "topk_subspace_overlap": (w_A @ (U_A.T @ U_E).pow(2) @ w_E).item() / k,  # tr(P̄_A P̄_E) / k
     }
 
 

@@ -104,10 +104,41 @@ def test_compare_metrics_by_hand():
     assert report.overall["topk_eigenvalue_rel_error"] == pytest.approx(
         ((eig_A - eig_E).abs() / eig_E).tolist()
     )
-    assert 0.0 <= report.overall["topk_subspace_overlap"] <= 1.0
+    U_A, U_E = torch.linalg.eigh(A)[1].flip(1)[:, :3], torch.linalg.eigh(E)[1].flip(1)[:, :3]
+    overlap = (U_A.T @ U_E).pow(2).sum() / 3
+    assert report.overall["topk_subspace_overlap"] == pytest.approx(overlap.item(), rel=1e-10)
     assert len(report.blocks) == 2
     assert set(report.to_dict()) == {"approx", "exact", "overall", "blocks"}
     assert "rel_frob" in str(report)
+
+
+def _rotated(values: list[float], seed: int) -> torch.Tensor:
+    Q = torch.linalg.qr(
+        torch.randn(len(values), len(values), dtype=F64, generator=torch.Generator().manual_seed(seed))
+    )[0]
+    return Q @ torch.diag(torch.tensor(values, dtype=F64)) @ Q.T
+
+
+def test_subspace_overlap_of_tied_eigenvalues_does_not_depend_on_the_basis():
+    """A tie at λ_k leaves the top-k subspace open: the overlap is that of the average projector."""
+    shapes = [torch.Size([6])]
+    exact = cl.DenseOperator(torch.diag(torch.tensor([6.0, 5, 4, 3, 2, 1], dtype=F64)), shapes)
+    identity = cl.DenseOperator(torch.eye(6, dtype=F64) * 1.3, shapes)
+    # every 2-dimensional subspace is a top-2 subspace of 1.3·I: on average it holds 2/6 of each axis
+    assert cl.compare(identity, exact, k=2).overall["topk_subspace_overlap"] == pytest.approx(
+        1 / 3, rel=1e-12
+    )
+    # λ₁ = 9 sure, λ₂ = λ₃ = 7 tied: P̄ = e₁e₁ᵀ + ½ (the 7-cluster), whichever basis of it eigh returns
+    tied = torch.diag(torch.tensor([9.0, 7, 7, 1, 1, 1], dtype=F64))
+    overlaps = set()
+    for seed in range(4):
+        Q = torch.eye(6, dtype=F64)
+        Q[1:3, 1:3] = torch.linalg.qr(
+            torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        )[0]
+        approx = cl.DenseOperator(Q @ tied @ Q.T + 1e-17 * _rotated([1.0] * 6, seed), shapes)
+        overlaps.add(round(cl.compare(approx, exact, k=2).overall["topk_subspace_overlap"], 12))
+    assert overlaps == {0.75}  # (1·1 + ½·1) / 2 against the exact top-2 axes e₁, e₂
 
 
 def test_compare_single_example_kfac_is_exact_per_block():
