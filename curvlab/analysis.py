@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
+from curvlab import distributed
 from curvlab.operators.exact import EXACT
 from curvlab.progress import progress_bar
 from curvlab.storage import Store
@@ -164,7 +165,8 @@ def train_and_analyse(
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     loss_fn = nn.CrossEntropyLoss()
     checkpoints = checkpoint_steps(settings.steps, settings.checkpoints)
-    problem = cl.Problem(model, loss_fn, _batches(X, y, settings.batch_size))
+    # Under torch.distributed each rank holds a contiguous share of the batches: one global problem.
+    problem = cl.Problem(model, loss_fn, distributed.shard(_batches(X, y, settings.batch_size)))
     summaries = []
     bar = progress_bar(total=settings.steps, desc="training", enabled=settings.progress)
     for step in range(settings.steps + 1):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import curvlab as cl
-from curvlab import plot
+from curvlab import distributed, plot
 from curvlab.analysis import SUMMARY_HEADER, Settings, train_and_analyse
 from curvlab.data import load_digits, load_mnist_idx, load_npz
 from curvlab.errors import CurvlabError
@@ -93,12 +93,28 @@ def _load_data(args, dtype):
 
 
 def analyze(args) -> int:
-    """Train with checkpoints; analyse each; write HDF5 and figures; print a summary."""
+    """Train with checkpoints; analyse each; write HDF5 and figures; print a summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains the same model on
+    the same minibatches, the curvature is computed over each process' contiguous
+    share of the training batches (one global matrix, ``curvlab.distributed``), and
+    rank 0 alone prints and writes.
+    """
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise CurvlabError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    with distributed.launched(args.device) as device:
+        return _analyze(args, device)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``print`` on ranks other than 0: nothing."""
+
+
+def _analyze(args, device: torch.device) -> int:
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CurvlabError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    writer = distributed.is_writer()
+    say = print if writer else _quiet
     (X, y), (X_test, y_test), dataset = _load_data(args, dtype)
     if args.examples and dataset.startswith("digits"):
         X, y = X[: args.examples], y[: args.examples]
@@ -107,13 +123,15 @@ def analyze(args) -> int:
     sizes = [X.shape[1], *args.hidden, classes]
     model = mlp(sizes, args.activation).to(device, dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     path = out / "analysis.h5"
     # The run writes beside the previous one and replaces it only when it has finished: a
     # run that fails leaves the previous file and figures as they were.
     partial = out / "analysis.partial.h5"
-    partial.unlink(missing_ok=True)
-    store = cl.Store(partial)
+    if writer:
+        partial.unlink(missing_ok=True)
+    store = cl.Store(partial)  # written by rank 0 alone under torchrun
     settings = Settings(
         steps=args.steps,
         checkpoints=args.checkpoints,
@@ -122,24 +140,28 @@ def analyze(args) -> int:
         k=args.k,
         exact_limit=args.exact_limit,
         seed=args.seed,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress or not writer else None,
         dataset=dataset,
     )
     start = time.perf_counter()
     n = sum(p.numel() for p in model.parameters())
     if args.k > n:
-        print(f"note    --k {args.k} is more than the model's {n} parameters: using k = {n}")
+        say(f"note    --k {args.k} is more than the model's {n} parameters: using k = {n}")
         settings.k = n
-    print(f"model   MLP {'-'.join(map(str, sizes))} ({args.activation}), {n} parameters, {dtype}, {device}")
-    print(f"data    {dataset}: {X.shape[0]} training examples (curvature over all of them)")
+    say(f"model   MLP {'-'.join(map(str, sizes))} ({args.activation}), {n} parameters, {dtype}, {device}")
+    spread = distributed.describe()
+    over = ""
+    if spread["world_size"] > 1:
+        over = f", split over {spread['world_size']} processes ({spread['backend']})"
+    say(f"data    {dataset}: {X.shape[0]} training examples (curvature over all of them{over})")
     mode = "exact eigendecompositions" if n <= args.exact_limit else "Lanczos top-k, Hutch++ traces, SLQ"
-    print(f"spectra {mode}; {args.steps} SGD steps (lr {args.lr}), {args.checkpoints} checkpoints\n")
-    print(SUMMARY_HEADER)
+    say(f"spectra {mode}; {args.steps} SGD steps (lr {args.lr}), {args.checkpoints} checkpoints\n")
+    say(SUMMARY_HEADER)
     try:
-        summaries = train_and_analyse(model, (X, y), store, settings)
+        summaries = train_and_analyse(model, (X, y), store, settings, log=say)
     except BaseException:
         if partial.exists():
-            print(
+            say(
                 f"curvlab: the run stopped; its finished checkpoints are in {partial}, "
                 f"and {path} is still the previous run's",
                 file=sys.stderr,
@@ -148,22 +170,28 @@ def analyze(args) -> int:
     with torch.no_grad():
         accuracy = (model(X_test.to(device)).argmax(1) == y_test.to(device)).double().mean().item()
     last = summaries[-1]
-    print(f"\ntest accuracy {accuracy:.3f}")
-    print("\napproximation A against the exact GGN G at the last checkpoint:")
-    print(f"  {'':<22}{'‖A − G‖_F/‖G‖_F':>18}{'up to scale':>14}")
+    say(f"\ntest accuracy {accuracy:.3f}")
+    say("\napproximation A against the exact GGN G at the last checkpoint:")
+    say(f"  {'':<22}{'‖A − G‖_F/‖G‖_F':>18}{'up to scale':>14}")
     for key, value in last.items():
         if key.endswith(" rel_frobenius"):
             label = key.removesuffix(" rel_frobenius")
-            print(f"  {label:<22}{value:>18.4f}{last[label + ' scaled']:>14.4f}")
-    gap = _fisher_ggn_gap(partial)
-    tolerance = 1e-8 if dtype == torch.float64 else 1e-3
-    status = "OK" if gap <= tolerance else "MISMATCH"
-    print(f"\ncheck   |λ(Fisher) − λ(GGN)| / λmax(GGN) = {gap:.1e} ({status}, tolerance {tolerance:.0e})")
-    os.replace(partial, path)
-    figures = _replace_figures(path, out / "figures")
-    print(f"wrote   {path} ({len(read(path))} records) and {len(figures)} figures in {out / 'figures'}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0 if status == "OK" else 1
+            say(f"  {label:<22}{value:>18.4f}{last[label + ' scaled']:>14.4f}")
+    ok = True
+    if writer:
+        gap = _fisher_ggn_gap(partial)
+        tolerance = 1e-8 if dtype == torch.float64 else 1e-3
+        ok = gap <= tolerance
+        status = "OK" if ok else "MISMATCH"
+        say(f"\ncheck   |λ(Fisher) − λ(GGN)| / λmax(GGN) = {gap:.1e} ({status}, tolerance {tolerance:.0e})")
+        os.replace(partial, path)
+        figures = _replace_figures(path, out / "figures")
+        say(f"wrote   {path} ({len(read(path))} records) and {len(figures)} figures in {out / 'figures'}")
+        say(f"done in {time.perf_counter() - start:.1f} s")
+    group = distributed.resolve("auto")
+    if group is not None:
+        ok = group.agree(ok)  # rank 0's check: every rank exits with the same status
+    return 0 if ok else 1
 
 
 def _replace_figures(path: Path, folder: Path) -> list[Path]:

@@ -19,6 +19,9 @@ broadcast from rank 0 too, so every rank returns the same numbers.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -179,3 +182,54 @@ def check_same(group: Group, what: str, value) -> None:
             f"the ranks of the process group disagree on {what}: rank 0 has {values[0]}, rank "
             f"{different[0]} has {values[different[0]]}; every rank must hold the same model"
         )
+
+
+# ---------------------------------------------------------------- scripts under torchrun
+def is_writer() -> bool:
+    """Whether this process writes files: always, except on ranks other than 0 under ``torch.distributed``."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def describe() -> dict:
+    """World size and backend of the running ``torch.distributed`` job (``{"world_size": 1}`` if none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"world_size": 1}
+    return {"world_size": dist.get_world_size(), "backend": str(dist.get_backend())}
+
+
+def shard(items: list, process_group="auto") -> list:
+    """This rank's contiguous share of ``items`` (rank 0 the first ones), as even as can be.
+
+    Contiguous shares keep the global order of batches: Monte-Carlo labels, drawn
+    by global batch index, are the same as in one process over ``items``.
+    """
+    group = resolve(process_group)
+    if group is None:
+        return list(items)
+    base, extra = divmod(len(items), group.size)
+    start = group.rank * base + min(group.rank, extra)
+    return list(items[start : start + base + (group.rank < extra)])
+
+
+@contextlib.contextmanager
+def launched(device: str = "cpu"):
+    """The process group of a ``torchrun`` launch (the environment's ``WORLD_SIZE`` > 1), or nothing.
+
+    Initialises ``torch.distributed`` from the environment (NCCL for a CUDA
+    ``device``, each rank on GPU ``LOCAL_RANK``; gloo otherwise) unless it already
+    is, yields the device this rank computes on, and tears the group down after.
+    """
+    device = torch.device(device)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or dist.is_initialized():
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+        dist.barrier()  # every rank done before any tears its connections down
+    finally:
+        dist.destroy_process_group()

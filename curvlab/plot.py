@@ -16,6 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from curvlab import distributed
 from curvlab.operators.base import CurvatureOperator
 from curvlab.storage import Record, read
 
@@ -28,8 +29,13 @@ def _axes(ax: Axes | None, size=(6.0, 4.0)) -> tuple[Figure, Axes]:
 
 
 def save(fig: Figure, path, dpi: int = 150) -> Path:
-    """Write ``fig`` (format from the suffix) and return the path."""
+    """Write ``fig`` (format from the suffix) and return the path.
+
+    Under ``torch.distributed`` only rank 0 writes (the path is returned on every rank).
+    """
     path = Path(path)
+    if not distributed.is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path

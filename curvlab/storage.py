@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab import distributed
 from curvlab._version import __version__
 from curvlab.errors import CurvlabError
 from curvlab.operators.base import CurvatureOperator
@@ -139,6 +140,7 @@ def provenance(curvature=None, problem=None, dataset: str | None = None, **extra
         "torch_version": torch.__version__,
         "h5py_version": h5py.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **distributed.describe(),
     }
     if curvature is not None:
         record["curvature"] = _jsonable(curvature.description())
@@ -150,6 +152,7 @@ def provenance(curvature=None, problem=None, dataset: str | None = None, **extra
             num_examples=problem.num_examples,
             num_batches=problem.num_batches,
             num_params=problem.num_params,
+            processes=problem.group.size if problem.group is not None else 1,
             dtype=str(problem.dtype),
             device=str(problem.device),
         )
@@ -296,6 +299,11 @@ class Store:
     Args:
         path: The ``.h5`` file (created on the first save).
 
+    Under ``torch.distributed`` only rank 0 writes: ``save`` on another rank does
+    nothing (every rank may call it, no race), and the provenance records the
+    world size and backend. A rank that reads the file after rank 0's save waits
+    for it first (``dist.barrier()``).
+
     Example:
         >>> store = Store("run.h5")                                   # doctest: +SKIP
         >>> store.save("hessian", cl.top_eigen(H, 5), step=100, curvature=H)  # doctest: +SKIP
@@ -338,6 +346,8 @@ class Store:
             self._pending = None
 
     def _commit(self, records: list[Record]) -> None:
+        if not distributed.is_writer():  # under torch.distributed rank 0 writes, the others do nothing
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path.with_name(f".{self.path.name}.lock")):
             ours = _temporary_name(self.path)

@@ -10,9 +10,13 @@ concatenated batches (``process_group=None``), and compares in float64.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,12 +25,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import curvlab as cl
+from curvlab import optim
 from curvlab.distributed import RankFailure
 from tests.helpers import Wrapped, assert_close_rel
 
 F64 = torch.float64
 TIGHT = 1e-10  # products, factors: the ranks' sums in another order than one process' loop
 LOOSE = 1e-8  # iterative results (Lanczos, CG) on those products
+CPU = torch.device("cpu")  # where the CUDA worker runs when tried without a GPU
 
 
 def _free_port() -> int:
@@ -35,10 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, size: int, port: int, name: str):
+def _entry(rank: int, size: int, port: int, name: str, backend: str = "gloo"):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     WORKERS[name](rank, size)
     dist.barrier()  # both ranks done before either tears gloo's connections down
     dist.destroy_process_group()
@@ -50,8 +58,8 @@ def _entry(rank: int, size: int, port: int, name: str):
     os._exit(0)
 
 
-def _spawn(name: str, size: int = 2) -> None:
-    mp.spawn(_entry, args=(size, _free_port(), name), nprocs=size, join=True)
+def _spawn(name: str, size: int = 2, backend: str = "gloo") -> None:
+    mp.spawn(_entry, args=(size, _free_port(), name, backend), nprocs=size, join=True)
 
 
 # ---------------------------------------------------------------- the data and models
@@ -222,6 +230,189 @@ def _groups_of_one(rank, size):
     assert_close_rel(cl.GGN(alone).to_dense(), cl.GGN(local).to_dense(), 0, "group of one")
 
 
+def _minibatches(steps: int, sizes: tuple[int, int], loss: str = "ce"):
+    """``steps`` global minibatches of ``sum(sizes)`` examples; rank r's share is ``sizes[r]`` of them."""
+    generator = torch.Generator().manual_seed(7)
+    n = sum(sizes)
+    batches = []
+    for _ in range(steps):
+        X = torch.randn(n, 3, generator=generator, dtype=F64)
+        y = torch.randint(0, 2, (n,), generator=generator) if loss == "ce" else torch.randn(n, 2, dtype=F64)
+        batches.append((X, y))
+    return batches
+
+
+def _share(batch, rank: int, sizes: tuple[int, int]):
+    start = sum(sizes[:rank])
+    return tuple(t[start : start + sizes[rank]] for t in batch)
+
+
+def _train(optimizer, model, loss_fn, batches):
+    """One ``step(closure, batch)`` per batch; the parameters after every step."""
+    history = []
+    for batch in batches:
+
+        def closure(X=batch[0], y=batch[1]):
+            optimizer.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure, batch=batch)
+        history.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+    return history
+
+
+OPTIMIZERS = {  # name: (build, tolerance against one process on the whole minibatch; None: MC labels)
+    "kfac type-2": (lambda m, f, **o: optim.KFAC(m, f, fisher_type="type-2", lr=0.5, **o), TIGHT),
+    "kfac empirical, inverses spread": (
+        lambda m, f, **o: optim.KFAC(m, f, fisher_type="empirical", distribute_inverses=True, **o),
+        TIGHT,
+    ),
+    "kfac mc, pi damping": (lambda m, f, **o: optim.KFAC(m, f, pi_damping=True, lr=0.3, **o), None),
+    "ekfac": (lambda m, f, **o: optim.EKFAC(m, f, fisher_type="type-2", lr=0.5, **o), TIGHT),
+    "acp": (lambda m, f, **o: optim.ACP(m, f, lr=0.1, distribute_inverses=True, **o), TIGHT),
+    "diagonal ggn": (lambda m, f, **o: optim.DiagonalGGN(m, f, lr=0.1, damping=0.1, **o), TIGHT),
+    "newton ggn, momentum": (
+        lambda m, f, **o: optim.Newton(m, f, curvature="ggn", damping=0.1, momentum=0.5, **o),
+        TIGHT,
+    ),
+    # CG to a tight tolerance: a loose one stops one iteration earlier or later on rounding differences
+    "hessian-free, lm damping": (
+        lambda m, f, **o: optim.HessianFree(m, f, cg_iterations=30, cg_tol=1e-10, **o),
+        LOOSE,
+    ),
+    "kfac rescaled, lm damping": (
+        lambda m, f, **o: optim.KFAC(
+            m, f, fisher_type="type-2", rescale="ggn", damping_policy="levenberg-marquardt", **o
+        ),
+        TIGHT,
+    ),
+    "centered sgd": (lambda m, f, **o: optim.CenteredSGD(m, f, lr=0.2, **o), TIGHT),
+}
+
+
+def _training(rank, size):
+    """Every optimizer, plain model (unequal shares) and DDP (equal shares; a sum loss too)."""
+    settings = (
+        ("plain", (5, 3), nn.CrossEntropyLoss()),
+        ("ddp", (4, 4), nn.CrossEntropyLoss()),
+        ("ddp, sum loss", (4, 4), nn.MSELoss(reduction="sum")),
+    )
+    for setting, sizes, loss_fn in settings:
+        loss = "ce" if isinstance(loss_fn, nn.CrossEntropyLoss) else "mse"
+        batches = _minibatches(3, sizes, loss)
+        for name, (build, tolerance) in OPTIMIZERS.items():
+            if setting == "ddp, sum loss" and name not in ("newton ggn, momentum", "kfac type-2"):
+                continue
+            label = f"{name} ({setting})"
+            single_model, model = _model(), _model()
+            trained = DistributedDataParallel(model) if setting.startswith("ddp") else model
+            ours = _train(
+                build(trained, loss_fn), trained, loss_fn, [_share(b, rank, sizes) for b in batches]
+            )
+            theirs = _train(build(single_model, loss_fn, process_group=None), single_model, loss_fn, batches)
+            everyone = dist.group.WORLD
+            for step, (a, b) in enumerate(zip(ours, theirs)):
+                gathered = [torch.empty_like(a) for _ in range(size)]
+                dist.all_gather(gathered, a, group=everyone)
+                assert all(torch.equal(g, gathered[0]) for g in gathered), f"{label}: ranks differ"
+                assert torch.isfinite(a).all() and not torch.equal(a, _flat_params(_model()))
+                if tolerance is not None:
+                    assert_close_rel(a, b, tolerance, f"{label}, step {step}")
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _training_failures(rank, size):
+    """A NaN in one rank's batch skips the step on every rank; an error on one rank raises on all."""
+    loss_fn = nn.CrossEntropyLoss()
+    model = _model()
+    optimizer = optim.KFAC(model, loss_fn, fisher_type="type-2")
+    before = _flat_params(model)
+    (batch,) = _minibatches(1, (4, 4))
+    X, y = _share(batch, rank, (4, 4))
+    if rank == 1:
+        X = X.clone()
+        X[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="the inputs of rank 1's batch has NaN"):
+        _train(optimizer, model, loss_fn, [(X, y)])
+    assert torch.equal(_flat_params(model), before) and optimizer.counts["skipped"] == 1
+    # A data error on one rank while the curvature is built: that rank raises it, the other
+    # RankFailure, and neither hangs nor changes the model.
+    optimizer = optim.KFAC(model, loss_fn, fisher_type="type-2")
+    X, y = _share(batch, rank, (4, 4))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # rank 1's NaN kept out
+    model.zero_grad()
+    loss_fn(model(X), y).backward()  # the gradient, computed by the user (step without a closure)
+    if rank == 0:
+        y = y[:3]
+    expected = (cl.DataError, "inputs have 4 examples") if rank == 0 else (RankFailure, "rank 0")
+    with pytest.raises(expected[0], match=expected[1]):
+        optimizer.step(batch=(X, y))
+    assert torch.equal(_flat_params(model), before)
+
+
+def _files(rank, size):
+    """Rank 0 alone writes stores and figures; provenance says how many processes there were."""
+    from curvlab import distributed, plot
+
+    folder = os.environ["CURVLAB_TEST_FOLDER"]
+    assert distributed.shard(list(range(5))) == ([0, 1, 2] if rank == 0 else [3, 4])
+    distributed_problem, _ = _pair(rank)
+    store = cl.Store(os.path.join(folder, "run.h5"))
+    store.save("ggn", cl.trace(cl.GGN(distributed_problem), "exact"), step=0, problem=distributed_problem)
+    own = cl.Store(os.path.join(folder, f"rank{rank}.h5"))
+    own.save("ggn", cl.trace(cl.GGN(distributed_problem), "exact"), step=0)
+    figure = plot.save(plot.spectrum_histogram(torch.arange(4.0)), os.path.join(folder, f"rank{rank}.png"))
+    dist.barrier()
+    assert os.path.exists(own.path) == (rank == 0) and os.path.exists(figure) == (rank == 0)
+    (record,) = cl.Store(os.path.join(folder, "run.h5")).records()
+    origin = record.provenance
+    assert (origin["world_size"], origin["backend"], origin["processes"]) == (2, "gloo", 2)
+
+
+def _on_cuda(rank, size):
+    """CUDA models and data: gloo (buffers through the CPU, one GPU for both) or NCCL (a GPU per rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else CPU
+    model = _model().to(device)
+    batches = [(X.to(device), y.to(device)) for X, y in _batches("mse")]
+    loss_fn = nn.MSELoss()
+    single = cl.Problem(model, loss_fn, batches, process_group=None)
+    distributed = cl.Problem(model, loss_fn, _shard(batches, rank))
+    v = torch.randn(single.num_params, dtype=F64, device=device)
+    distributed.group.broadcast_(v)
+    for name, build in {
+        "ggn": cl.GGN,
+        "hessian": cl.Hessian,
+        "mc fisher": lambda p: cl.Fisher(p, mc_samples=2, seed=1),
+        "kfac": cl.KFAC,
+        "ekfac": cl.EKFAC,
+        "diagonal": lambda p: cl.Diagonal(cl.GGN(p)),
+    }.items():
+        ours, theirs = build(distributed), build(single)
+        assert ours.device == device
+        assert_close_rel((ours @ v).cpu(), (theirs @ v).cpu(), TIGHT, f"{name} on cuda")
+    top = cl.top_eigen(cl.Hessian(distributed), 2, tol=1e-10).values
+    assert_close_rel(top.cpu(), cl.top_eigen(cl.Hessian(single), 2, tol=1e-10).values.cpu(), LOOSE, "top 2")
+    optimizer = optim.KFAC(model, loss_fn, lr=0.1, damping=1e-2, distribute_inverses=True)
+    X, y = torch.cat([b[0] for b in _shard(batches, rank)]), torch.cat([b[1] for b in _shard(batches, rank)])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure, batch=(X, y))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+    gathered = distributed.group.gather(flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)  # bit-identical on every rank
+
+
 WORKERS = {
     "exact": _exact_operators,
     "approximations": _approximations,
@@ -229,12 +420,112 @@ WORKERS = {
     "empty": _empty_shard,
     "failures": _failures,
     "groups of one": _groups_of_one,
+    "training": _training,
+    "training failures": _training_failures,
+    "files": _files,
+    "cuda": _on_cuda,
 }
 
 
-@pytest.mark.parametrize("name", list(WORKERS))
-def test_every_rank_gets_the_result_of_one_process_on_all_the_data(name):
+@pytest.mark.parametrize("name", [name for name in WORKERS if name != "cuda"])
+def test_every_rank_gets_the_result_of_one_process_on_all_the_data(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("CURVLAB_TEST_FOLDER", str(tmp_path))  # inherited by the spawned workers
     _spawn(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_cuda_ranks_get_the_result_of_one_process(backend):
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs a GPU per rank: this machine has fewer than 2")
+    _spawn("cuda", backend=backend)
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}/")
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):  # per-block reports
+            for index, item in enumerate(value):
+                yield from _leaves(item, f"{prefix}{key}/{index}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_torchrun_analyze_gives_the_numbers_of_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m curvlab analyze``: rank 0 writes the single-process numbers."""
+    flags = ["--steps", "5", "--checkpoints", "2", "--hidden", "6", "--k", "3", "--dtype", "float64"]
+    flags += ["--examples", "600", "--batch-size", "100", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "curvlab", "analyze", *flags, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    spread = subprocess.run(
+        [*launch, "-m", "curvlab", "analyze", *flags, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert spread.returncode == 0, spread.stderr
+    assert "split over 2 processes (gloo)" in spread.stdout
+    assert spread.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    ones, twos = cl.storage.read(tmp_path / "one/analysis.h5"), cl.storage.read(tmp_path / "two/analysis.h5")
+    assert len(ones) == len(twos) > 40
+    assert sorted(p.name for p in (tmp_path / "one/figures").iterdir()) == sorted(
+        p.name for p in (tmp_path / "two/figures").iterdir()
+    )
+    for one, two in zip(ones, twos):
+        assert (one.kind, one.name, one.step) == (two.kind, two.name, two.step)
+        assert two.provenance["world_size"] == 2 and one.provenance["world_size"] == 1
+        values = one.data.get("values")
+        for (key, a), (_, b) in zip(_leaves(one.data), _leaves(two.data)):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype.kind != "f" or a.size == 0:
+                assert np.array_equal(a, b), f"{one.kind} {one.name} {key}"
+                continue
+            # Lanczos residuals are rounding-sized: measured against the eigenvalues
+            reference = values if key == "residuals" else a
+            scale = max(float(np.abs(np.asarray(reference)).max()), 1e-300)
+            assert np.abs(a - b).max() <= 1e-8 * scale, f"{one.kind} {one.name} step {one.step} {key}"
+
+
+def test_the_script_of_the_scaling_page_gives_the_numbers_of_one_process(tmp_path):
+    """docs/scaling.md's script, run by ``python`` and by ``torchrun --nproc_per_node=2``."""
+    page = (Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
+    (script,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    printed = {}
+    for name, launch in (
+        ("one", []),
+        ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "spectrum.py").write_text(script)
+        run = subprocess.run(
+            [sys.executable, *launch, "spectrum.py"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = [line for line in run.stdout.splitlines() if line.startswith("top eigenvalues")]
+        assert len(lines) == 1  # rank 0 alone prints
+        printed[name] = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", lines[0])]
+        assert len(cl.Store(folder / "spectrum.h5").records(kind="top_eigen")) == 1
+    assert len(printed["one"]) == 4
+    assert_close_rel(
+        torch.tensor(printed["two"]), torch.tensor(printed["one"]), 1e-10, "eigenvalues and trace"
+    )
 
 
 def test_fully_sharded_models_are_refused():

@@ -31,6 +31,14 @@ update (a finite update can still blow the loss up), as does Levenberg–Marquar
 when the step it just took makes the loss non-finite; more than 10 skipped steps
 in a row are an error; a failed inverse (a factorisation that fails, an indefinite damped
 matrix) is retried in float64 with more damping before a clear error.
+Data-parallel training (``torchrun``, one process per device): when
+``torch.distributed`` is initialised with several processes (``process_group="auto"``),
+each rank's closure and ``batch`` are its share of one global minibatch; the
+gradient and loss are averaged over the ranks (or by the user's
+``DistributedDataParallel``), the curvature is that of the global minibatch, and
+every skip decision is agreed, so the parameters stay bit-identical on every rank
+(``curvlab.optim.data_parallel``). ``distribute_inverses=True`` inverts each
+Kronecker block on one rank and gathers the inverses.
 Everything needed to continue bit-identically — momentum buffers, step count,
 damping, the curvature (snapshot) and the damping its inverse was built with —
 is in ``state_dict()``.
@@ -46,13 +54,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from curvlab.distributed import Group, RankFailure, resolve, unwrap
 from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.exact import exact_class
+from curvlab.optim import data_parallel
 from curvlab.optim import state as curvature_state
 from curvlab.optim.factored import precondition, record_linear_factors
 from curvlab.options import check_count, check_nonnegative, check_positive
 from curvlab.problem import Problem
+from curvlab.structured.block_diagonal import BlockDiagonalOperator
 
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
 RESCALE_CURVATURES = ("ggn", "fisher", "hessian")  # exact matrices whose quadratic model rescales a step
@@ -155,6 +166,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rescale: ``None`` (default) or the exact curvature (``"ggn"``, ``"fisher"``,
             ``"hessian"``) whose quadratic model picks step size and momentum each
             step (Martens & Grosse 2015, §7); needs ``momentum=0``.
+        process_group: ``"auto"`` (default): under ``torch.distributed`` with several
+            processes, one global step over every rank's share of the minibatch (see
+            the module doc); ``None``: this process alone; or a process group.
+        distribute_inverses: Under a process group, invert each block on one rank
+            (balanced by cost) and gather the inverses, instead of every rank
+            inverting every block.
 
     Optimizers with Kronecker blocks (``factored_gradients = True``: KFAC, EKFAC,
     ACP) record each Linear layer's inputs and output gradients while the closure
@@ -181,6 +198,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         min_damping: float = 1e-8,
         rescale: str | None = None,
         damping_factor: float = 2 / 3,
+        process_group="auto",
+        distribute_inverses: bool = False,
     ):
         damping, min_damping = (
             check_nonnegative("damping", damping),
@@ -198,6 +217,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"rescale must be None or one of {sorted(RESCALE_CURVATURES)}, got {rescale!r}")
         if rescale is not None and momentum > 0:
             raise ValueError("rescale chooses the momentum coefficient itself: pass momentum=0")
+        if not isinstance(distribute_inverses, bool):
+            raise TypeError(f"distribute_inverses must be True or False, got {distribute_inverses!r}")
         defaults = {"lr": check_positive("lr", lr), "momentum": momentum, "weight_decay": weight_decay}
         check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -222,6 +243,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._records: dict | None = None  # the Linear layers' factors of this step's gradient
         self._scratch: dict[int, Tensor] = {}  # per-parameter work tensors (not state: not saved)
         self.last_factored_blocks = 0
+        self.group: Group | None = resolve(process_group)
+        self.distribute_inverses = distribute_inverses
 
     def add_param_group(self, param_group: dict) -> None:
         """Torch's ``add_param_group``, refusing a group with a nonsense ``lr``, ``momentum`` or decay."""
@@ -256,8 +279,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # The curvature of the function being trained: in training mode a batch norm uses
         # the batch's statistics (dropout is off either way; see Problem's eval_mode).
         return Problem(
-            self.model, self.loss_fn, tuple(batch), params=self._params(), eval_mode=not self.model.training
+            self.model,
+            self.loss_fn,
+            tuple(batch),
+            params=self._params(),
+            eval_mode=not self.model.training,
+            process_group=self.group.group if self.group is not None else None,
         )
+
+    def _make_inverse(self, C: CurvatureOperator, damping: float):
+        """``make_inverse``, each block on one rank when ``distribute_inverses`` (then gathered)."""
+        if self.distribute_inverses and self.group is not None and isinstance(C, BlockDiagonalOperator):
+            return data_parallel.spread_inverse(
+                self.group, C, lambda share: self.make_inverse(share, damping), _INVERSE_FAILURES
+            )
+        return self.make_inverse(C, damping)
 
     def _refresh_inverse(self, damping: float, curvature: CurvatureOperator | None = None) -> None:
         """Damped inverse of ``curvature`` (default: the current one).
@@ -269,7 +305,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         last_error = None
         for attempt in range(4):
             try:
-                inverse = self.make_inverse(C, attempt_damping)
+                inverse = self._make_inverse(C, attempt_damping)
             except _INVERSE_FAILURES as error:
                 last_error = error
             else:
@@ -330,13 +366,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         ``closure`` re-evaluates the loss and its gradient (it must call
         ``backward``); ``batch = (X, y)`` is the minibatch curvature is built on.
+        Under a process group both are this rank's share, and the loss returned is
+        that of the global minibatch (the same on every rank).
         """
         loss = None
         self._records, self.last_factored_blocks = None, 0
         if closure is not None:
+            # Under a process group the gradient is the ranks' average, which this rank's
+            # factors do not give: no factored preconditioning.
             recording = (
                 record_linear_factors(self.model, self._params())
-                if self.factored_gradients
+                if self.factored_gradients and self.group is None
                 else contextlib.nullcontext()
             )
             with torch.enable_grad(), recording as records:
@@ -344,6 +384,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._records = records
         params = self._params()
         bad_data = _non_finite_part(batch)
+        if self.group is not None:  # the global gradient and loss; any rank's bad data on all
+            gradients = data_parallel.gradients_to_share(self.model, params)
+            loss, where = data_parallel.share_step(self.group, self.loss_fn, loss, batch, bad_data, gradients)
+            if gradients is None:
+                data_parallel.ddp_gradients(self.group, self.loss_fn, params)
+            if where is not None:
+                self._skip(f"{where} has NaN or Inf entries", bad_weights=False)
+                return loss
         if bad_data is not None:  # bad data, not bad weights: nothing is undone or changed
             self._skip(f"the {bad_data} of the batch have NaN or Inf entries", bad_weights=False)
             return loss
@@ -359,10 +407,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
         if any(decays):
             gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
+        skippable = (_SkipStep, NonFiniteError, RankFailure)  # NaN/Inf in the batch, curvature or direction
+        failure = None
         try:
             updates, predicted = self._updates(gradient, batch, decays)
-        except (_SkipStep, NonFiniteError) as reason:  # NaN/Inf in the batch, curvature or direction
-            self._skip(str(reason))
+        except skippable as reason:
+            failure = reason
+        except Exception as error:
+            if self.group is None:
+                raise
+            failure = error
+        if self.group is not None:  # one outcome for every rank: go on, skip, or raise
+            failure = data_parallel.agree_on_outcome(self.group, failure, skippable)
+        if failure is not None:
+            self._skip(str(failure))
             self.steps += 1
             return loss
         for p, u in zip(params, updates):
@@ -377,7 +435,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.state[p]["last_update"] = u
         self._skipped_in_row = 0
         if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:
-            self._adapt_damping(closure, loss, gradient, updates, predicted)
+            self._adapt_damping(closure, loss, gradient, updates, predicted, batch)
         self.steps += 1
         return loss
 
@@ -490,14 +548,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gradient: list[Tensor],
         step: list[Tensor],
         predicted: float | None = None,
+        batch=None,
     ) -> None:
         """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs).
 
         ``predicted`` is the model decrease if the caller has it (the exact model of
-        rescaling); otherwise it is computed with the optimizer's curvature.
+        rescaling); otherwise it is computed with the optimizer's curvature. Under a
+        process group the new loss is the global minibatch's (``batch``: this rank's share).
         """
         with torch.enable_grad():
             new_loss = closure()
+        if self.group is not None:
+            new_loss = data_parallel.share_loss(self.group, self.loss_fn, new_loss, batch)
         if not all_finite([new_loss]):  # the step made the loss non-finite: take it back
             self._undo_last_update(self._params())
             self.damping = self.damping * 10
@@ -555,7 +617,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.curvature, self._inverse = None, None
         if extra["curvature"] is not None:
             shapes = [p.shape for p in params]
-            names = Problem._names_of(self.model, params)
+            names = Problem._names_of(unwrap(self.model), params)
             self.curvature = curvature_state.restore(
                 extra["curvature"], shapes, names, params[0].dtype, params[0].device
             )

@@ -21,7 +21,8 @@ from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock
 _FIELDS = {KroneckerBlock: ("G", "A"), EigenbasisBlock: ("Q_G", "Q_A", "D"), DenseOperator: ("matrix",)}
 
 
-def _block_tensors(block) -> dict[str, Tensor]:
+def block_tensors(block) -> dict[str, Tensor]:
+    """The tensors that define one block of a structured curvature, by field name."""
     for kind, fields in _FIELDS.items():
         if type(block) is kind:
             return {field: getattr(block, field) for field in fields}
@@ -52,7 +53,7 @@ def snapshot(C: CurvatureOperator) -> dict:
                 "type": type(block).__name__,
                 "indices": list(indices),
                 "bias_folded": getattr(block, "bias_folded", False),
-                **{name: t.clone() for name, t in _block_tensors(block).items()},
+                **{name: t.clone() for name, t in block_tensors(block).items()},
             }
         )
     return {"type": "BlockDiagonal", "blocks": blocks}
