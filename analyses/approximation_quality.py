@@ -113,7 +113,7 @@ def main():
         results[name] = reports
         print(f"({problem.describe()})")
     path = out / "approximation_quality.h5"
-    path.unlink(missing_ok=True)
+    cl.storage.remove(path)
     store = cl.Store(path)
     with store.transaction():
         for name, reports in results.items():

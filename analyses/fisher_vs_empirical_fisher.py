@@ -99,7 +99,7 @@ def main():
         for kind in kinds
     }
     path = out / "fisher_vs_empirical_fisher.h5"
-    path.unlink(missing_ok=True)
+    cl.storage.remove(path)
     store = cl.Store(path)
     with store.transaction():
         for kind in kinds:

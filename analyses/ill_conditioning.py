@@ -107,7 +107,7 @@ def main():
             table[method].append(iterations(method, problem, args.tol, args.max_iterations))
         print(f"{kappa:>8g}" + "".join(f"{table[m][-1]:>20}" for m in METHODS))
     path = out / "ill_conditioning.h5"
-    path.unlink(missing_ok=True)
+    cl.storage.remove(path)
     cl.Store(path).save(
         "iterations to converge",
         {"kappa": np.array(args.kappas), **{m: np.array(v) for m, v in table.items()}},

@@ -245,7 +245,7 @@ def main():
     table = methods(args.curvature_every)
     chosen = args.methods or [m for m in table if args.task == "autoencoder" or not table[m][2]]
     path = out / f"optimizer_benchmark_{args.task}.h5"
-    path.unlink(missing_ok=True)
+    cl.storage.remove(path)
     store = cl.Store(path)
     results = {}
     print(

@@ -96,7 +96,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "spectrum_during_training.h5"
-    path.unlink(missing_ok=True)
+    cl.storage.remove(path)
     store = cl.Store(path)
     (X, y), _ = load_digits(dtype=torch.float64, seed=args.seed)
     X, y = X[: args.examples], y[: args.examples]

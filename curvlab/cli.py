@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 import curvlab as cl
-from curvlab import distributed, plot
+from curvlab import distributed, plot, storage
 from curvlab.analysis import SUMMARY_HEADER, Settings, train_and_analyse
 from curvlab.data import load_digits, load_mnist_idx, load_npz
 from curvlab.errors import CurvlabError
@@ -130,7 +129,7 @@ def _analyze(args, device: torch.device) -> int:
     # run that fails leaves the previous file and figures as they were.
     partial = out / "analysis.partial.h5"
     if writer:
-        partial.unlink(missing_ok=True)
+        storage.remove(partial)
     store = cl.Store(partial)  # written by rank 0 alone under torchrun
     settings = Settings(
         steps=args.steps,
@@ -184,7 +183,7 @@ def _analyze(args, device: torch.device) -> int:
         ok = gap <= tolerance
         status = "OK" if ok else "MISMATCH"
         say(f"\ncheck   |λ(Fisher) − λ(GGN)| / λmax(GGN) = {gap:.1e} ({status}, tolerance {tolerance:.0e})")
-        os.replace(partial, path)
+        storage.move(partial, path)
         figures = _replace_figures(path, out / "figures")
         say(f"wrote   {path} ({len(read(path))} records) and {len(figures)} figures in {out / 'figures'}")
         say(f"done in {time.perf_counter() - start:.1f} s")

@@ -27,14 +27,23 @@ Every record carries provenance: curvature kind and options, method and its
 settings, seed, dtype, device, parameter count, model, loss and reduction, data
 set name and size, training step, curvlab/torch/h5py versions and the time.
 
-Nothing is lost on a crash: an append copies the file, writes the new records
-into the copy, flushes it to disk and atomically renames it over the original
-(``os.replace``). A killed writer leaves the previous file untouched (and at
-worst a stray hidden ``.<name>.<pid>.tmp`` file, removed by the next append).
+Layout: the records live in a parts folder beside the file, ``run.h5.parts-<8 hex>/``,
+one HDF5 file per append (``00000012.h5`` holds that append's records under the same
+``/records/<index>`` names); ``run.h5`` is the index: the header and one HDF5 external
+link per record into its part. Plain h5py follows the links (``f["records/00000012"]``).
+A store is the file *and* its folder: ``move`` and ``remove`` handle both; ``pack``
+makes one self-contained file (records held in the file itself, also a valid store).
+
+Nothing is lost on a crash, and an append costs O(its records): the new part is
+written to a temporary, flushed and renamed into the folder; then a new index (links
+only: about 100 bytes a record) is written the same way and renamed over the old one
+(``os.replace``). Parts are never written again. A killed writer leaves the previous
+index, which references only whole parts, and at worst a temporary or a part no index
+references: the next append removes them. Readers never see a part of a write.
 Appends are serialised by a lock file (``fcntl`` on POSIX, ``msvcrt`` on
-Windows), so several processes may append to one file.
-Cost: one copy of the file per append; group a checkpoint's records with
-``Store.transaction()`` to pay it once. Only arrays, numbers and JSON strings are
+Windows), so several processes may append to one file. Single-file stores (from
+``pack``, version 1, or older curvlab) are read as they are; an append moves their
+records into a parts folder once. Only arrays, numbers and JSON strings are
 written: no pickle anywhere.
 """
 
@@ -48,6 +57,7 @@ import os
 import re
 import shutil
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,6 +303,106 @@ def _temporary_name(path: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
 
 
+PARTS_MARK = ".parts-"  # run.h5's records live in run.h5.parts-<8 hex digits>/
+PART_NAME = re.compile(r"\d{8}\.h5")  # a part: named after its first record
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _remove_strays(path: Path) -> None:
+    """Temporaries of ``path`` left by killed writers (call under its lock)."""
+    if not path.parent.exists():
+        return
+    ours = _temporary_name(path)
+    for stray in path.parent.iterdir():
+        if ours.fullmatch(stray.name):
+            stray.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write, base: Path | None = None) -> None:
+    """``write(h5py.File)`` into a temporary beside ``path`` (a copy of ``base``), flushed, renamed over it.
+
+    A reader sees the old file or the new one, never a part of one; a killed writer
+    leaves the old file and a temporary (``_remove_strays``).
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if base is not None:
+            shutil.copyfile(base, temporary)
+        with h5py.File(temporary, "a" if base is not None else "w") as f:
+            write(f)
+        _fsync(temporary)
+        os.replace(temporary, path)
+        _fsync(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_records(f: h5py.File, numbered: list[tuple[int, Record]]) -> None:
+    group = f.create_group("records")
+    for index, record in numbered:
+        _write_record(group, index, record)
+
+
+def _write_index(f: h5py.File, created, folder: str | None, links: dict, numbered=()) -> None:
+    """The index: the header, every linked record as an external link into its part, ``numbered`` in it."""
+    _write_header(f, created)
+    if folder is not None:
+        f.attrs["parts"] = folder
+    _add_links(f, links)
+    for index, record in numbered:
+        _write_record(f["records"], index, record)
+    if folder is not None and not numbered:  # links only: the next append copies this index
+        f.attrs["next_record"] = 1 + max((int(key) for key in links), default=-1)
+
+
+def _add_links(f: h5py.File, links: dict) -> None:
+    """External links into the parts; with them, the number of the next record (links only)."""
+    for key in sorted(links):
+        filename, target = links[key]
+        f["records"][key] = h5py.ExternalLink(filename, target)
+    if "next_record" in f.attrs and links:
+        following = max(int(key) for key in links) + 1
+        f.attrs["next_record"] = max(following, int(f.attrs["next_record"]))
+
+
+def _next_record(path: Path) -> int | None:
+    """The next record's number of an index that holds links only; ``None`` for anything else."""
+    if not path.exists():
+        return None
+    with _open(path) as f:
+        _check_header(f, path)
+        following = f.attrs.get("next_record")
+        return None if following is None or _schema_version(f) != SCHEMA_VERSION else int(following)
+
+
+def _layout(path: Path) -> tuple[dict, list, object, str | None]:
+    """What an append builds on: ``(links, earlier, created, folder)``.
+
+    ``links``: record name → (part file relative to the index, object path);
+    ``earlier``: ``(index, Record)`` of records held in the index itself (a version-1
+    file, or a single-file store from ``pack`` or an older curvlab): moved into the
+    next part; ``created``: the store's creation time; ``folder``: its parts folder.
+    """
+    if not path.exists():
+        return {}, [], None, None
+    with _open(path) as f:
+        _check_header(f, path)
+        version = _schema_version(f)
+        links, earlier = {}, []
+        for key in sorted(f["records"]):
+            link = f["records"].get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                links[key] = (link.filename, link.path)
+            else:
+                earlier.append((int(key), _read_record(f["records"][key], path, version)))
+        folder = f.attrs.get("parts")
+        folder = folder.decode() if isinstance(folder, bytes) else folder
+        return links, earlier, f.attrs.get("created"), folder
+
+
 class Store:
     """An HDF5 file of curvature records: ``save`` appends, ``records`` reads.
 
@@ -349,44 +459,30 @@ class Store:
         if not distributed.is_writer():  # under torch.distributed rank 0 writes, the others do nothing
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.path.with_name(f".{self.path.name}.lock")):
-            ours = _temporary_name(self.path)
-            for stray in self.path.parent.iterdir():
-                if ours.fullmatch(stray.name):
-                    stray.unlink(missing_ok=True)  # left by a writer that was killed
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            try:
-                earlier = self._copy_to(temporary)
-                with h5py.File(temporary, "a") as f:
-                    if "format" not in f.attrs:
-                        _write_header(f)
-                    group = f["records"]
-                    start = len(group)
-                    for offset, record in enumerate([*earlier, *records]):
-                        _write_record(group, start + offset, record)
-                _fsync(temporary)
-                os.replace(temporary, self.path)
-                _fsync(self.path.parent)
-            finally:
-                temporary.unlink(missing_ok=True)
-
-    def _copy_to(self, temporary: Path) -> list[Record]:
-        """Copy the file to ``temporary``; a version-1 file's records are returned to rewrite instead."""
-        if not self.path.exists():
-            return []
-        with _open(self.path) as f:
-            _check_header(f, self.path)
-            if _schema_version(f) == SCHEMA_VERSION:
-                earlier = None
+        with _locked(_lock_path(self.path)):
+            _remove_strays(self.path)
+            following = _next_record(self.path)
+            if following is None:  # new, or a single-file store: every record into a parts folder
+                links, earlier, created, folder = _layout(self.path)
+                following = 1 + max([-1, *(int(key) for key in links), *(index for index, _ in earlier)])
+            else:  # the index holds links only: it is copied and the new ones added (O(its size))
+                links, earlier, created, folder = {}, [], None, _folder_of(self.path)
+            folder = folder or f"{self.path.name}{PARTS_MARK}{uuid.uuid4().hex[:8]}"
+            directory = self.path.parent / folder
+            directory.mkdir(exist_ok=True)
+            for stray in os.scandir(directory):  # temporaries and unreferenced parts of killed writers
+                temporary = stray.name.startswith(".") and stray.name.endswith(".tmp")
+                if temporary or (PART_NAME.fullmatch(stray.name) and int(stray.name[:8]) >= following):
+                    os.unlink(stray.path)
+            numbered = [*earlier, *((following + i, record) for i, record in enumerate(records))]
+            part = directory / f"{numbered[0][0]:08d}.h5"
+            _write_atomically(part, lambda f: _write_records(f, numbered))
+            for index, _ in numbered:
+                links[f"{index:08d}"] = (f"{folder}/{part.name}", f"/records/{index:08d}")
+            if earlier or not self.path.exists():
+                _write_atomically(self.path, lambda f: _write_index(f, created, folder, links))
             else:
-                earlier = _read_records(f, self.path)
-                created = f.attrs.get("created")
-        if earlier is None:
-            shutil.copyfile(self.path, temporary)
-            return []
-        with h5py.File(temporary, "w") as f:
-            _write_header(f, created)
-        return earlier
+                _write_atomically(self.path, lambda f: _add_links(f, links), base=self.path)
 
     # ---------------------------------------------------------------- read
     def records(self, kind: str | None = None, name: str | None = None) -> list[Record]:
@@ -541,12 +637,93 @@ def _read_record(group: h5py.Group, path: Path, version: int) -> Record:
     )
 
 
+def _check_parts(f: h5py.File, path: Path) -> None:
+    """A record whose part file is missing: a StoreError that says how a store is kept together."""
+    for key in f["records"]:
+        link = f["records"].get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink) and not (path.parent / link.filename).exists():
+            raise StoreError(
+                f"{path}: record {key} is in {path.parent / link.filename}, which is missing. A store is "
+                f"its index file and its parts folder {Path(link.filename).parent}/ beside it: copy or "
+                "move them together (curvlab.storage.move), or make one file of them (curvlab.storage.pack)"
+            )
+
+
 def _read_records(f: h5py.File, path: Path) -> list[Record]:
     version = _schema_version(f)
+    _check_parts(f, path)
     try:
         return [_read_record(f["records"][key], path, version) for key in sorted(f["records"])]
     except (OSError, KeyError) as error:
         raise StoreError(f"{path}: corrupt record data: {error}") from error
+
+
+# ---------------------------------------------------------------- whole stores
+def remove(path) -> None:
+    """Delete a store: its index file and its parts folder (nothing if it does not exist).
+
+    Under ``torch.distributed`` only rank 0 deletes; the other ranks do nothing.
+    """
+    path = Path(path)
+    if not distributed.is_writer() or not path.exists():
+        return
+    with _locked(_lock_path(path)):
+        folder = _folder_of(path)
+        path.unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(path.parent / folder, ignore_errors=True)
+        _remove_strays(path)
+
+
+def move(source, target) -> None:
+    """Rename a store (index and parts folder) to ``target``, replacing any store there.
+
+    ``target`` is replaced atomically: a crash leaves either the old store at
+    ``target`` or the new one, each whole (``curvlab analyze`` writes its run beside
+    the previous one and moves it over it when finished). Rank 0 alone under
+    ``torch.distributed``.
+    """
+    source, target = Path(source), Path(target)
+    if not distributed.is_writer():
+        return
+    with _locked(_lock_path(source)), _locked(_lock_path(target)):
+        links, earlier, created, folder = _layout(source)
+        old = _folder_of(target) if target.exists() else None
+        renamed = None
+        if folder is not None:
+            renamed = f"{target.name}{PARTS_MARK}{uuid.uuid4().hex[:8]}"
+            links = {key: (f"{renamed}/{Path(name).name}", obj) for key, (name, obj) in links.items()}
+        if folder is not None:  # the source index points nowhere from here on; the target is still whole
+            os.replace(source.parent / folder, target.parent / renamed)
+        _write_atomically(target, lambda f: _write_index(f, created, renamed, links, earlier))
+        source.unlink(missing_ok=True)
+        if old is not None and old != renamed:
+            shutil.rmtree(target.parent / old, ignore_errors=True)
+
+
+def pack(source, target) -> None:
+    """One self-contained HDF5 file holding every record of the store ``source`` (to share or archive).
+
+    The packed file is a store too (its records in the file itself); appending to it
+    moves them into a parts folder again.
+    """
+    source, target = Path(source), Path(target)
+    records = read(source)
+    with _open(source) as f:
+        created = f.attrs.get("created")
+    if distributed.is_writer():
+        numbered = [(record.index, record) for record in records]
+        _write_atomically(target, lambda f: _write_index(f, created, None, {}, numbered))
+
+
+def _folder_of(path: Path) -> str | None:
+    try:
+        with h5py.File(path, "r") as f:
+            folder = f.attrs.get("parts")
+    except OSError:
+        return None
+    folder = folder.decode() if isinstance(folder, bytes) else folder
+    return folder if isinstance(folder, str) and PARTS_MARK in folder and "/" not in folder else None
 
 
 def read(path) -> list[Record]:

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -427,3 +429,131 @@ def test_an_incomplete_kfac_record_says_what_it_holds(tmp_path):
         record.result()
     with pytest.raises(StoreError, match="without Kronecker blocks has no factors"):
         store.save("ekfac", cl.EKFAC(problem, other_structure="exact"))
+
+
+# ---------------------------------------------------------------- appends in O(the new records)
+def _part_folder(path):
+    (folder,) = path.parent.glob(f"{path.name}.parts-*")
+    return folder
+
+
+def test_an_append_writes_its_records_and_a_small_index_only(tmp_path):
+    path = tmp_path / "run.h5"
+    store = Store(path)
+    store.save("first", torch.zeros(100_000), step=0)
+    folder = _part_folder(path)
+    (first,) = folder.iterdir()
+    before = (first.stat().st_ino, first.stat().st_mtime_ns, first.stat().st_size)
+    for step in range(1, 20):
+        with store.transaction():
+            store.save("x", torch.full((100_000,), float(step)), step=step)
+            store.save("y", torch.full((10,), float(step)), step=step)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns, first.stat().st_size) == before  # never rewritten
+    assert len(list(folder.iterdir())) == 20  # one part per append
+    assert path.stat().st_size < 40 * 1024  # links only: 39 records, 800 kB of data elsewhere
+    with h5py.File(path, "r") as f:  # plain h5py follows the links
+        links = [f["records"].get(key, getlink=True) for key in f["records"]]
+        assert all(isinstance(link, h5py.ExternalLink) for link in links) and len(links) == 39
+        assert (f["records/00000037/data/values"][()] == 19).all()
+    assert [r.step for r in read(path)] == [0] + [s for s in range(1, 20) for _ in range(2)]
+
+
+KILLED_TRIALS = 30
+
+READER = textwrap.dedent(
+    """
+    import sys, pathlib, numpy as np
+    from curvlab.storage import read
+    path, stop = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    reads = 0
+    print("ready", flush=True)
+    while not stop.exists():
+        if path.exists():
+            records = read(path)
+            assert [r.step for r in records] == list(range(len(records)))
+            assert all((r.data["values"] == r.step).all() for r in records[-3:])
+            reads += 1
+    print(reads)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked writers: POSIX")
+def test_writers_killed_at_random_moments_lose_only_the_records_in_flight(tmp_path):
+    """30 writers SIGKILLed at random moments, a reader reading all along: every file whole."""
+    path, stop = tmp_path / "run.h5", tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path), str(stop)], stdout=subprocess.PIPE, text=True
+    )
+    assert reader.stdout.readline() == "ready\n"
+    chance = np.random.default_rng(0)
+    kept = 0
+    for _ in range(KILLED_TRIALS):
+        acknowledgements, acknowledge = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the writer: appends until it is killed, one byte down the pipe per commit
+            try:
+                os.close(acknowledgements)
+                store = Store(path)
+                for step in range(kept, kept + 10_000):
+                    store.append(Record("arrays", "x", step, {"values": np.full(20_000, float(step))}))
+                    os.write(acknowledge, b".")
+            finally:
+                os._exit(0)
+        os.close(acknowledge)
+        time.sleep(chance.uniform(0.0, 0.1))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        acknowledged = 0
+        while chunk := os.read(acknowledgements, 4096):
+            acknowledged += len(chunk)
+        os.close(acknowledgements)
+        records = read(path) if path.exists() else []
+        # every acknowledged append is there; at most the one in flight besides
+        assert kept + acknowledged <= len(records) <= kept + acknowledged + 1
+        assert [r.step for r in records] == list(range(len(records)))
+        assert all((r.data["values"] == r.step).all() for r in records[kept:])
+        kept = len(records)
+    stop.touch()
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and int(out) > 0
+    assert kept >= KILLED_TRIALS  # the writers got far enough to append, and to be killed mid-append
+    Store(path).append(Record("arrays", "x", kept, {"values": np.full(3, float(kept))}))
+    assert len(read(path)) == kept + 1
+    folder = _part_folder(path)
+    assert len(list(folder.iterdir())) == len({Path(r).name for r in _linked_files(path)})  # no orphans
+    assert not list(tmp_path.glob(".run.h5.*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+def _linked_files(path):
+    with h5py.File(path, "r") as f:
+        return [f["records"].get(key, getlink=True).filename for key in f["records"]]
+
+
+def test_a_store_is_moved_packed_and_removed_whole(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for step in range(2):
+        Store(a).save("x", torch.full((3,), float(step)), step=step)
+    Store(b).save("old", torch.zeros(2))
+    old_folder = _part_folder(b)
+    cl.storage.move(a, b)  # as `curvlab analyze` replaces the previous run
+    assert not a.exists() and not list(tmp_path.glob("a.h5.parts-*")) and not old_folder.exists()
+    assert [r.step for r in read(b)] == [0, 1]
+    Store(b).save("x", torch.full((3,), 2.0), step=2)
+    packed = tmp_path / "elsewhere" / "one.h5"
+    packed.parent.mkdir()
+    cl.storage.pack(b, packed)
+    alone = tmp_path / "alone.h5"
+    packed.rename(alone)  # one file: it travels alone
+    with h5py.File(alone, "r") as f:
+        assert not any(isinstance(f["records"].get(k, getlink=True), h5py.ExternalLink) for k in f["records"])
+    assert [(r.step, r.data["values"].tolist()) for r in read(alone)] == [
+        (s, [float(s)] * 3) for s in range(3)
+    ]
+    Store(alone).save("x", torch.full((3,), 3.0), step=3)  # the packed records move into a parts folder
+    assert [r.step for r in read(alone)] == [0, 1, 2, 3] and all(_linked_files(alone))
+    cl.storage.remove(b)
+    assert not b.exists() and not list(tmp_path.glob("b.h5.parts-*"))
+    shutil.rmtree(_part_folder(alone))
+    with pytest.raises(StoreError, match=r"record 00000000 is in .*, which is missing.*storage.pack"):
+        read(alone)
