@@ -29,14 +29,17 @@ class DenseTooLargeError(CurvlabError, MemoryError):
         bytes_available: Memory available on the target device in bytes.
     """
 
-    def __init__(self, what: str, bytes_needed: int, bytes_available: int):
+    def __init__(self, what: str, bytes_needed: int, bytes_available: int, hint: str | None = None):
         self.bytes_needed = int(bytes_needed)
         self.bytes_available = int(bytes_available)
+        hint = hint or (
+            "use matrix-free products (C @ v, cl.top_eigen, cl.trace) or pass a larger max_bytes "
+            "if you know better"
+        )
         super().__init__(
             f"{what} would need {self.bytes_needed:,} bytes "
             f"({self.bytes_needed / 2**30:.2f} GiB) but only {self.bytes_available:,} bytes "
-            f"({self.bytes_available / 2**30:.2f} GiB) are available; use matrix-free products "
-            "(C @ v, cl.top_eigen, cl.trace) or pass a larger max_bytes if you know better"
+            f"({self.bytes_available / 2**30:.2f} GiB) are available; {hint}"
         )
 
 

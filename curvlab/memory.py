@@ -52,3 +52,18 @@ def check_fits(what: str, shape: tuple[int, ...], dtype: torch.dtype, device, ma
     limit = available_bytes(device) if max_bytes is None else int(max_bytes)
     if needed > limit:
         raise DenseTooLargeError(f"{what} of shape {tuple(shape)} in {dtype}", needed, limit)
+
+
+def check_workspace(what: str, vectors: int, n: int, dtype: torch.dtype, device, hint: str) -> None:
+    """Raise ``DenseTooLargeError`` if ``vectors`` vectors of ``n`` entries would not fit on ``device``.
+
+    The working memory of the Krylov methods (their bases, probes and products),
+    beyond the model and one batch: checked before they start, not found out at the
+    hundredth product. ``hint`` says what to lower.
+    """
+    needed = int(vectors) * int(n) * torch.empty((), dtype=dtype).element_size()
+    limit = available_bytes(device)
+    if needed > limit:
+        raise DenseTooLargeError(
+            f"{what} ({vectors} vectors of {n:,} entries in {dtype})", needed, limit, hint
+        )

@@ -72,6 +72,35 @@ def test_to_dense_refuses_when_it_would_not_fit(monkeypatch):
         cl.Hessian(problem).to_dense(max_bytes=100)
 
 
+def test_spectra_refuse_a_workspace_that_would_not_fit_before_any_product(monkeypatch):
+    """top_eigen, trace and spectral_density state their memory and check it first."""
+    problem = _problem()
+    n = problem.num_params  # float32
+    G = cl.GGN(problem)
+    free = 4 * n * 30  # room for 30 vectors
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    products = []
+    for name in ("_matmat", "_matvec_into"):
+        original = getattr(cl.GGN, name)
+        monkeypatch.setattr(
+            cl.GGN, name, lambda self, *args, _original=original: products.append(1) or _original(self, *args)
+        )
+    needed = (20 + 1 + 3 * 5) * n * 4  # basis 20 (the default for k = 5, guard 2), +1, +3k
+    with pytest.raises(
+        cl.DenseTooLargeError, match=f"top_eigen.k=5. .* would need {needed:,} bytes.*basis_size"
+    ):
+        cl.top_eigen(G, 5, basis_size=20)
+    with pytest.raises(cl.DenseTooLargeError, match=r"trace\(hutch\+\+, num_matvecs=30\).*num_matvecs"):
+        cl.trace(G, "hutch++", num_matvecs=30)
+    with pytest.raises(cl.DenseTooLargeError, match="spectral_density .*probes_per_pass"):
+        cl.spectral_density(G, num_probes=4, lanczos_steps=10)
+    assert products == []  # refused before the first product
+    cl.top_eigen(G, 2, basis_size=10)  # (10 + 1 + 6) vectors fit
+    assert products  # (and the count above counts)
+    cl.trace(G, "hutch++", num_matvecs=18)  # 5 · 6
+    cl.spectral_density(G, num_probes=2, lanczos_steps=10)  # (10 + 3) · 2
+
+
 def test_cg_on_indefinite_hessian_raises():
     torch.manual_seed(0)
     model = nn.Linear(2, 1)

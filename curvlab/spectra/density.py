@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.memory import check_workspace
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
 from curvlab.records import RecordParts, numpy, recordable
@@ -98,7 +99,8 @@ def spectral_density(
         grid: Eigenvalue axis; default spans the Ritz values ± 5σ.
         seed: Seed of the probes (drawn on the CPU: device-independent).
         probes_per_pass: Probes tridiagonalised together in one batched pass
-            (memory m · n · probes_per_pass entries); default all, capped at 16.
+            (memory (m + 3) · n · probes_per_pass entries, checked before the first
+            product); default all, capped at 16.
         progress: Show a progress bar (``None``: only on a terminal).
     """
     n, dtype, device, _ = _as_matvec(C)
@@ -109,7 +111,16 @@ def spectral_density(
     if sigma is not None:
         sigma = check_positive("sigma", sigma)
     m = min(lanczos_steps, n)
-    per_pass = probes_per_pass or min(num_probes, 16)
+    per_pass = min(probes_per_pass or 16, num_probes)
+    check_workspace(  # each probe's basis, the start vectors, the product and its scratch
+        f"spectral_density with {per_pass} probes per pass of {m} Lanczos steps",
+        (m + 3) * per_pass,
+        n,
+        dtype,
+        device,
+        "tridiagonalise fewer probes together (probes_per_pass) or take fewer lanczos_steps "
+        "(memory (lanczos_steps + 3)·probes_per_pass·n entries)",
+    )
     generator = torch.Generator().manual_seed(seed)
     nodes = torch.zeros(num_probes, m, dtype=dtype, device=device)
     weights = torch.zeros_like(nodes)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError, NonFiniteError
-from curvlab.memory import block_budget
+from curvlab.memory import block_budget, check_workspace
 from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.options import check_count, check_integer, check_positive
 from curvlab.progress import progress_bar
@@ -304,7 +304,9 @@ def top_eigen(
             as many vectors as fit in 2²² entries if more (small problems: a basis
             up to n never restarts and ends in at most n products, where clustered
             small eigenvalues of a thick-restarted basis can take thousands); at
-            most n. Memory: (basis_size + 1) · n entries.
+            most n. Memory: (basis_size + 1 + 3k) · n entries (the basis, then the Ritz
+            vectors, their products and residuals), checked before the first
+            product: ``cl.DenseTooLargeError`` with the byte count if it would not fit.
         seed: Seed of the random start (drawn on the CPU: device-independent).
         start: The Lanczos start vector. ``"random"``: a seeded Gaussian vector.
             ``"gradient"``: the normalised gradient ∇R of the operator's problem
@@ -359,6 +361,14 @@ def top_eigen(
         raise ValueError(f"basis_size must be ≥ k = {k}, got {m}")
     max_matvecs = max(1000, 20 * m) if max_matvecs is None else check_count("max_matvecs", max_matvecs)
     generator = torch.Generator().manual_seed(seed)
+    check_workspace(  # the basis, then the Ritz vectors, their products and residuals
+        f"top_eigen(k={k}) with a basis of {m}",
+        m + 1 + 3 * k,
+        n,
+        dtype,
+        device,
+        "ask for fewer eigenpairs (k) or a smaller basis_size (memory (basis_size + 1 + 3k)·n entries)",
+    )
 
     V = torch.empty(m + 1, n, dtype=dtype, device=device)  # rows are read only once written
     T = torch.zeros(m, m, dtype=dtype, device=device)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab.memory import check_workspace
 from curvlab.operators.base import CurvatureOperator, in_fixed_state
 from curvlab.options import check_count, check_integer
 from curvlab.progress import progress_bar
@@ -130,6 +131,9 @@ def trace(
         num_matvecs: m, products to spend (estimators only; ``"exact"`` reports 0).
         seed: Seed of the probes.
         progress: Show a progress bar (``None``: only on a terminal).
+
+    Memory beyond the model: Hutch++ holds five ``(n, m/3)`` blocks (checked before
+    the first product); Hutchinson works in chunks of ``C.columns_per_chunk()`` probes.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -151,6 +155,15 @@ def trace(
         third = num_matvecs // 3
         if third < 2:
             raise ValueError("hutch++ needs num_matvecs ≥ 6")
+        check_workspace(  # S, C S, Q, C Q and Q ∘ C Q: five (n, m/3) blocks
+            f"trace(hutch++, num_matvecs={num_matvecs})",
+            5 * third,
+            n,
+            C.dtype,
+            C.device,
+            "spend fewer products (num_matvecs; memory 5·(num_matvecs/3)·n entries) or use "
+            "method='hutchinson' (memory 3·chunk·n, products in chunks)",
+        )
         S = rademacher(n, third, generator, C.dtype, C.device)
         Q = orthonormal_basis(C @ S)
         bar.update(third)
