@@ -34,6 +34,56 @@ def test_exact_diagonal(model_name, loss_name, kind):
     assert_close_rel(diagonal.diagonal, torch.diagonal(reference_fn(problem)), 1e-10, "diagonal")
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("kind", ["ggn", "mc fisher", "ef"])
+def test_diagonal_of_parameters_without_layerwise_statistics_is_exact_per_example(mode, kind):
+    """BatchNorm and LayerNorm have no Kronecker rule: the diagonal takes one pass per (example, vector).
+
+    In train mode BatchNorm couples the examples; the per-example Jacobians include it.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(144, 5),
+        nn.LayerNorm(5),
+    ).double()
+    getattr(model, mode)()
+    generator = torch.Generator().manual_seed(1)
+    X, y = (
+        torch.randn(6, 3, 6, 6, dtype=F64, generator=generator),
+        torch.randint(0, 5, (6,), generator=generator),
+    )
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), [(X[:4], y[:4]), (X[4:], y[4:])])
+    operator = {
+        "ggn": cl.GGN,
+        "mc fisher": lambda p: cl.Fisher(p, mc_samples=2, seed=3),
+        "ef": cl.EmpiricalFisher,
+    }[kind](problem)
+    diagonal = cl.Diagonal(operator)
+    assert diagonal.method_used == "per-example"
+    expected = {"ggn": reference.ggn, "ef": reference.empirical_fisher}.get(
+        kind, lambda p: operator.to_dense()
+    )
+    assert_close_rel(diagonal.diagonal, torch.diagonal(expected(problem)), 1e-10, f"{kind} {mode}")
+    kfac = cl.KFAC(problem, other_structure="diagonal")  # its BatchNorm/LayerNorm block: this diagonal
+    index = torch.cat(
+        [torch.arange(o, o + problem.params[i].numel()) for i, o in _offsets(problem, kfac.unsupported)]
+    )
+    assert_close_rel(
+        torch.diagonal(kfac.to_dense())[index], torch.diagonal(reference.ggn(problem))[index], 1e-10
+    )
+
+
+def _offsets(problem, indices):
+    starts = [0]
+    for p in problem.params:
+        starts.append(starts[-1] + p.numel())
+    return [(i, starts[i]) for i in indices]
+
+
 def test_mc_fisher_diagonal_uses_the_same_samples():
     problem = _problem("conv2d", "ce")
     fisher = cl.Fisher(problem, mc_samples=3, seed=4)

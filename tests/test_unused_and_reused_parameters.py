@@ -139,7 +139,7 @@ def test_monte_carlo_fisher_and_diagonal_with_an_unused_parameter():
     spare = torch.cat([_rows_of(problem, "spare.weight"), _rows_of(problem, "spare.bias")])
     assert mc[spare].abs().max() == 0 and mc[:, spare].abs().max() == 0
     diagonal = cl.Diagonal(cl.GGN(problem))
-    assert diagonal.method_used == "products"  # the layerwise pass refuses the unused layer
+    assert diagonal.method_used == "per-example"  # the layerwise pass refuses the unused layer
     assert_close_rel(diagonal.diagonal, torch.diagonal(reference.ggn(problem)), 1e-12, "diagonal")
 
 

@@ -18,9 +18,11 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from curvlab.errors import UnsupportedError
+from curvlab.memory import block_budget
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
 from curvlab.passes import fast, statistics
+from curvlab.passes.autograd import backpropagated_vectors
 from curvlab.passes.layers import find_layers
 from curvlab.passes.vectors import accumulate
 from curvlab.problem import Problem
@@ -214,7 +216,66 @@ class ProblemOperator(CurvatureOperator):
                 layerwise = group.sum_([layerwise])[0]
         elif error is not None:
             raise error
-        return (layerwise, "layerwise") if layerwise is not None else super()._diag_route()
+        if layerwise is not None:
+            return layerwise, "layerwise"
+        per_example = self._per_example_diagonal() if group is None else None
+        return (per_example, "per-example") if per_example is not None else super()._diag_route()
+
+    def _per_example_diagonal(self) -> Tensor | None:
+        """Diag = c Σ_n Σ_v (J_nᵀ v_n)², one backward pass per (example, vector), batched.
+
+        For parameters without layerwise statistics (BatchNorm, LayerNorm, embeddings,
+        attention's packed projections): the flavour's backpropagated vectors v (as in
+        KFAC) are pulled back one example at a time, each masked to its example, so
+        the squares are those of the per-example Jacobians J_n = ∂f(x_n)/∂θ, coupled
+        through batch statistics where the model couples its examples. Costs about
+        (examples × vectors) backward passes over a batch; ``None`` where that is more
+        than half the n products of the general route (and under a process group).
+        """
+        flavour = flavour_of(self)
+        problem = self.problem
+        if flavour is None:
+            return None
+        params = [p.detach().requires_grad_(True) for p in problem.params]
+        total = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
+        checked = False
+        for index, X, y, counted in problem.counted_batches():
+            with torch.enable_grad():
+                output = problem.forward(params, X)
+            problem.loss_rule.check(output, y)
+            vectors = backpropagated_vectors(problem, output, y, index, *flavour, counted)
+            count, examples = vectors.shape[0], output.shape[0]
+            if not checked:
+                if problem.num_examples * count > problem.num_params // 2:
+                    return None
+                checked = True
+            flat = vectors.reshape(count, examples, -1)
+            pairs = count * examples
+            per_pass = max(
+                1, min(pairs, block_budget(problem.device) // max(1, output.numel() * output.element_size()))
+            )
+            for start in range(0, pairs, per_pass):
+                ids = torch.arange(start, min(pairs, start + per_pass), device=problem.device)
+                rows = torch.arange(len(ids), device=problem.device)
+                masked = flat.new_zeros(len(ids), examples, flat.shape[-1])
+                masked[rows, ids % examples] = flat[ids // examples, ids % examples]
+                grads = torch.autograd.grad(
+                    output,
+                    params,
+                    masked.reshape(len(ids), *output.shape),
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+                total += torch.cat(
+                    [
+                        torch.zeros(p.numel(), dtype=total.dtype, device=total.device)
+                        if g is None
+                        else g.reshape(len(ids), -1).pow(2).sum(0)
+                        for p, g in zip(params, grads)
+                    ]
+                )
+        return total.mul_(problem.reduction_factor)
 
     def _layerwise_diagonal(self) -> Tensor | None:
         """The exact diagonal from one statistics pass: Σ (g ãᵀ)² per layer (``squared_moments``).
