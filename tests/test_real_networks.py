@@ -127,3 +127,27 @@ def test_resnet18_products_and_spectra_run_matrix_free():
     assert trace.value >= top.values[0].item() * 0.5  # a noisy estimate, but of a PSD trace ≥ λmax
     density = cl.spectral_density(G, num_probes=1, lanczos_steps=4, seed=0, progress=False)
     assert torch.isfinite(density.density).all()
+
+
+def test_resnet18_kfac_with_batch_norm_is_exact_where_one_example_makes_it_so():
+    """One example: the empirical Fisher is g gᵀ. Its diagonal is g², and KFAC's fc block is exact."""
+    model = _resnet18()
+    generator = torch.Generator().manual_seed(0)
+    X, y = torch.randn(1, 3, 32, 32, generator=generator), torch.randint(0, 10, (1,), generator=generator)
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), [(X, y)])
+    K = cl.KFAC(problem, fisher_type="empirical", other_structure="diagonal")
+    names = problem.param_names
+    assert {names[i].split(".")[-1] for i in K.unsupported} == {"weight", "bias"}
+    assert all(
+        "bn" in names[i] or "downsample.1" in names[i] for i in K.unsupported
+    )  # the 40 BatchNorm tensors
+    blocks = dict(zip(map(tuple, K.block_indices), K.block_operators))
+    gradient = problem.gradient()
+    offsets = cl.GGN(problem).block_offsets()
+    bn = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in K.unsupported])
+    diagonal = blocks[tuple(K.unsupported)].diag()
+    assert_close_rel(diagonal, gradient[bn] ** 2, 1e-5, "BatchNorm diagonal = g²")
+    fc = (names.index("fc.weight"), names.index("fc.bias"))
+    v = torch.randn(blocks[fc].shape[0], generator=generator)
+    exact = cl.EmpiricalFisher(problem.restrict([problem.params[i] for i in fc]))
+    assert_close_rel(blocks[fc] @ v, exact @ v, 1e-5, "KFAC's fc block = the EF block")
