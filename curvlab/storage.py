@@ -686,6 +686,10 @@ def move(source, target) -> None:
     source, target = Path(source), Path(target)
     if not distributed.is_writer():
         return
+    if not source.exists():
+        raise StoreError(f"{source}: no such store to move")
+    if source.resolve() == target.resolve():
+        return
     with _locked(_lock_path(source)), _locked(_lock_path(target)):
         links, earlier, created, folder = _layout(source)
         old = _folder_of(target) if target.exists() else None
@@ -705,15 +709,21 @@ def pack(source, target) -> None:
     """One self-contained HDF5 file holding every record of the store ``source`` (to share or archive).
 
     The packed file is a store too (its records in the file itself); appending to it
-    moves them into a parts folder again.
+    moves them into a parts folder again. ``target`` may be ``source``: the store
+    becomes one file, and its parts folder goes.
     """
     source, target = Path(source), Path(target)
-    records = read(source)
-    with _open(source) as f:
-        created = f.attrs.get("created")
-    if distributed.is_writer():
+    if not distributed.is_writer():
+        return
+    with _locked(_lock_path(source)):
+        records = read(source)
+        with _open(source) as f:
+            created = f.attrs.get("created")
+        folder = _folder_of(source) if source.resolve() == target.resolve() else None
         numbered = [(record.index, record) for record in records]
         _write_atomically(target, lambda f: _write_index(f, created, None, {}, numbered))
+        if folder is not None:  # the store is its own packed file now: its parts are unreferenced
+            shutil.rmtree(source.parent / folder, ignore_errors=True)
 
 
 def _folder_of(path: Path) -> str | None:

@@ -552,6 +552,16 @@ def test_a_store_is_moved_packed_and_removed_whole(tmp_path):
     ]
     Store(alone).save("x", torch.full((3,), 3.0), step=3)  # the packed records move into a parts folder
     assert [r.step for r in read(alone)] == [0, 1, 2, 3] and all(_linked_files(alone))
+    twin = tmp_path / "twin.h5"
+    for step in range(2):
+        Store(twin).save("x", torch.full((3,), float(step)), step=step)
+    cl.storage.pack(twin, twin)  # in place: one file, no folder left behind
+    assert not list(tmp_path.glob("twin.h5.parts-*")) and [r.step for r in read(twin)] == [0, 1]
+    cl.storage.move(b, b)  # onto itself: nothing to do
+    assert [r.step for r in read(b)] == [0, 1, 2]
+    with pytest.raises(StoreError, match="no such store to move"):
+        cl.storage.move(tmp_path / "never.h5", b)
+    assert [r.step for r in read(b)] == [0, 1, 2]  # the target is untouched
     cl.storage.remove(b)
     assert not b.exists() and not list(tmp_path.glob("b.h5.parts-*"))
     shutil.rmtree(_part_folder(alone))
