@@ -510,12 +510,14 @@ class Problem:
         zeros = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         return self.sum_over_ranks(local, lambda: [zeros])[0]
 
-    def sum_over_ranks(self, compute, placeholders) -> list[Tensor]:
+    def sum_over_ranks(self, compute, placeholders, symmetric: bool = False) -> list[Tensor]:
         """``compute()``'s tensors summed over the ranks of the process group (one all-reduce).
 
         Without a group, ``compute()`` itself. With one, a rank where ``compute`` fails
         takes part with ``placeholders()`` (tensors of the same shapes) and raises its
         error after the collective; the other ranks raise ``RankFailure``: no hang.
+        ``symmetric``: the tensors are symmetric matrices (Kronecker factors), sent as
+        upper triangles.
         """
         if self.group is None:
             return compute()
@@ -523,6 +525,8 @@ class Problem:
             tensors, error = compute(), None
         except Exception as caught:  # noqa: BLE001 (raised again after the collective)
             tensors, error = placeholders(), caught
+        if symmetric:
+            return self.group.sum_symmetric_(tensors, error)
         return self.group.sum_(tensors, error)
 
     def restrict(self, params: Sequence[Tensor]) -> Problem:

@@ -71,7 +71,7 @@ class ACP(BlockDiagonalOperator):
             except Exception as caught:  # noqa: BLE001 (raised again after the collective)
                 parts, error = zeros(), caught
             *A_sums, squares = parts
-            problem.group.sum_(A_sums, error)
+            problem.group.sum_symmetric_(A_sums, error)
             problem.group.max_(squares)
         A_sum = {layer.name: A for layer, A in zip(self.layers, A_sums)}
         max_square = {layer.name: square for layer, square in zip(self.layers, squares)}

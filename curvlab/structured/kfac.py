@@ -192,7 +192,8 @@ class KFAC(BlockDiagonalOperator):
                 return zeros()
             return [A_sum[layer.name] for layer in self.layers] + [G_sum[layer.name] for layer in self.layers]
 
-        sums = problem.sum_over_ranks(local, zeros)  # one all-reduce of every factor: the global sums
+        # One all-reduce of every factor's upper triangle: the global sums
+        sums = problem.sum_over_ranks(local, zeros, symmetric=True)
         L, c, N = len(self.layers), problem.reduction_factor, problem.num_counted_examples
         return {layer.name: (sums[i].div_(N), sums[L + i].mul_(c)) for i, layer in enumerate(self.layers)}
 
