@@ -341,7 +341,8 @@ def _write_atomically(path: Path, write, base: Path | None = None) -> None:
 
 
 def _write_records(f: h5py.File, numbered: list[tuple[int, Record]]) -> None:
-    group = f.create_group("records")
+    """``numbered`` records into ``/records`` (a part, or a single-file store's index)."""
+    group = f.require_group("records")
     for index, record in numbered:
         _write_record(group, index, record)
 
@@ -352,8 +353,7 @@ def _write_index(f: h5py.File, created, folder: str | None, links: dict, numbere
     if folder is not None:
         f.attrs["parts"] = folder
     _add_links(f, links)
-    for index, record in numbered:
-        _write_record(f["records"], index, record)
+    _write_records(f, numbered)
     if folder is not None and not numbered:  # links only: the next append copies this index
         f.attrs["next_record"] = 1 + max((int(key) for key in links), default=-1)
 
@@ -368,14 +368,16 @@ def _add_links(f: h5py.File, links: dict) -> None:
         f.attrs["next_record"] = max(following, int(f.attrs["next_record"]))
 
 
-def _next_record(path: Path) -> int | None:
-    """The next record's number of an index that holds links only; ``None`` for anything else."""
+def _linked_index(path: Path) -> tuple[int, str | None] | None:
+    """``(next record's number, parts folder)`` of an index that holds links only; ``None`` otherwise."""
     if not path.exists():
         return None
     with _open(path) as f:
         _check_header(f, path)
         following = f.attrs.get("next_record")
-        return None if following is None or _schema_version(f) != SCHEMA_VERSION else int(following)
+        if following is None or _schema_version(f) != SCHEMA_VERSION:
+            return None
+        return int(following), _parts_attribute(f)
 
 
 def _layout(path: Path) -> tuple[dict, list, object, str | None]:
@@ -398,9 +400,7 @@ def _layout(path: Path) -> tuple[dict, list, object, str | None]:
                 links[key] = (link.filename, link.path)
             else:
                 earlier.append((int(key), _read_record(f["records"][key], path, version)))
-        folder = f.attrs.get("parts")
-        folder = folder.decode() if isinstance(folder, bytes) else folder
-        return links, earlier, f.attrs.get("created"), folder
+        return links, earlier, f.attrs.get("created"), _parts_attribute(f)
 
 
 class Store:
@@ -461,12 +461,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(_lock_path(self.path)):
             _remove_strays(self.path)
-            following = _next_record(self.path)
-            if following is None:  # new, or a single-file store: every record into a parts folder
+            linked = _linked_index(self.path)
+            if linked is None:  # new, or a single-file store: every record into a parts folder
                 links, earlier, created, folder = _layout(self.path)
                 following = 1 + max([-1, *(int(key) for key in links), *(index for index, _ in earlier)])
             else:  # the index holds links only: it is copied and the new ones added (O(its size))
-                links, earlier, created, folder = {}, [], None, _folder_of(self.path)
+                (following, folder), links, earlier, created = linked, {}, [], None
             folder = folder or f"{self.path.name}{PARTS_MARK}{uuid.uuid4().hex[:8]}"
             directory = self.path.parent / folder
             directory.mkdir(exist_ok=True)
@@ -729,9 +729,14 @@ def pack(source, target) -> None:
 def _folder_of(path: Path) -> str | None:
     try:
         with h5py.File(path, "r") as f:
-            folder = f.attrs.get("parts")
+            return _parts_attribute(f)
     except OSError:
         return None
+
+
+def _parts_attribute(f: h5py.File) -> str | None:
+    """The index's parts folder (a name beside it), or ``None``."""
+    folder = f.attrs.get("parts")
     folder = folder.decode() if isinstance(folder, bytes) else folder
     return folder if isinstance(folder, str) and PARTS_MARK in folder and "/" not in folder else None
 

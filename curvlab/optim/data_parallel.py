@@ -96,13 +96,8 @@ def gradients_to_share(model, params) -> list[Tensor] | None:
 
 
 def share_loss(group: Group, loss_fn, loss: Tensor, batch) -> Tensor:
-    """The global minibatch loss of every rank's ``loss`` (weighted as in ``share_step``)."""
-    rule = rule_for(loss_fn)
-    weight = float(rule.count(batch[1])) if rule.reduction == "mean" and batch is not None else 1.0
-    facts = torch.tensor([weight * float(loss), weight], dtype=torch.float64)
-    group.sum_([facts])
-    value = float(facts[0]) / float(facts[1]) if rule.reduction == "mean" else float(facts[0])
-    return torch.tensor(value, dtype=loss.dtype, device=loss.device)
+    """The global minibatch loss of every rank's ``loss`` (``share_step`` without gradients)."""
+    return share_step(group, loss_fn, loss, batch, None, None)[0]
 
 
 SKIPPABLE = 1  # this rank would skip the step (non-finite curvature, direction, update)
