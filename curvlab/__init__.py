@@ -40,6 +40,7 @@ from curvlab.structured import (
     Diagonal,
     EigenbasisBlock,
     KroneckerBlock,
+    LowRankKroneckerBlock,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "KFAC",
     "BlockDiagonalOperator",
     "KroneckerBlock",
+    "LowRankKroneckerBlock",
     "CurvatureOperator",
     "CurvlabError",
     "DataError",

@@ -584,10 +584,11 @@ def _check_data(kind: str, data: dict, where: str) -> None:
         _check_numbers(data, where, strings=("approx", "exact", "name"))
     elif kind == "kfac_factors":
         for layer, factors in data.items():
+            input_side = "Z" if isinstance(factors, dict) and "Z" in factors else "A"  # A = ZᵀZ
             if not isinstance(factors, dict) or any(
-                not isinstance(factors.get(f), np.ndarray) or factors[f].ndim != 2 for f in ("A", "G")
+                not isinstance(factors.get(f), np.ndarray) or factors[f].ndim != 2 for f in (input_side, "G")
             ):
-                raise StoreError(f"{where}: layer {layer!r} needs 2-d factors 'A' and 'G'")
+                raise StoreError(f"{where}: layer {layer!r} needs 2-d factors 'A' (or its root 'Z') and 'G'")
         _check_numbers(data, where)
     else:
         _check_numbers(data, where)

@@ -151,3 +151,29 @@ def test_resnet18_kfac_with_batch_norm_is_exact_where_one_example_makes_it_so():
     v = torch.randn(blocks[fc].shape[0], generator=generator)
     exact = cl.EmpiricalFisher(problem.restrict([problem.params[i] for i in fc]))
     assert_close_rel(blocks[fc] @ v, exact @ v, 1e-5, "KFAC's fc block = the EF block")
+
+
+def test_resnet18_kfac_keeps_wide_input_factors_low_rank_and_solves_exactly():
+    """Four 32×32 examples: layer4's 3×3 convs average 4·16 = 64 patches of 4608 inputs (rank ≤ 64)."""
+    model = _resnet18().double()
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 3, 32, 32, generator=generator, dtype=F64)
+    y = torch.randint(0, 10, (4,), generator=generator)
+    problem = cl.Problem(model, nn.CrossEntropyLoss(), [(X, y)])
+    K = cl.KFAC(problem, fisher_type="type-2", other_structure="diagonal")
+    names = problem.param_names
+    blocks = {names[indices[0]]: block for indices, block in zip(K.block_indices, K.block_operators)}
+    wide = blocks["layer4.1.conv2.weight"]
+    assert isinstance(wide, cl.LowRankKroneckerBlock) and wide.Z.shape == (64, 4608)
+    assert not isinstance(blocks["conv1.weight"], cl.LowRankKroneckerBlock)  # 27 inputs: dense
+    values = wide.eigvalsh()
+    assert int((values > 1e-12 * values[-1]).sum()) <= 512 * 64  # rank ≤ d_out · m
+    assert_close_rel(values.sum(), wide.trace(), 1e-10, "Σ eigenvalues = trace")
+    # the solve in the thin eigenbasis against the product with the dense A = ZᵀZ
+    dense = cl.KroneckerBlock(wide.G, wide.A, wide.param_shapes, False, wide.param_names)
+    v = torch.randn(wide.shape[0], generator=generator, dtype=F64)
+    damping = 1e-4 * values[-1].item()
+    x = wide.solve(v, damping)
+    assert (dense @ x + damping * x - v).norm() <= 1e-10 * v.norm()
+    everything = K.solve(torch.randn(problem.num_params, generator=generator, dtype=F64), damping)
+    assert torch.isfinite(everything).all()

@@ -16,9 +16,14 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.diagonal import Diagonal
-from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock
+from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock, LowRankKroneckerBlock
 
-_FIELDS = {KroneckerBlock: ("G", "A"), EigenbasisBlock: ("Q_G", "Q_A", "D"), DenseOperator: ("matrix",)}
+_FIELDS = {
+    KroneckerBlock: ("G", "A"),
+    LowRankKroneckerBlock: ("G", "Z"),
+    EigenbasisBlock: ("Q_G", "Q_A", "D", "complement"),
+    DenseOperator: ("matrix",),
+}
 
 
 def block_tensors(block) -> dict[str, Tensor]:
@@ -53,7 +58,7 @@ def snapshot(C: CurvatureOperator) -> dict:
                 "type": type(block).__name__,
                 "indices": list(indices),
                 "bias_folded": getattr(block, "bias_folded", False),
-                **{name: t.clone() for name, t in block_tensors(block).items()},
+                **{name: t.clone() for name, t in block_tensors(block).items() if t is not None},
             }
         )
     return {"type": "BlockDiagonal", "blocks": blocks}
@@ -78,7 +83,12 @@ def restore(state: dict, param_shapes, param_names, dtype, device) -> CurvatureO
             block = KroneckerBlock(
                 move(entry["G"]), move(entry["A"]), sub_shapes, entry["bias_folded"], sub_names
             )
+        elif kind == "LowRankKroneckerBlock":
+            block = LowRankKroneckerBlock(
+                move(entry["G"]), move(entry["Z"]), sub_shapes, entry["bias_folded"], sub_names
+            )
         elif kind == "EigenbasisBlock":
+            complement = entry.get("complement")
             block = EigenbasisBlock(
                 move(entry["Q_G"]),
                 move(entry["Q_A"]),
@@ -86,6 +96,7 @@ def restore(state: dict, param_shapes, param_names, dtype, device) -> CurvatureO
                 sub_shapes,
                 entry["bias_folded"],
                 sub_names,
+                None if complement is None else move(complement),
             )
         elif kind == "DenseOperator":
             block = DenseOperator(move(entry["matrix"]), sub_shapes, sub_names)
@@ -118,12 +129,36 @@ def running_average(old: CurvatureOperator | None, new: CurvatureOperator, decay
         if [b["indices"] for b in before["blocks"]] != [b["indices"] for b in after["blocks"]]:
             return new
         for b_old, b_new in zip(before["blocks"], after["blocks"]):
+            if "Z" in b_old or "Z" in b_new:
+                _average_low_rank(b_old, b_new, decay)
+                continue
             if b_old["type"] != b_new["type"] or b_new["type"] == "EigenbasisBlock":
                 continue
             for field in ("G", "A", "matrix", "diagonal"):
                 if field in b_new:
                     b_new[field] = decay * b_old[field] + (1 - decay) * b_new[field]
     return restore(after, new.param_shapes, new.param_names, new.dtype, new.device)
+
+
+def _average_low_rank(old: dict, new: dict, decay: float) -> None:
+    """Average two Kronecker blocks' snapshots in place of ``new``, one of them low-rank (A = ZᵀZ).
+
+    decay·ZₒᵀZₒ + (1 − decay)·ZₙᵀZₙ is the root [√decay Zₒ; √(1 − decay) Zₙ] while it has
+    fewer rows than columns; beyond that, or against a dense A, the average is dense.
+    """
+    if old["type"] not in ("KroneckerBlock", "LowRankKroneckerBlock"):
+        return
+    new["G"] = decay * old["G"] + (1 - decay) * new["G"]
+    if "Z" in old and "Z" in new and old["Z"].shape[0] + new["Z"].shape[0] < new["Z"].shape[1]:
+        new["Z"] = torch.cat([decay**0.5 * old["Z"], (1 - decay) ** 0.5 * new["Z"]])
+        return
+
+    def dense(block: dict) -> Tensor:
+        return block["Z"].T @ block["Z"] if "Z" in block else block["A"]
+
+    new["A"] = decay * dense(old) + (1 - decay) * dense(new)
+    new.pop("Z", None)
+    new["type"] = "KroneckerBlock"
 
 
 def all_finite(C: CurvatureOperator) -> bool:

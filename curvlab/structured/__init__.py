@@ -5,7 +5,7 @@ from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.diagonal import BlockDiagonal, Diagonal
 from curvlab.structured.ekfac import EKFAC
 from curvlab.structured.kfac import KFAC
-from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock
+from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock, LowRankKroneckerBlock
 
 __all__ = [
     "ACP",
@@ -16,4 +16,5 @@ __all__ = [
     "BlockDiagonalOperator",
     "EigenbasisBlock",
     "KroneckerBlock",
+    "LowRankKroneckerBlock",
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from curvlab.operators.base import CurvatureOperator
 from curvlab.records import RecordParts, numpy, recordable
-from curvlab.structured.kronecker import KroneckerBlock
+from curvlab.structured.kronecker import KroneckerBlock, LowRankKroneckerBlock
 
 
 @recordable("kfac_factors")
@@ -101,9 +102,14 @@ class BlockDiagonalOperator(CurvatureOperator):
             if isinstance(block, KroneckerBlock)
         ]
 
-    def _stored_factors(self, key: str, block: KroneckerBlock) -> tuple:
-        """``(A, G)`` stored under ``key`` for ``block`` (KFAC: the layer's whole A)."""
-        return block.A, block.G
+    def _stored_factors(self, key: str, block: KroneckerBlock) -> dict[str, Tensor]:
+        """``{"A" or "Z": …, "G": …}`` stored under ``key`` for ``block`` (KFAC: the layer's whole A).
+
+        A low-rank input factor is stored as its root Z (A = ZᵀZ), never densified.
+        """
+        if isinstance(block, LowRankKroneckerBlock):
+            return {"Z": block.Z, "G": block.G}
+        return {"A": block.A, "G": block.G}
 
     def to_record(self, settings: dict) -> RecordParts:
         """The Kronecker blocks' factors (``kfac_factors``), and where each block sits.
@@ -120,8 +126,7 @@ class BlockDiagonalOperator(CurvatureOperator):
             raise TypeError(f"a {type(self).__name__} without Kronecker blocks has no factors to store")
         data, described = {}, []
         for (key, columns), (indices, block) in zip(self._factor_keys(), kronecker):
-            A, G = self._stored_factors(key, block)
-            data[key] = {"A": numpy(A), "G": numpy(G)}
+            data[key] = {name: numpy(t) for name, t in self._stored_factors(key, block).items()}
             described.append(
                 {
                     "key": key,
@@ -152,17 +157,20 @@ class BlockDiagonalOperator(CurvatureOperator):
         blocks = []
         for entry in settings["blocks"]:
             factors = record.data[entry["key"]]
-            A, G = torch.as_tensor(factors["A"]), torch.as_tensor(factors["G"])
+            low_rank = "Z" in factors
+            A, G = torch.as_tensor(factors["Z" if low_rank else "A"]), torch.as_tensor(factors["G"])
             if entry["columns"] is not None:
                 start, stop = entry["columns"]
-                A = A[start:stop, start:stop]
+                A = A[:, start:stop] if low_rank else A[start:stop, start:stop]
             indices = entry["indices"]
             block_names = None if names is None else [names[i] for i in indices]
+            Block = KroneckerBlock
+            if low_rank and A.shape[1] == 1:  # a bias on its own: its 1 × 1 factor
+                A = A.T @ A
+            elif low_rank:
+                Block = LowRankKroneckerBlock
             blocks.append(
-                (
-                    indices,
-                    KroneckerBlock(G, A, [shapes[i] for i in indices], entry["bias_folded"], block_names),
-                )
+                (indices, Block(G, A, [shapes[i] for i in indices], entry["bias_folded"], block_names))
             )
         return BlockDiagonalOperator(blocks, shapes, blocks[0][1].dtype, blocks[0][1].device, names)
 

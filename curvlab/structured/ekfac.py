@@ -24,7 +24,9 @@ class EKFAC(KFAC):
     """
 
     def __init__(self, problem, **options):
-        super().__init__(problem, **options)
+        if options.pop("low_rank", False) is not False:
+            raise ValueError("EKFAC refits the eigenvalues of full eigenbases: low_rank must be False")
+        super().__init__(problem, low_rank=False, **options)
         kronecker_blocks = self.block_operators[: len(self.block_sources)]  # others: other_structure
         bases = [block.eigenbasis_form() for block in kronecker_blocks]
 

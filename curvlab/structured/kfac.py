@@ -30,12 +30,33 @@ from curvlab.operators.exact import check_flavour, flavour_operator
 from curvlab.options import check_count, check_integer
 from curvlab.passes import fast, statistics
 from curvlab.passes.layers import Layer, factor_sizes, find_layers
-from curvlab.passes.vectors import GramSum, accumulate, second_moment
+from curvlab.passes.vectors import GramSum, accumulate, gram, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
-from curvlab.structured.kronecker import KroneckerBlock
+from curvlab.structured.kronecker import KroneckerBlock, LowRankKroneckerBlock
 
 KFAC_APPROX = ("expand", "reduce")
+LOW_RANK_MIN_WIDTH = 1024  # narrower input factors stay dense under low_rank="auto" (< 8 MB in float64)
+
+
+class _InputRows:
+    """A layer's input vectors kept as rows while there are at most ``limit``, else their moment sum."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+        self.rows: list[Tensor] = []
+        self.dense: Tensor | None = None
+
+    def add(self, rows: Tensor) -> bool:
+        """Keep ``rows`` ``(m, d_A)``; ``False`` if this layer's A is (now) summed densely instead."""
+        if self.dense is not None or self.limit == 0:
+            return False
+        self.count += rows.shape[0]
+        self.rows.append(rows)
+        if self.count > self.limit:  # over the limit: the moment of the rows so far, then dense
+            self.dense = gram(torch.cat(self.rows))
+            self.rows = []
+        return True
 
 
 class KFAC(BlockDiagonalOperator):
@@ -57,6 +78,11 @@ class KFAC(BlockDiagonalOperator):
             Kronecker rule is an error. ``"exact"``: such parameters get the exact
             dense block of the same matrix (GGN for type-2, MC Fisher, empirical
             Fisher), one block per module; ``"diagonal"``: its exact diagonal.
+        low_rank: Keep an input factor as A = ZᵀZ with Z the m averaged input vectors
+            (``LowRankKroneckerBlock``) instead of the dense d_A × d_A matrix:
+            ``"auto"`` (default) when d_A ≥ 1024 and m ≤ d_A / 2 (half the memory or
+            less), ``True`` whenever m < d_A, ``False`` never. Not under a process
+            group (the ranks sum dense factors). Exact either way.
     """
 
     def __init__(
@@ -69,7 +95,10 @@ class KFAC(BlockDiagonalOperator):
         separate_weight_and_bias: bool = False,
         max_vectors: int | None = None,
         other_structure: str | None = None,
+        low_rank: bool | str = "auto",
     ):
+        if low_rank not in ("auto", True, False):
+            raise ValueError(f"low_rank must be 'auto', True or False, got {low_rank!r}")
         if other_structure not in (None, "exact", "diagonal"):
             raise ValueError(f"other_structure must be None, 'exact' or 'diagonal', got {other_structure!r}")
         check_flavour(fisher_type)
@@ -83,6 +112,7 @@ class KFAC(BlockDiagonalOperator):
         self.separate_weight_and_bias = separate_weight_and_bias
         self.max_vectors = None if max_vectors is None else check_count("max_vectors", max_vectors)
         self.other_structure = other_structure
+        self.low_rank = low_rank if problem.group is None else False
         self.unsupported: list[int] = []
         self.layers = find_layers(problem, self.unsupported if other_structure else None)
         self._fast = fast.compile(problem)  # chosen once: the statistics pass of this model
@@ -110,7 +140,8 @@ class KFAC(BlockDiagonalOperator):
         ]
 
     def _stored_factors(self, key, block):
-        return self.factors[key]
+        A, G = self.factors[key]  # the layer's whole factors (a block may use some of A's columns)
+        return {"Z" if key in self.low_rank_layers else "A": A, "G": G}
 
     def _exact_operator(self, problem: Problem):
         """The exact matrix this flavour approximates, over ``problem``'s parameters."""
@@ -149,17 +180,25 @@ class KFAC(BlockDiagonalOperator):
         names = self.problem.param_names
         shapes = [p.shape for p in self.problem.params]
         has_weight, has_bias = layer.weight is not None, layer.bias is not None
+        # A low-rank factor is its root Z (m, d_A): columns of A are columns of Z.
+        low_rank = layer.name in self.low_rank_layers
+        Block = LowRankKroneckerBlock if low_rank else KroneckerBlock
+
+        def columns_of(columns: slice) -> Tensor:
+            return A[:, columns] if low_rank else A[columns, columns]
+
         if has_weight and has_bias and not self.separate_weight_and_bias:
             indices = [layer.weight, layer.bias]
-            block = KroneckerBlock(G, A, [shapes[i] for i in indices], True, [names[i] for i in indices])
+            block = Block(G, A, [shapes[i] for i in indices], True, [names[i] for i in indices])
             return [(indices, block, slice(None))]
         blocks = []
         if has_weight:
-            A_weight = A[:-1, :-1] if has_bias else A
-            block = KroneckerBlock(G, A_weight, [shapes[layer.weight]], False, [names[layer.weight]])
-            blocks.append(([layer.weight], block, slice(0, A_weight.shape[0])))
-        if has_bias:
-            block = KroneckerBlock(G, A[-1:, -1:], [shapes[layer.bias]], False, [names[layer.bias]])
+            columns = slice(0, A.shape[-1] - 1) if has_bias else slice(None)
+            block = Block(G, columns_of(columns), [shapes[layer.weight]], False, [names[layer.weight]])
+            blocks.append(([layer.weight], block, columns if has_bias else slice(0, A.shape[-1])))
+        if has_bias:  # a 1 × 1 factor: dense
+            A_bias = A[:, -1:].T @ A[:, -1:] if low_rank else A[-1:, -1:]
+            block = KroneckerBlock(G, A_bias, [shapes[layer.bias]], False, [names[layer.bias]])
             blocks.append(([layer.bias], block, slice(-1, None)))
         return blocks
 
@@ -179,23 +218,55 @@ class KFAC(BlockDiagonalOperator):
         def local() -> list[Tensor]:
             A_sum: dict[str, Tensor] = {}
             G_sum: dict[str, Tensor] = {}
+            roots = {layer.name: _InputRows(self._row_limit(layer)) for layer in self.layers}
             for batch in self._statistics():
                 for layer in self.layers:  # one input moment per batch, one GEMM
-                    accumulate(A_sum, layer.name, self._input_moment(batch.inputs[layer.name]))
+                    a = batch.inputs[layer.name]
+                    if not roots[layer.name].add(self._input_rows(a)):
+                        accumulate(A_sum, layer.name, self._input_moment(a))
                 grams = {layer.name: GramSum(reduce) for layer in self.layers}
                 for chunk in batch.chunks:
                     for layer in self.layers:
                         grams[layer.name].add(chunk.gradients[layer.name])
-                for name, gram in grams.items():
-                    accumulate(G_sum, name, gram.result())
-            if not A_sum:
+                for name, summed in grams.items():
+                    accumulate(G_sum, name, summed.result())
+            if not G_sum:
                 return zeros()
+            for name, rows in roots.items():
+                if rows.dense is not None:  # more input vectors than a low-rank root is worth
+                    accumulate(A_sum, name, rows.dense)
+                elif rows.rows:
+                    self.low_rank_layers.add(name)
+                    A_sum[name] = torch.cat(rows.rows)
             return [A_sum[layer.name] for layer in self.layers] + [G_sum[layer.name] for layer in self.layers]
 
         # One all-reduce of every factor's upper triangle: the global sums
+        self.low_rank_layers: set[str] = set()
         sums = problem.sum_over_ranks(local, zeros, symmetric=True)
         L, c, N = len(self.layers), problem.reduction_factor, problem.num_counted_examples
-        return {layer.name: (sums[i].div_(N), sums[L + i].mul_(c)) for i, layer in enumerate(self.layers)}
+        return {
+            layer.name: (
+                sums[i].div_(N**0.5 if layer.name in self.low_rank_layers else N),  # A = ZᵀZ: Z/√N
+                sums[L + i].mul_(c),
+            )
+            for i, layer in enumerate(self.layers)
+        }
+
+    def _row_limit(self, layer: Layer) -> int:
+        """How many input vectors a low-rank root of this layer's A may hold (0: keep A dense)."""
+        d_A = factor_sizes(layer, self.problem.params)[1]
+        if self.low_rank is True:
+            return d_A - 1
+        if self.low_rank == "auto" and d_A >= LOW_RANK_MIN_WIDTH:
+            return d_A // 2
+        return 0
+
+    def _input_rows(self, a: Tensor) -> Tensor:
+        """The rows r with Σ r rᵀ = ``_input_moment(a)``: ``(m, d_A)``."""
+        if self.kfac_approx == "expand":
+            rows = a.reshape(-1, a.shape[-1])
+            return rows if a.shape[1] == 1 else rows / a.shape[1] ** 0.5
+        return a.mean(1)
 
     def _input_moment(self, a: Tensor) -> Tensor:
         """Σ_n over the batch of the input second moment (before dividing by N)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvlab.memory import check_fits
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_nonnegative
 
@@ -257,25 +258,57 @@ class EigenbasisBlock(LayerMatrixBlock):
     Covers KFAC itself (D = λ_G λ_Aᵀ), its damped inverse (D = 1/(λ_G λ_Aᵀ + λ)) and
     EKFAC (D refit to the exact second moments in the eigenbasis).
 
+    A thin Q_A (d_A × r, r < d_A: a low-rank input factor) spans part of the input
+    space; on the rest, row i of the G-eigenbasis has the eigenvalue ``complement[i]``:
+    the block is Σ_i q_i q_iᵀ ⊗ (Q_A diag(D_i) Q_Aᵀ + c_i (I − Q_A Q_Aᵀ)), q_i = Q_G[:, i].
+
     Args:
         Q_G: Orthogonal (d_out, d_out).
-        Q_A: Orthogonal (d_A, d_A).
-        D: Eigenvalues as a (d_out, d_A) matrix.
+        Q_A: Orthonormal columns (d_A, r), r ≤ d_A.
+        D: Eigenvalues as a (d_out, r) matrix.
         param_shapes: As for ``KroneckerBlock``.
         bias_folded: As for ``KroneckerBlock``.
         param_names: Names of the tensors.
+        complement: ``(d_out,)`` eigenvalues on the complement of Q_A's columns
+            (needed when r < d_A; ignored, and ``None``, when Q_A is square).
     """
 
     def __init__(
-        self, Q_G: Tensor, Q_A: Tensor, D: Tensor, param_shapes, bias_folded: bool, param_names=None
+        self,
+        Q_G: Tensor,
+        Q_A: Tensor,
+        D: Tensor,
+        param_shapes,
+        bias_folded: bool,
+        param_names=None,
+        complement: Tensor | None = None,
     ):
         super().__init__(Q_G.shape[0], param_shapes, bias_folded, D.dtype, D.device, param_names)
         self.Q_G = Q_G
         self.Q_A = Q_A
         self.D = D
+        thin = Q_A.shape[1] < Q_A.shape[0]
+        if thin and (complement is None or complement.shape != (Q_G.shape[0],)):
+            raise ValueError(
+                f"a thin Q_A {tuple(Q_A.shape)} needs complement eigenvalues of shape ({Q_G.shape[0]},)"
+            )
+        self.complement = complement if thin else None
+
+    @property
+    def _missing(self) -> int:
+        """How many input directions Q_A leaves to the complement (d_A − r)."""
+        return self.Q_A.shape[0] - self.Q_A.shape[1]
+
+    def _in_basis(self, R: Tensor) -> Tensor:
+        """Q_G (the block's diagonal applied to R = Q_Gᵀ M) — the rotation back included."""
+        if self.complement is None:
+            return self.Q_G @ ((R @ self.Q_A) * self.D) @ self.Q_A.T
+        c = self.complement[:, None]
+        # c·R on every direction, corrected to D on Q_A's span: c R + ((R Q_A) ∘ (D − c)) Q_Aᵀ
+        return self.Q_G @ (((R @ self.Q_A) * (self.D - c)) @ self.Q_A.T + c * R)
 
     def _apply_matrix(self, M):
-        return self.Q_G @ ((self.Q_G.T @ M @ self.Q_A) * self.D) @ self.Q_A.T
+        return self._in_basis(self.Q_G.T @ M)
 
     def prefers_factors(self, n):  # noqa: D102
         # Only the rotation into the eigenbasis can use the factors: n(d_out² + d_A² + d_out·d_A)
@@ -286,28 +319,49 @@ class EigenbasisBlock(LayerMatrixBlock):
     def outer_sum_product(self, U, X):  # noqa: D102
         # The rotation into the eigenbasis from the factors: Q_Gᵀ(UᵀX)Q_A = (UQ_G)ᵀ(XQ_A).
         self._check_outer_factors(U, X, self.Q_A.shape[0])
+        if self.complement is not None:
+            return self._in_basis((U @ self.Q_G).T @ X)
         rotated = (U @ self.Q_G).T @ (X @ self.Q_A)
         return self.Q_G @ (rotated * self.D) @ self.Q_A.T
 
     def _diagonal_matrix(self):
         # Entry (i, j) of (Q_G ⊗ Q_A) diag(D) (Q_G ⊗ Q_A)ᵀ's diagonal: Σ_ab Q_G[i,a]² D[a,b] Q_A[j,b]².
-        return self.Q_G.pow(2) @ self.D @ self.Q_A.pow(2).T
+        if self.complement is None:
+            return self.Q_G.pow(2) @ self.D @ self.Q_A.pow(2).T
+        # The complement's projector I − Q_A Q_Aᵀ has the diagonal 1 − Σ_b Q_A[j,b]².
+        c = self.complement[:, None]
+        G_squares = self.Q_G.pow(2)
+        return G_squares @ (self.D - c) @ self.Q_A.pow(2).T + G_squares @ c
 
     def _scaled(self, scale):
+        complement = None if self.complement is None else self.complement * scale
         return EigenbasisBlock(
-            self.Q_G, self.Q_A, self.D * scale, self.param_shapes, self.bias_folded, self.param_names
+            self.Q_G,
+            self.Q_A,
+            self.D * scale,
+            self.param_shapes,
+            self.bias_folded,
+            self.param_names,
+            complement,
         )
 
     def eigvalsh(self, max_bytes: int | None = None) -> Tensor:  # noqa: D102
-        return self.D.flatten().sort().values
+        if self.complement is None:
+            return self.D.flatten().sort().values
+        rest = self.complement.repeat_interleave(self._missing)
+        return torch.cat([self.D.flatten(), rest]).sort().values
 
     def trace(self) -> Tensor:
         """Sum of the eigenvalues."""
-        return self.D.sum()
+        if self.complement is None:
+            return self.D.sum()
+        return self.D.sum() + self.complement.sum() * self._missing
 
     def frobenius_norm(self) -> Tensor:
-        """‖D‖_F (the basis is orthogonal)."""
-        return self.D.norm()
+        """‖eigenvalues‖₂ (the basis is orthogonal)."""
+        if self.complement is None:
+            return self.D.norm()
+        return (self.D.pow(2).sum() + self.complement.pow(2).sum() * self._missing).sqrt()
 
     def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> EigenbasisBlock:
         """(B + damping·I)⁻¹ in the same basis.
@@ -317,8 +371,136 @@ class EigenbasisBlock(LayerMatrixBlock):
         """
         damping = check_nonnegative("damping", damping)
         shifted = self.D + damping
-        if bool((shifted <= 0).any()):
+        complement = None if self.complement is None else self.complement + damping
+        if bool((shifted <= 0).any()) or (complement is not None and bool((complement <= 0).any())):
             raise ValueError("the damped block is singular or indefinite: increase damping")
         return EigenbasisBlock(
-            self.Q_G, self.Q_A, 1.0 / shifted, self.param_shapes, self.bias_folded, self.param_names
+            self.Q_G,
+            self.Q_A,
+            1.0 / shifted,
+            self.param_shapes,
+            self.bias_folded,
+            self.param_names,
+            None if complement is None else 1.0 / complement,
+        )
+
+
+class LowRankKroneckerBlock(KroneckerBlock):
+    """G ⊗ A with a low-rank input factor A = ZᵀZ kept as Z ``(m, d_A)``, m < d_A.
+
+    A layer input factor has rank at most the number of input vectors it averages
+    (examples × weight-sharing locations); when that is below d_A, Z holds m·d_A
+    numbers where A would hold d_A². Products, the diagonal, trace, norm, eigenvalues
+    and the damped inverse are exact: eig(A) comes from the thin SVD Z = U S Vᵀ
+    (λ_A = S², Q_A = V, d_A × m), every other input direction has eigenvalue 0, and
+    the damped inverse is an ``EigenbasisBlock`` with a thin Q_A and the complement
+    eigenvalues 1/λ (exact damping) or 1/((λ_G + π√λ) √λ/π) (π-damping).
+
+    Args:
+        G: Output-side factor, (d_out, d_out).
+        Z: Input-side root, (m, d_A): A = ZᵀZ.
+        param_shapes, bias_folded, param_names: As for ``KroneckerBlock``.
+    """
+
+    def __init__(self, G: Tensor, Z: Tensor, param_shapes, bias_folded: bool, param_names=None):
+        LayerMatrixBlock.__init__(self, G.shape[0], param_shapes, bias_folded, G.dtype, G.device, param_names)
+        self.G = G
+        self.Z = Z
+        self._eigen = None
+        self._G_scalar = _scaled_identity_scalar(G)
+
+    @property
+    def A(self) -> Tensor:
+        """The input factor ZᵀZ as a dense ``(d_A, d_A)`` matrix (for storage and checks; d_A² numbers)."""
+        check_fits("the dense input factor A = ZᵀZ", (self.Z.shape[1],) * 2, self.dtype, self.device)
+        return self.Z.T @ self.Z
+
+    def _times_A(self, M: Tensor) -> Tensor:
+        """M A = (M Zᵀ) Z: 2·m·d_A multiply-adds per row instead of d_A²."""
+        return (M @ self.Z.T) @ self.Z
+
+    def _apply_matrix(self, M):
+        product = self._times_A(M)
+        if self._G_scalar is not None:
+            return product if self._G_scalar == 1.0 else product * self._G_scalar
+        return self.G @ product
+
+    def prefers_factors(self, n):  # noqa: D102
+        d_out, (m, d_A) = self.d_out, self.Z.shape
+        return n * (d_out * d_out + 2 * m * d_A + d_out * d_A) < d_out * d_A * (d_out + 2 * m)
+
+    def outer_sum_product(self, U, X):  # noqa: D102
+        self._check_outer_factors(U, X, self.Z.shape[1])
+        return (U @ self.G).T @ self._times_A(X)
+
+    def _block(self, indices):
+        if len(indices) == len(self.param_shapes):
+            return self
+        (index,) = indices
+        names = [self.param_names[index]] if self.param_names else None
+        if index == 1:  # the bias on its own: a 1 × 1 factor
+            A = self.Z[:, -1:].T @ self.Z[:, -1:]
+            return KroneckerBlock(self.G, A, [self.param_shapes[index]], False, names)
+        return LowRankKroneckerBlock(self.G, self.Z[:, :-1], [self.param_shapes[index]], False, names)
+
+    def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(λ_G, Q_G, λ_A, Q_A)`` with A's nonzero part from the thin SVD of Z (Q_A: d_A × m)."""
+        if self._eigen is None:
+            lam_G, Q_G = symmetric_eigh(self.G)
+            _, S, Vh = torch.linalg.svd(self.Z, full_matrices=False)
+            self._eigen = (lam_G.clamp_min(0), Q_G, S.pow(2), Vh.T)
+        return self._eigen
+
+    def _diagonal_matrix(self):
+        return torch.outer(self.G.diagonal(), self.Z.pow(2).sum(0))
+
+    def _scaled(self, scale):
+        return LowRankKroneckerBlock(
+            self.G * scale, self.Z, self.param_shapes, self.bias_folded, self.param_names
+        )
+
+    def eigvalsh(self, max_bytes: int | None = None) -> Tensor:
+        """λ_i(G) λ_j(A) for A's m eigenpairs from Z, and 0 for the d_out·(d_A − m) others; ascending."""
+        return self.eigenbasis_form().eigvalsh()
+
+    def trace(self) -> Tensor:
+        """The trace tr G · ‖Z‖²_F."""
+        return self.G.trace() * self.Z.pow(2).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """‖G‖_F ‖ZᵀZ‖_F, with ‖ZᵀZ‖_F = ‖ZZᵀ‖_F (m × m)."""
+        return self.G.norm() * (self.Z @ self.Z.T).norm()
+
+    def eigenbasis_form(self) -> EigenbasisBlock:
+        """The same matrix with a thin Q_A and complement eigenvalue 0."""
+        lam_G, Q_G, lam_A, Q_A = self.eigen()
+        zero = torch.zeros_like(lam_G)
+        return EigenbasisBlock(
+            Q_G, Q_A, torch.outer(lam_G, lam_A), self.param_shapes, self.bias_folded, self.param_names, zero
+        )
+
+    def pi(self) -> float:
+        """Martens & Grosse's π = √((tr G / d_G) / (tr A / d_A))."""
+        mean_G = self.G.trace() / self.G.shape[0]
+        mean_A = self.Z.pow(2).sum() / self.Z.shape[1]
+        return torch.sqrt(mean_G / mean_A).item() if mean_A > 0 and mean_G > 0 else 1.0
+
+    def inverse(self, damping: float = 0.0, pi_damping: bool = False) -> EigenbasisBlock:
+        """The damped inverse, exact or π-damped as ``KroneckerBlock.inverse``, in the thin eigenbasis.
+
+        Raises ``ValueError`` at damping 0 when A is rank-deficient (the block is singular).
+        """
+        damping = check_nonnegative("damping", damping)
+        if not pi_damping or min(self.Z.shape[1], self.d_out) == 1:
+            return self.eigenbasis_form().inverse(damping)
+        lam_G, Q_G, lam_A, Q_A = self.eigen()
+        pi, root = self.pi(), damping**0.5
+        shift_G, shift_A = pi * root, root / pi
+        if shift_A <= 0:
+            raise ValueError("the damped block is singular or indefinite: increase damping")
+        # (G + π√λ I)⁻¹ ⊗ (A + √λ/π I)⁻¹: on A's complement (λ_A = 0) the input side is π/√λ.
+        G_part = 1.0 / (lam_G + shift_G)
+        D = torch.outer(G_part, 1.0 / (lam_A + shift_A))
+        return EigenbasisBlock(
+            Q_G, Q_A, D, self.param_shapes, self.bias_folded, self.param_names, G_part / shift_A
         )
