@@ -29,6 +29,25 @@ def build_problem(name: str, batch_size: int = 256, seed: int = 0):
     raise ValueError(f"unknown problem {name!r}")
 
 
+def resnet18(device: torch.device | str = "cpu") -> nn.Module:
+    """ResNet-18 of torchvision for 32×32 inputs (3×3 stem, no max-pool), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model.eval().to(device)
+
+
+def resnet18_problem(batch_size: int = 32, seed: int = 0):
+    """``(model, loss_fn, (X, y))``: ResNet-18 on random 32×32 images, 10 classes."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch_size, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (batch_size,), generator=generator)
+    return resnet18(), nn.CrossEntropyLoss(), (X, y)
+
+
 def _timed(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -21,20 +21,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import peak_bytes_of  # noqa: E402
+from common import peak_bytes_of, resnet18  # noqa: E402
 
 import curvlab as cl  # noqa: E402
-
-
-def resnet18(device: torch.device) -> nn.Module:
-    """ResNet-18 of torchvision for 32×32 inputs (3×3 stem, no max-pool), in eval mode."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model.eval().to(device)
 
 
 def main() -> None:
