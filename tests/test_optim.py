@@ -560,3 +560,37 @@ def test_pi_damping_with_other_structure(other):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_running_average_of_kfac_is_a_kfac_comparable_with_the_exact_ggn(tmp_path):
+    """ema_decay averages A and G layer by layer; the average stays a ``cl.KFAC`` at every step."""
+    model, loss_fn, batch = _mlp_problem()
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        (batch[0] + 0.3 * torch.randn(batch[0].shape, generator=generator, dtype=torch.float64), batch[1])
+        for _ in range(3)
+    ]
+    decay = 0.7
+    opt = optim.KFAC(model, loss_fn, fisher_type="type-2", lr=0.05, ema_decay=decay)
+    expected = None
+    for b in batches:
+        fresh = cl.KFAC(cl.Problem(model, loss_fn, b), fisher_type="type-2")  # before the step moves θ
+        opt.step(_closure(model, loss_fn, b, opt), batch=b)
+        if expected is None:
+            expected = {name: factors for name, factors in fresh.factors.items()}
+        else:
+            expected = {
+                name: tuple(decay * old + (1 - decay) * new for old, new in zip(expected[name], factors))
+                for name, factors in fresh.factors.items()
+            }
+        assert type(opt.curvature) is cl.KFAC
+        for name, (A, G) in opt.curvature.factors.items():
+            assert_close_rel(A, expected[name][0], 1e-12, f"A of {name}")
+            assert_close_rel(G, expected[name][1], 1e-12, f"G of {name}")
+        exact = cl.GGN(cl.Problem(model, loss_fn, b))
+        report = cl.compare(opt.curvature, exact, k=2)
+        assert 0 < report.overall["rel_frobenius"] < 2
+    store = cl.Store(tmp_path / "run.h5")
+    store.save("averaged kfac", opt.curvature)  # stored as factors, as any KFAC
+    (record,) = store.records(name="averaged kfac")
+    assert_close_rel(record.result().to_dense(), opt.curvature.to_dense(), 1e-14)

@@ -9,6 +9,8 @@ Snapshots hold only tensors and plain metadata, so they travel in
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.dense import DenseOperator
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.diagonal import Diagonal
+from curvlab.structured.kfac import KFAC
 from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock, LowRankKroneckerBlock
 
 _FIELDS = {
@@ -137,7 +140,34 @@ def running_average(old: CurvatureOperator | None, new: CurvatureOperator, decay
             for field in ("G", "A", "matrix", "diagonal"):
                 if field in b_new:
                     b_new[field] = decay * b_old[field] + (1 - decay) * b_new[field]
-    return restore(after, new.param_shapes, new.param_names, new.dtype, new.device)
+    averaged = restore(after, new.param_shapes, new.param_names, new.dtype, new.device)
+    return _of_the_same_class(old, new, averaged, decay)
+
+
+def _of_the_same_class(old, new, averaged: CurvatureOperator, decay: float) -> CurvatureOperator:
+    """``averaged`` as an object of ``new``'s class (a KFAC's average is a KFAC, an ACP's an ACP).
+
+    KFAC averages its layers' factors (so ``to_record`` stores the averaged A and G);
+    other block-diagonal classes keep their attributes with the averaged blocks.
+    """
+    if type(new) is BlockDiagonalOperator or not isinstance(new, BlockDiagonalOperator):
+        return averaged
+    if type(new) is KFAC and type(old) is KFAC and [la.name for la in old.layers] == [
+        la.name for la in new.layers
+    ]:
+        kronecker = len(new.block_sources)  # the other_structure blocks follow the Kronecker ones
+        others = list(zip(averaged.block_indices[kronecker:], averaged.block_operators[kronecker:]))
+        return new.running_average(old, decay, others)
+    result = copy.copy(new)
+    BlockDiagonalOperator.__init__(
+        result,
+        list(zip(averaged.block_indices, averaged.block_operators)),
+        new.param_shapes,
+        new.dtype,
+        new.device,
+        new.param_names,
+    )
+    return result
 
 
 def _average_low_rank(old: dict, new: dict, decay: float) -> None:

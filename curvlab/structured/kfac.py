@@ -23,6 +23,8 @@ The conventions agree with curvlinops 3.x ``KFACLinearOperator``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -251,6 +253,39 @@ class KFAC(BlockDiagonalOperator):
             )
             for i, layer in enumerate(self.layers)
         }
+
+    def running_average(self, older: KFAC, decay: float, other_blocks: list) -> KFAC:
+        """The running average decay · older + (1 − decay) · self, factor by factor: a KFAC.
+
+        Args:
+            older: A KFAC of the same layers (an earlier estimate).
+            decay: The weight of ``older``, in [0, 1).
+            other_blocks: The averaged blocks of the parameters without a Kronecker rule
+                (``other_structure``), in this KFAC's order.
+
+        Two low-rank roots stay a root [√decay Zₒ; √(1 − decay) Zₙ] while it has fewer
+        rows than columns; otherwise the averaged input factor is dense.
+        """
+        result = copy.copy(self)
+        result.factors, result.low_rank_layers = {}, set()
+        blocks, result.block_sources = [], []
+        for layer in self.layers:
+            (A_new, G_new), (A_old, G_old) = self.factors[layer.name], older.factors[layer.name]
+            low_new, low_old = layer.name in self.low_rank_layers, layer.name in older.low_rank_layers
+            if low_new and low_old and A_old.shape[0] + A_new.shape[0] < A_new.shape[1]:
+                A = torch.cat([decay**0.5 * A_old, (1 - decay) ** 0.5 * A_new])
+                result.low_rank_layers.add(layer.name)
+            else:
+                A = decay * (A_old.T @ A_old if low_old else A_old)
+                A += (1 - decay) * (A_new.T @ A_new if low_new else A_new)
+            result.factors[layer.name] = (A, decay * G_old + (1 - decay) * G_new)
+            for indices, block, columns in result._blocks_of(layer, *result.factors[layer.name]):
+                blocks.append((indices, block))
+                result.block_sources.append((layer, columns))
+        BlockDiagonalOperator.__init__(
+            result, blocks + other_blocks, self.param_shapes, self.dtype, self.device, self.param_names
+        )
+        return result
 
     def _row_limit(self, layer: Layer) -> int:
         """How many input vectors a low-rank root of this layer's A may hold (0: keep A dense)."""
