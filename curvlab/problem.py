@@ -291,6 +291,7 @@ class Problem:
         """
         if self.group is None:
             self._check_batch(*next(iter(self.batches())))
+            self._checked_signature = self._signature()
             return
         error, uses = None, [0] * len(self.params)
         try:
@@ -528,6 +529,32 @@ class Problem:
         if symmetric:
             return self.group.sum_symmetric_(tensors, error)
         return self.group.sum_(tensors, error)
+
+    def on_batch(self, batch) -> Problem:
+        """The same problem on another single batch ``(X, y)`` (an optimizer's next minibatch).
+
+        The data is counted and checked as by the constructor; the model's check (a
+        forward pass: the output against the targets, its buffers, each parameter's
+        uses) is repeated only where the batch's shapes or dtypes differ from those
+        of the batch it was made on, or under a process group. Optimizers refresh
+        their curvature this way, so a refresh costs no validating forward pass.
+        """
+        checked = getattr(self, "_checked_signature", None)
+        clone = object.__new__(Problem)
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__.pop("_fingerprints", None)  # another data set
+        clone.data = clone._as_reiterable(batch)
+        clone._count_globally()
+        if clone.group is not None or checked is None or clone._signature() != checked:
+            clone._check_first_batch()
+        return clone
+
+    def _signature(self) -> tuple | None:
+        """Shapes and dtypes of the one batch of the data (``None`` for several batches)."""
+        if not isinstance(self.data, list) or len(self.data) != 1:
+            return None
+        X, y = self.data[0]
+        return (tuple(X.shape), X.dtype, X.device, tuple(y.shape), y.dtype, y.device)
 
     def restrict(self, params: Sequence[Tensor]) -> Problem:
         """The same problem with curvature taken over ``params`` only (a block)."""

@@ -388,8 +388,8 @@ def test_optimizer_curvature_can_be_stored(tmp_path):
     store.save("optimizer KFAC", opt.curvature, step=2)
     store.save("optimizer KFAC", cl.eigvalsh(opt.curvature), step=2)
     factors = store.records(kind="kfac_factors")[0].data
-    assert set(factors) == {"0.weight + 0.bias", "2.weight + 2.bias"}
-    assert factors["0.weight + 0.bias"]["A"].shape == (5, 5)
+    assert set(factors) == {"0", "2"}  # the running average is a KFAC: keyed by layer, as cl.KFAC's
+    assert factors["0"]["A"].shape == (5, 5)
 
 
 def test_finiteness_check_is_exact():
@@ -594,3 +594,25 @@ def test_running_average_of_kfac_is_a_kfac_comparable_with_the_exact_ggn(tmp_pat
     store.save("averaged kfac", opt.curvature)  # stored as factors, as any KFAC
     (record,) = store.records(name="averaged kfac")
     assert_close_rel(record.result().to_dense(), opt.curvature.to_dense(), 1e-14)
+
+
+def test_a_problem_on_the_next_batch_skips_only_the_model_check_it_has_made():
+    """``Problem.on_batch``: counts anew, the forward check only when the batch's shapes change."""
+    model, loss_fn, batch = _mlp_problem()
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    problem = cl.Problem(model, loss_fn, batch)
+    assert len(calls) == 1  # the constructor's check
+    other = (batch[0] * 2, batch[1].flip(0))
+    again = problem.on_batch(other)
+    assert len(calls) == 1  # same shapes: no forward pass
+    fresh = cl.Problem(model, loss_fn, other)
+    v = torch.randn(fresh.num_params, dtype=torch.float64)
+    assert torch.equal(cl.GGN(again) @ v, cl.GGN(fresh) @ v)
+    assert (again.num_terms, again.reduction_factor) == (fresh.num_terms, fresh.reduction_factor)
+    calls.clear()
+    smaller = problem.on_batch((batch[0][:5], batch[1][:5]))
+    assert len(calls) == 1 and smaller.num_examples == 5  # other shapes: checked again
+    with pytest.raises(cl.DataError):
+        problem.on_batch((batch[0], batch[1][:5]))  # the constructor's data checks still apply
+    hook.remove()

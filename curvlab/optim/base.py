@@ -245,6 +245,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.last_factored_blocks = 0
         self.group: Group | None = resolve(process_group)
         self.distribute_inverses = distribute_inverses
+        self._kept_problem: Problem | None = None  # the last problem built: later batches reuse its checks
 
     def add_param_group(self, param_group: dict) -> None:
         """Torch's ``add_param_group``, refusing a group with a nonsense ``lr``, ``momentum`` or decay."""
@@ -278,14 +279,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         # The curvature of the function being trained: in training mode a batch norm uses
         # the batch's statistics (dropout is off either way; see Problem's eval_mode).
-        return Problem(
+        eval_mode, params = not self.model.training, self._params()
+        kept = self._kept_problem
+        if kept is not None and kept.eval_mode == eval_mode and kept.params == params:
+            return kept.on_batch(tuple(batch))  # no validating forward pass for a batch of the same shapes
+        self._kept_problem = Problem(
             self.model,
             self.loss_fn,
             tuple(batch),
-            params=self._params(),
-            eval_mode=not self.model.training,
+            params=params,
+            eval_mode=eval_mode,
             process_group=self.group.group if self.group is not None else None,
         )
+        return self._kept_problem
 
     def _make_inverse(self, C: CurvatureOperator, damping: float):
         """``make_inverse``, each block on one rank when ``distribute_inverses`` (then gathered)."""

@@ -9,8 +9,6 @@ Snapshots hold only tensors and plain metadata, so they travel in
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
@@ -145,29 +143,22 @@ def running_average(old: CurvatureOperator | None, new: CurvatureOperator, decay
 
 
 def _of_the_same_class(old, new, averaged: CurvatureOperator, decay: float) -> CurvatureOperator:
-    """``averaged`` as an object of ``new``'s class (a KFAC's average is a KFAC, an ACP's an ACP).
+    """``averaged`` as a ``cl.KFAC`` where both estimates are KFACs of the same layers.
 
     KFAC averages its layers' factors (so ``to_record`` stores the averaged A and G);
-    other block-diagonal classes keep their attributes with the averaged blocks.
+    otherwise (other classes, or an estimate restored from a ``state_dict`` snapshot)
+    the average is a plain ``BlockDiagonalOperator`` of the same blocks and numbers.
     """
-    if type(new) is BlockDiagonalOperator or not isinstance(new, BlockDiagonalOperator):
-        return averaged
-    if type(new) is KFAC and type(old) is KFAC and [la.name for la in old.layers] == [
-        la.name for la in new.layers
-    ]:
-        kronecker = len(new.block_sources)  # the other_structure blocks follow the Kronecker ones
-        others = list(zip(averaged.block_indices[kronecker:], averaged.block_operators[kronecker:]))
-        return new.running_average(old, decay, others)
-    result = copy.copy(new)
-    BlockDiagonalOperator.__init__(
-        result,
-        list(zip(averaged.block_indices, averaged.block_operators)),
-        new.param_shapes,
-        new.dtype,
-        new.device,
-        new.param_names,
+    same_layers = (
+        type(new) is KFAC
+        and type(old) is KFAC
+        and [layer.name for layer in old.layers] == [layer.name for layer in new.layers]
     )
-    return result
+    if not same_layers:
+        return averaged
+    kronecker = len(new.block_sources)  # the other_structure blocks follow the Kronecker ones
+    others = list(zip(averaged.block_indices[kronecker:], averaged.block_operators[kronecker:]))
+    return new.running_average(old, decay, others)
 
 
 def _average_low_rank(old: dict, new: dict, decay: float) -> None:
