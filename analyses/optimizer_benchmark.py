@@ -11,9 +11,21 @@ size and momentum from the exact quadratic model, Levenberg–Marquardt damping)
 search (Algorithm 1) over its hyperparameters, each trial a short run judged by
 its final training loss; the best setting then runs for a fixed wall-clock
 time. Training and test loss are recorded against wall-clock time (evaluation
-time excluded) and updates, stored in HDF5, drawn, and summarised in a table of
-the time each method needs to reach a target loss. ``--task classifier`` runs the
-ReLU classification MLP of §4.3 instead.
+time excluded) and updates, stored in HDF5, drawn (every method its own colour and
+line style), and summarised in a table of the time each method needs to reach a
+target loss. The script then states the verdict of the thesis' claim: whether a
+KFAC and an ACP variant reach the final training (and test) loss of the best
+first-order method in at most half of that method's time; and, per method, the
+time per update as a multiple of an SGD step and of its arithmetic floor (the
+method's multiply-adds per update at this machine's measured GEMM rate).
+``--task classifier`` runs the ReLU classification MLP of §4.3 instead.
+
+Schedules (stated, the same for every run): the thesis' methods refresh statistics
+and inverses every ``--curvature-every`` updates (100). The Martens & Grosse
+variants ("rescaled") refresh statistics every update (running average 0.95) on
+a quarter of the minibatch, inverses every 20 updates (their T₃), adapt the
+Levenberg–Marquardt damping every 5 (T₂), and take the quadratic model's two
+curvature products on a quarter of the minibatch.
 
     python analyses/optimizer_benchmark.py [--budget 6] [--tune-seconds 4] [--seconds 30]
 """
@@ -60,9 +72,28 @@ LR = tune.LogUniform(1e-4, 3.0)
 DAMPING = tune.LogUniform(1e-5, 1.0)
 
 
-def methods(every: int) -> dict:
+FIRST_ORDER = ("SGD", "momentum", "Nesterov", "RMSProp", "AdaGrad", "Adam", "SGD + batch norm")
+
+
+def martens_grosse(batch_size: int) -> dict:
+    """The schedules of the rescaled variants (Martens & Grosse 2015): T₁ = 1, T₂ = 5, T₃ = 20."""
+    quarter = max(1, batch_size // 4)
+    return {
+        "rescale": "ggn",
+        "damping_policy": "levenberg-marquardt",
+        "curvature_every": 1,
+        "ema_decay": 0.95,
+        "inverse_every": 20,
+        "damping_every": 5,
+        "curvature_examples": quarter,
+        "rescale_examples": quarter,
+    }
+
+
+def methods(every: int, batch_size: int = 200) -> dict:
     """Name → (factory(model, loss_fn, params) → optimizer, search space, batch-norm model?)."""
     torch_opt = torch.optim
+    mg = martens_grosse(batch_size)
     return {
         "SGD": (lambda m, lf, p: torch_opt.SGD(m.parameters(), lr=p["lr"]), {"lr": LR}, False),
         "momentum": (
@@ -113,15 +144,7 @@ def methods(every: int) -> dict:
             False,
         ),
         "ACP (rescaled)": (
-            lambda m, lf, p: optim.ACP(
-                m,
-                lf,
-                damping=p["damping"],
-                rescale="ggn",
-                damping_policy="levenberg-marquardt",
-                curvature_every=1,
-                ema_decay=0.95,
-            ),
+            lambda m, lf, p: optim.ACP(m, lf, damping=p["damping"], **mg),
             {"damping": DAMPING},
             False,
         ),
@@ -133,14 +156,7 @@ def methods(every: int) -> dict:
             False,
         ),
         "KFAC (rescaled)": (
-            lambda m, lf, p: optim.KFAC(
-                m,
-                lf,
-                damping=p["damping"],
-                rescale="ggn",
-                damping_policy="levenberg-marquardt",
-                curvature_every=1,
-            ),
+            lambda m, lf, p: optim.KFAC(m, lf, damping=p["damping"], **mg),
             {"damping": DAMPING},
             False,
         ),
@@ -157,6 +173,55 @@ def methods(every: int) -> dict:
             False,
         ),
     }
+
+
+def gemm_rate(size: int = 1024, repeats: int = 5) -> float:
+    """This machine's float32 GEMM rate in FLOP/s (best of ``repeats``), the floor's clock."""
+    A, B = torch.randn(size, size), torch.randn(size, size)
+    A @ B
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        A @ B
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def floor_flops(name: str, model: nn.Module, batch_size: int, every: int, cg_iterations: int = 10) -> float:
+    """Floating-point operations of one update of ``name``, amortised refreshes included.
+
+    Per Linear layer (d_out × d_A, d_A = d_in + 1) and batch n: a gradient is 6nP (forward
+    2nP, backward 4nP); a GGN product about 8nP (a forward-mode pass and a backward);
+    factor statistics 2n(d_A² + d_out²) on top of their pass; an eigendecomposition
+    9d³; KFAC's exact damped preconditioning 4·d_out·d_A·(d_out + d_A) (four GEMMs in
+    the eigenbases), ACP's 2·d_out·d_A² (one). Elementwise work (Adam, momentum) is
+    left out: it is O(P), below 1 % of the gradient here.
+    """
+    shapes = [(m.out_features, m.in_features + 1) for m in model.modules() if isinstance(m, nn.Linear)]
+    P, n = sum(o * a for o, a in shapes), batch_size
+    gradient = 6 * n * P
+    if name in FIRST_ORDER or name == "CenteredSGD":
+        return gradient
+    if name == "HessianFree":  # CG products, their primal pass, one more closure for the damping
+        return gradient + 2 * n * P + cg_iterations * 8 * n * P + gradient
+    is_acp = name.startswith("ACP")
+    precondition = sum(2 * o * a * a if is_acp else 4 * o * a * (o + a) for o, a in shapes)
+    inverse = sum(a**3 if is_acp else 9 * (a**3 + o**3) for o, a in shapes)
+    if "rescaled" in name:
+        settings = martens_grosse(n)
+        q = settings["curvature_examples"]
+        statistics = 6 * q * P + sum(2 * q * (a * a + (0 if is_acp else o * o)) for o, a in shapes)
+        rescale = 2 * q * P + 2 * 8 * q * P  # primal pass and two GGN columns
+        return (
+            gradient
+            + precondition
+            + statistics
+            + inverse / settings["inverse_every"]
+            + rescale
+            + gradient / settings["damping_every"]
+        )
+    statistics = 6 * n * P + sum(2 * n * (a * a + (0 if is_acp else o * o)) for o, a in shapes)
+    return gradient + precondition + (statistics + inverse) / every
 
 
 def train(make_model, make_opt, params, data, loss_fn, seconds, batch_size, seed, evaluations=30):
@@ -207,6 +272,71 @@ def train(make_model, make_opt, params, data, loss_fn, seconds, batch_size, seed
     return curve
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def curve_style(index: int) -> dict:
+    """Method ``index``'s colour (20 distinct, tab20) and line style: no two curves alike."""
+    from matplotlib import colormaps
+
+    return {"color": colormaps["tab20"](index % 20), "linestyle": LINE_STYLES[index % len(LINE_STYLES)]}
+
+
+def seconds_to(curve: dict, split: str, target: float) -> float:
+    """Wall-clock seconds until ``curve``'s ``split`` loss first reaches ``target`` (inf: never)."""
+    hits = [s for s, loss in zip(curve["seconds"], curve[split]) if loss <= target]
+    return hits[0] if hits else math.inf
+
+
+def thesis_verdict(results: dict, split: str) -> str:
+    """Whether a KFAC and an ACP variant reach the best first-order final loss in half its time."""
+    first = [n for n in results if n in FIRST_ORDER and math.isfinite(results[n][split][-1])]
+    if not first:
+        return f"{split}: no first-order method ran"
+    best = min(first, key=lambda n: results[n][split][-1])
+    target = results[best][split][-1]
+    budget = seconds_to(results[best], split, target)
+    lines = [
+        f"{split} loss: best first-order {best}, {target:.5f} at {budget:.1f} s; half: {budget / 2:.1f} s"
+    ]
+    holds = []
+    for family in ("KFAC", "ACP"):
+        variants = [n for n in results if family in n]  # EKFAC is a KFAC variant
+        if not variants:
+            continue
+        times = {n: seconds_to(results[n], split, target) for n in variants}
+        fastest = min(times, key=times.get)
+        holds.append(times[fastest] <= budget / 2)
+        shown = ", ".join(f"{n} {'never' if math.isinf(t) else f'{t:.1f} s'}" for n, t in times.items())
+        lines.append(f"  {family}: {shown}")
+    verdict = "holds" if holds and all(holds) else "does not hold"
+    lines.append(
+        f"  the thesis' ranking (KFAC and ACP in at most half the time) {verdict} on the {split} loss"
+    )
+    return "\n".join(lines)
+
+
+def report_costs(results: dict, model: nn.Module, args) -> dict:
+    """Print and return per method: seconds per update, × an SGD update, × its arithmetic floor."""
+    rate = gemm_rate()
+    costs = {}
+    for name, curve in results.items():
+        updates = curve["updates"][-1]
+        costs[name] = curve["seconds"][-1] / updates if updates else math.nan
+    sgd = costs.get("SGD", math.nan)
+    print(f"\ncost per update (float32 GEMM rate here {rate / 1e9:.0f} GFLOP/s):")
+    print(f"  {'method':<20}{'ms/update':>10}{'x SGD':>8}{'floor ms':>10}{'x floor':>9}{'updates':>9}")
+    table = {}
+    for name, seconds in costs.items():
+        floor = floor_flops(name, model, args.batch_size, args.curvature_every) / rate
+        table[name] = [seconds, seconds / sgd, floor, seconds / floor, results[name]["updates"][-1]]
+        print(
+            f"  {name:<20}{1e3 * seconds:>10.1f}{seconds / sgd:>8.1f}{1e3 * floor:>10.1f}"
+            f"{seconds / floor:>9.1f}{results[name]['updates'][-1]:>9}"
+        )
+    return table
+
+
 def main():
     """Tune every method alike, run the best settings, write HDF5, figures and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -242,7 +372,7 @@ def main():
     else:
         data, loss_fn = ((X, y), (X_test, y_test)), nn.CrossEntropyLoss()
         make = {False: lambda: classifier(inputs, int(y.max()) + 1)}
-    table = methods(args.curvature_every)
+    table = methods(args.curvature_every, args.batch_size)
     chosen = args.methods or [m for m in table if args.task == "autoencoder" or not table[m][2]]
     path = out / f"optimizer_benchmark_{args.task}.h5"
     cl.storage.remove(path)
@@ -306,18 +436,23 @@ def main():
         )
     winner = min(results, key=lambda n: results[n]["train"][-1])
     print(f"\nlowest training loss after {args.seconds:g} s: {winner} ({results[winner]['train'][-1]:.5f})")
+    per_update = report_costs(results, make[False](), args)
+    verdicts = {split: thesis_verdict(results, split) for split in ("train", "test")}
+    print("\n" + "\n".join(verdicts.values()))
     store.save(
         "time to targets",
         {"targets": np.asarray(targets), **{k: np.asarray(v) for k, v in reached.items()}},
-        settings={"winner": winner},
+        settings={"winner": winner, **{f"verdict_{split}": text for split, text in verdicts.items()}},
     )
+    store.save("cost per update", {k: np.asarray(v, dtype=float) for k, v in per_update.items()})
     target = targets[-1]
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
-    for name, curve in results.items():
-        axes[0].plot(curve["seconds"], curve["train"], label=name)
-        axes[1].plot(curve["updates"], curve["train"], label=name)
-        axes[2].plot(curve["seconds"], curve["test"], label=name)
+    for index, (name, curve) in enumerate(results.items()):
+        style = curve_style(index)
+        axes[0].plot(curve["seconds"], curve["train"], label=name, **style)
+        axes[1].plot(curve["updates"], curve["train"], label=name, **style)
+        axes[2].plot(curve["seconds"], curve["test"], label=name, **style)
     for ax, (xlabel, ylabel) in zip(
         axes, [("wall-clock s", "training loss"), ("updates", "training loss"), ("wall-clock s", "test loss")]
     ):

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from curvlab.distributed import Group, check_same, resolve, unwrap
 from curvlab.errors import CurvlabError, DataError, NonFiniteError, UnsupportedError
 from curvlab.losses import LossRule, rule_for
+from curvlab.passes.capture import own_pass
 from curvlab.shims import curvature_pass
 
 
@@ -32,7 +33,8 @@ def call_with(model: nn.Module, tensors: dict[str, Tensor], args: tuple):
         for name, tensor in store.items()
     ]
     try:
-        return functional_call(model, tensors, args)
+        with own_pass():  # the user's recording hooks (an optimizer's) ignore it
+            return functional_call(model, tensors, args)
     finally:
         for store, name, tensor in slots:
             if store.get(name) is not tensor:

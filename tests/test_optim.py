@@ -616,3 +616,64 @@ def test_a_problem_on_the_next_batch_skips_only_the_model_check_it_has_made():
     with pytest.raises(cl.DataError):
         problem.on_batch((batch[0], batch[1][:5]))  # the constructor's data checks still apply
     hook.remove()
+
+
+def test_rescaled_step_on_a_subsample_minimises_the_subsample_quadratic_model():
+    """rescale_examples=m: E of the first m examples, the gradient of the whole batch."""
+    model, loss_fn, batch = _mlp_problem()
+    damping = 1e-2
+    opt = optim.KFAC(
+        model,
+        loss_fn,
+        fisher_type="type-2",
+        damping=damping,
+        rescale="ggn",
+        rescale_examples=8,
+        ema_decay=0.0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+    update = _flatten([p.detach() - b for p, b in zip(model.parameters(), before)])
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, b in zip(probe.parameters(), before):
+            p.copy_(b)
+    E = reference.ggn(cl.Problem(probe, loss_fn, (batch[0][:8], batch[1][:8])))
+    g = torch.autograd.grad(loss_fn(probe(batch[0]), batch[1]), list(probe.parameters()))
+    delta = -_flatten(opt.curvature.inverse(damping) @ list(g))
+    x, _ = _quadratic_model_minimum(E, _flatten(g), [delta], damping)
+    torch.testing.assert_close(update, delta * x[0], rtol=1e-7, atol=1e-10)
+
+
+def test_curvature_on_a_subsample_and_damping_adapted_every_few_steps():
+    model, loss_fn, batch = _mlp_problem()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    opt = optim.KFAC(
+        model,
+        loss_fn,
+        fisher_type="type-2",
+        lr=0.1,
+        ema_decay=0.0,
+        curvature_examples=10,
+        damping_policy="levenberg-marquardt",
+        damping_every=3,
+    )
+    head = cl.Problem(copy.deepcopy(model), loss_fn, (batch[0][:10], batch[1][:10]))
+    expected = cl.KFAC(head, fisher_type="type-2").to_dense()
+    opt.step(closure, batch=batch)
+    assert_close_rel(opt.curvature.to_dense(), expected, 1e-12, "curvature of the first 10 examples")
+    for _ in range(6):
+        opt.step(closure, batch=batch)
+    assert len(calls) == 7 + 3  # one closure per step, one more at the adapting steps 0, 3, 6
+    with pytest.raises(ValueError, match="rescale_examples"):
+        optim.KFAC(model, loss_fn, rescale_examples=4)
+    with pytest.raises(ValueError, match="damping_every"):
+        optim.KFAC(model, loss_fn, damping_every=0)

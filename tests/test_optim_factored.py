@@ -165,13 +165,25 @@ def test_recording_hooks_are_removed_even_when_the_closure_fails():
         model(_batch()[0])
         raise RuntimeError("boom")
 
+    def only_the_optimizers_own_hooks():
+        # the optimizer's one observing hook per Linear layer (for steps after the user's own
+        # backward; removed by close()), nothing of the closure's recording
+        return all(
+            len(m._forward_hooks) == isinstance(m, nn.Linear)
+            and all(getattr(h, "observes_only", False) for h in m._forward_hooks.values())
+            for m in model.modules()
+        )
+
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(failing, batch=_batch())
-    assert all(not m._forward_hooks for m in model.modules())
+    assert only_the_optimizers_own_hooks()
     loss = opt.step(lambda: nn.MSELoss()(model(_batch()[0]), _batch()[1]), batch=_batch())
     assert torch.isfinite(loss)
-    assert all(not m._forward_hooks for m in model.modules())
+    assert only_the_optimizers_own_hooks()
     assert opt._records is None  # the recorded activations are not kept past the step
+    assert all(not record.inputs for record in opt._persistent.values())
+    opt.close()
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def _centered_runs(model, batches, closure_extra=None, with_closure=True, lr=0.3):
@@ -230,3 +242,74 @@ def test_centered_sgd_falls_back_to_the_batch_pass():
     opt = optim.CenteredSGD(conv, nn.MSELoss(), lr=0.1)
     with pytest.raises(ValueError, match="could not center the closure's gradient"):
         opt.step(lambda: nn.MSELoss()(conv(images), targets).backward())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_after_the_users_own_backward_equals_a_step_with_a_closure(name):
+    """``loss.backward(); opt.step(batch=...)``: the hooks' record of that pass, as the closure's."""
+    loss_fn = nn.MSELoss()
+    with_closure, own_loop = _wide_mlp(), _wide_mlp()
+    first = OPTIMIZERS[name](with_closure, loss_fn, fisher_type="type-2") if "KFAC" in name else None
+    first = first or OPTIMIZERS[name](with_closure, loss_fn)
+    second = OPTIMIZERS[name](own_loop, loss_fn, fisher_type="type-2") if "KFAC" in name else None
+    second = second or OPTIMIZERS[name](own_loop, loss_fn)
+    for step in range(4):
+        batch = _batch(seed=step)
+
+        def closure(batch=batch):
+            first.zero_grad()
+            loss = loss_fn(with_closure(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        first.step(closure, batch=batch)
+        second.zero_grad()
+        loss_fn(own_loop(batch[0]), batch[1]).backward()
+        with torch.no_grad():
+            own_loop(batch[0])  # an evaluation between backward and step: not recorded
+        second.step(batch=batch)
+        assert second.last_factored_blocks == first.last_factored_blocks > 0
+    for p, q in zip(with_closure.parameters(), own_loop.parameters()):
+        assert torch.equal(p, q), name
+    second.close()
+    assert all(not m._forward_hooks for m in own_loop.modules())
+    second.zero_grad()
+    loss_fn(own_loop(_batch()[0]), _batch()[1]).backward()
+    second.step(batch=_batch())  # after close(): the ordinary route
+    assert second.last_factored_blocks == 0
+
+
+def test_hooks_go_with_the_optimizer():
+    import gc
+
+    model = _wide_mlp()
+    opt = OPTIMIZERS["KFAC"](model, nn.MSELoss())
+    assert any(m._forward_hooks for m in model.modules())
+    del opt
+    gc.collect()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_mixed_precision_inputs_keep_the_curvature_in_float32():
+    """Autocast (bfloat16 matmuls) in the user's pass: curvature and step in the model's float32."""
+    model = _wide_mlp().float()
+    loss_fn = nn.MSELoss()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, damping=0.1)
+    X, Y = (t.float() for t in _batch())
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(X).float(), Y)
+        loss.backward()
+        opt.step(batch=(X, Y))
+    assert opt.curvature.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_a_clear_error(dtype):
+    model = _wide_mlp().to(dtype)
+    with pytest.raises(UnsupportedError, match="float32 copy"):
+        optim.KFAC(model, nn.MSELoss(), lr=0.1)

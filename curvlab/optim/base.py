@@ -55,13 +55,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.distributed import Group, RankFailure, resolve, unwrap
-from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError
+from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError, UnsupportedError
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.exact import exact_class
 from curvlab.optim import data_parallel
 from curvlab.optim import state as curvature_state
 from curvlab.optim.factored import precondition, record_linear_factors
 from curvlab.options import check_count, check_nonnegative, check_positive
+from curvlab.passes.capture import Calls
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 
@@ -172,6 +173,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         distribute_inverses: Under a process group, invert each block on one rank
             (balanced by cost) and gather the inverses, instead of every rank
             inverting every block.
+        damping_every: Steps between Levenberg–Marquardt adaptations (Martens & Grosse's
+            T₂ = 5; each costs one more closure call).
+        curvature_examples: Estimate the curvature on the first m examples of the
+            batch (default: all): statistics cost m/N of a full pass.
+        rescale_examples: The quadratic model's products on the first m examples
+            (default: all); with a mean loss the subsample's matrix is an unbiased
+            estimate of the batch's, the gradient stays the full batch's.
 
     Optimizers with Kronecker blocks (``factored_gradients = True``: KFAC, EKFAC,
     ACP) record each Linear layer's inputs and output gradients while the closure
@@ -200,6 +208,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damping_factor: float = 2 / 3,
         process_group="auto",
         distribute_inverses: bool = False,
+        damping_every: int = 1,
+        curvature_examples: int | None = None,
+        rescale_examples: int | None = None,
     ):
         damping, min_damping = (
             check_nonnegative("damping", damping),
@@ -217,11 +228,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"rescale must be None or one of {sorted(RESCALE_CURVATURES)}, got {rescale!r}")
         if rescale is not None and momentum > 0:
             raise ValueError("rescale chooses the momentum coefficient itself: pass momentum=0")
+        damping_every = check_count("damping_every", damping_every)
+        subsamples = {"curvature_examples": curvature_examples, "rescale_examples": rescale_examples}
+        for name, value in subsamples.items():
+            if value is not None:
+                check_count(name, value)
+        if rescale_examples is not None and rescale is None:
+            raise ValueError("rescale_examples sets the quadratic model's batch: it needs rescale")
         if not isinstance(distribute_inverses, bool):
             raise TypeError(f"distribute_inverses must be True or False, got {distribute_inverses!r}")
         defaults = {"lr": check_positive("lr", lr), "momentum": momentum, "weight_decay": weight_decay}
         check_group(defaults)
         super().__init__(model.parameters() if params is None else params, defaults)
+        half = sorted({str(p.dtype) for p in self._params()} & {"torch.float16", "torch.bfloat16"})
+        if half:
+            raise UnsupportedError(
+                f"{type(self).__name__}: parameters in {', '.join(half)} are not supported: curvature in "
+                "half precision keeps about 3 significant digits. Keep the model in float32 and run its "
+                "forward pass under torch.autocast (mixed precision; the curvature stays in float32), "
+                "or train a float32 copy of the model"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.damping = float(damping)
@@ -245,7 +271,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.last_factored_blocks = 0
         self.group: Group | None = resolve(process_group)
         self.distribute_inverses = distribute_inverses
-        self._kept_problem: Problem | None = None  # the last problem built: later batches reuse its checks
+        self.damping_every = int(damping_every)
+        self.curvature_examples = curvature_examples
+        self.rescale_examples = rescale_examples
+        self._kept_problems: dict = {}  # by batch size: later batches of that size reuse its checks
+        self._hooks: contextlib.ExitStack | bool | None = None  # None: not installed; False: closed
+        self._persistent: dict | None = None  # what those hooks recorded since the last step
+        self._own_pass_records()  # Kronecker optimizers: hooks for a step after the user's backward
 
     def add_param_group(self, param_group: dict) -> None:
         """Torch's ``add_param_group``, refusing a group with a nonsense ``lr``, ``momentum`` or decay."""
@@ -280,10 +312,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # The curvature of the function being trained: in training mode a batch norm uses
         # the batch's statistics (dropout is off either way; see Problem's eval_mode).
         eval_mode, params = not self.model.training, self._params()
-        kept = self._kept_problem
+        size = len(batch[0]) if isinstance(batch[0], Tensor) else None
+        kept = self._kept_problems.get(size)
         if kept is not None and kept.eval_mode == eval_mode and kept.params == params:
             return kept.on_batch(tuple(batch))  # no validating forward pass for a batch of the same shapes
-        self._kept_problem = Problem(
+        self._kept_problems[size] = Problem(
             self.model,
             self.loss_fn,
             tuple(batch),
@@ -291,7 +324,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             eval_mode=eval_mode,
             process_group=self.group.group if self.group is not None else None,
         )
-        return self._kept_problem
+        return self._kept_problems[size]
+
+    @staticmethod
+    def _head(batch, examples: int | None):
+        """The first ``examples`` examples of ``batch = (X, y)`` (all with ``None``)."""
+        if examples is None or batch is None:
+            return batch
+        return tuple(t[:examples] for t in batch)
 
     def _make_inverse(self, C: CurvatureOperator, damping: float):
         """``make_inverse``, each block on one rank when ``distribute_inverses`` (then gathered)."""
@@ -366,6 +406,53 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------ the step
+    def _own_pass_records(self) -> dict | None:
+        """What the persistent hooks recorded of the user's own pass since the last step.
+
+        Installed on first use for optimizers with Kronecker blocks (one process), removed
+        by ``close()`` or when the optimizer is garbage-collected. Only passes with
+        gradients enabled are recorded (an evaluation under ``no_grad`` is not).
+        """
+        if not self.factored_gradients or self.group is not None or self._hooks is False:
+            return None
+        if self._hooks is None:
+            self._hooks = contextlib.ExitStack()
+            self._persistent = self._hooks.enter_context(
+                record_linear_factors(self.model, self._params(), user_passes_only=True)
+            )
+        return self._persistent
+
+    def close(self) -> None:
+        """Remove the optimizer's hooks from the model (also done when it is garbage-collected)."""
+        if self._hooks:
+            self._hooks.close()
+        self._hooks, self._persistent = False, None
+
+    def __del__(self):
+        hooks = getattr(self, "_hooks", None)
+        if hooks:
+            hooks.close()
+
+    def _take_own_pass(self) -> dict | None:
+        """The user's own pass as the hooks recorded it; the hooks start afresh.
+
+        The curvature passes of this step are recorded too, and must not join it.
+        """
+        if not self._hooks:
+            return None
+        taken = {
+            module: Calls(list(r.inputs), list(r.outputs), list(r.versions), list(r.output_grads))
+            for module, r in self._persistent.items()
+        }
+        self._forget_own_pass()
+        return taken
+
+    def _forget_own_pass(self) -> None:
+        """Drop what the persistent hooks recorded (the activations they keep alive)."""
+        for record in (self._persistent or {}).values():
+            for recorded in (record.inputs, record.outputs, record.versions, record.output_grads):
+                recorded.clear()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, batch=None):
         """One update; returns the closure's loss (``None`` without a closure).
@@ -374,10 +461,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``backward``); ``batch = (X, y)`` is the minibatch curvature is built on.
         Under a process group both are this rank's share, and the loss returned is
         that of the global minibatch (the same on every rank).
+
+        Without a closure the step uses the gradients already in ``p.grad`` (the
+        user's own ``loss.backward()``). Optimizers with Kronecker blocks (KFAC,
+        EKFAC, ACP) then precondition from that pass's recorded factors where that is
+        cheaper, through hooks on the Linear layers installed with the optimizer and
+        removed by ``close()`` (or when it is garbage-collected); after ``close()`` the
+        result is the same by the ordinary route.
         """
+        try:
+            return self._step(closure, batch)
+        finally:
+            self._forget_own_pass()
+
+    def _step(self, closure, batch):
         loss = None
         self._records, self.last_factored_blocks = None, 0
-        if closure is not None:
+        if closure is None:
+            self._records = self._take_own_pass()
+        else:
             # Under a process group the gradient is the ranks' average, which this rank's
             # factors do not give: no factored preconditioning.
             recording = (
@@ -440,7 +542,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if self.rescale is not None:  # δ₀ of the next step
                 self.state[p]["last_update"] = u
         self._skipped_in_row = 0
-        if self.damping_policy == "levenberg-marquardt" and closure is not None and loss is not None:
+        adapt = self.damping_policy == "levenberg-marquardt" and self.steps % self.damping_every == 0
+        if adapt and closure is not None and loss is not None:
             self._adapt_damping(closure, loss, gradient, updates, predicted, batch)
         self.steps += 1
         return loss
@@ -452,11 +555,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch, the curvature, the direction or the update is not finite.
         """
         refresh = self.steps % self.curvature_every == 0
-        problem = self._problem(batch) if refresh or self.rescale is not None else None  # built once
         if refresh:
+            statistics_batch = self._head(batch, self.curvature_examples)
             with torch.enable_grad():
-                fresh = self.build_curvature(problem)
-            self._curvature_source = (self.steps, tuple(t.detach() for t in batch))
+                fresh = self.build_curvature(self._problem(statistics_batch))
+            self._curvature_source = (self.steps, tuple(t.detach() for t in statistics_batch))
             self.counts["curvature"] += 1
             if not curvature_state.all_finite(fresh):
                 raise _SkipStep("the curvature is not finite")
@@ -472,6 +575,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         predicted = None
         if self.rescale is not None:
             with torch.enable_grad():
+                problem = self._problem(self._head(batch, self.rescale_examples))
                 updates, predicted = self._rescaled_updates(direction, gradient, problem, decays)
         else:
             updates = self._momentum_updates(direction)

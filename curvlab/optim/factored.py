@@ -28,13 +28,14 @@ from curvlab.structured.kronecker import LayerMatrixBlock
 _PROBE_TOLERANCE = 1e3  # × machine epsilon × ‖U‖_F ‖X r‖
 
 
-def record_linear_factors(model: nn.Module, params: list[Tensor]):
+def record_linear_factors(model: nn.Module, params: list[Tensor], user_passes_only: bool = False):
     """Record the inputs and output gradients of ``model``'s Linear layers that own ``params``.
 
     A context manager yielding ``{module: Calls}`` (``curvlab.passes.capture``),
     filled while the block runs forward and backward passes. The inputs are the
     tensors autograd keeps anyway (no copy); the hooks change nothing and are
-    removed on exit, also after an error.
+    removed on exit, also after an error. ``user_passes_only``: neither passes
+    with gradients disabled (evaluation) nor curvlab's own passes are recorded.
     """
     owned = {id(p) for p in params}
     linear = {
@@ -42,7 +43,7 @@ def record_linear_factors(model: nn.Module, params: list[Tensor]):
         for module in model.modules()
         if type(module) is nn.Linear and any(id(p) in owned for p in module.parameters(recurse=False))
     }
-    return record_calls(linear, output_gradients=True)
+    return record_calls(linear, output_gradients=True, user_passes_only=user_passes_only)
 
 
 @functools.lru_cache(maxsize=64)

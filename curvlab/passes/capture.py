@@ -8,9 +8,11 @@ and output gradients of the Linear layers of a training step (``optim/factored.p
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 
@@ -28,9 +30,25 @@ class Calls:
         return any(output._version != version for output, version in zip(self.outputs, self.versions))
 
 
+_IN_CURVATURE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("curvlab_pass", default=False)
+
+
+@contextlib.contextmanager
+def own_pass():
+    """Mark the block as one of curvlab's own passes (``Problem.forward`` runs in one)."""
+    token = _IN_CURVATURE_PASS.set(True)
+    try:
+        yield
+    finally:
+        _IN_CURVATURE_PASS.reset(token)
+
+
 @contextlib.contextmanager
 def record_calls(
-    modules: Mapping[Hashable, nn.Module], copy_outputs: bool = False, output_gradients: bool = False
+    modules: Mapping[Hashable, nn.Module],
+    copy_outputs: bool = False,
+    output_gradients: bool = False,
+    user_passes_only: bool = False,
 ):
     """Record every call of each module while the block runs; yields ``{key: Calls}``.
 
@@ -40,12 +58,17 @@ def record_calls(
             later in-place operations cannot change the recorded one.
         output_gradients: Also record the gradient of each output when a backward
             pass reaches it (a tensor hook; the output must require grad).
+        user_passes_only: Record only the user's training passes: skip calls made with
+            gradients disabled (evaluation) and those of curvlab's own passes
+            (``own_pass``).
     """
     calls = {key: Calls() for key in modules}
     handles = []
 
     def hook_for(record: Calls):
         def hook(module, args, output):
+            if user_passes_only and (not torch.is_grad_enabled() or _IN_CURVATURE_PASS.get()):
+                return None
             record.inputs.append(args[0].detach())
             record.outputs.append(output)
             record.versions.append(output._version)
@@ -53,6 +76,7 @@ def record_calls(
                 output.register_hook(lambda grad: record.output_grads.append(grad.detach()))
             return output.clone() if copy_outputs else None
 
+        hook.observes_only = not copy_outputs  # changes nothing the module computes (passes/layers.py)
         return hook
 
     try:

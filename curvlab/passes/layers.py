@@ -146,7 +146,8 @@ def rule_for(module: nn.Module, name: str) -> LayerRule:
             f"{module_label(name, module)} has parameters but no Kronecker rule; "
             f"supported layers: {supported}"
         )
-    if module._forward_pre_hooks or module._forward_hooks:
+    changing = [hook for hook in module._forward_hooks.values() if not getattr(hook, "observes_only", False)]
+    if module._forward_pre_hooks or changing:  # curvlab's own recording hooks change nothing
         # A hook may change the layer's input or output, so the statistics taken
         # from them would not be those of W a + b (and the plain-MLP pass skips hooks).
         raise UnsupportedError(
