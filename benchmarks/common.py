@@ -48,21 +48,28 @@ def resnet18_problem(batch_size: int = 32, seed: int = 0):
     return resnet18(), nn.CrossEntropyLoss(), (X, y)
 
 
-def _timed(fn) -> float:
+def _cuda_synchronise() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _timed(fn, synchronise=_cuda_synchronise) -> float:
+    synchronise()
     start = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronise()
     return time.perf_counter() - start
 
 
-def median_seconds(fn, repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA synchronised)."""
+def median_seconds(fn, repeats: int = 5, warmup: int = 2, synchronise=_cuda_synchronise) -> float:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls.
+
+    ``synchronise()`` runs before and after each timed call (default: CUDA's; a
+    multi-process benchmark adds a barrier).
+    """
     for _ in range(warmup):
         fn()
-    return statistics.median(_timed(fn) for _ in range(repeats))
+    return statistics.median(_timed(fn, synchronise) for _ in range(repeats))
 
 
 def median_seconds_beside(fn, reference, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:

@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import median_seconds  # noqa: E402
 
 import curvlab as cl  # noqa: E402
 from curvlab import distributed  # noqa: E402
@@ -51,15 +53,8 @@ def _synchronised(device: torch.device) -> None:
 
 
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _synchronised(device)
-        start = time.perf_counter()
-        fn()
-        _synchronised(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """``common.median_seconds`` with every rank synchronised around each timed call."""
+    return median_seconds(fn, repeats, warmup=1, synchronise=lambda: _synchronised(device))
 
 
 class _CountedAllReduce:

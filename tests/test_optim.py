@@ -271,7 +271,7 @@ def test_state_dict_round_trip_is_bit_identical(name):
     run(resumed_model, first, batches[:3])
     saved_model = copy.deepcopy(resumed_model.state_dict())
     saved = copy.deepcopy(first.state_dict())
-    assert ("inverse_curvature" in saved["curvlab"]) == (options.get("inverse_every", 2) > 2)
+    assert ("inverse_curvature" in saved["curvlab"]["estimate"]) == (options.get("inverse_every", 2) > 2)
     fresh_model = copy.deepcopy(resumed_model)
     fresh_model.load_state_dict(saved_model)
     second = getattr(optim, name)(fresh_model, loss_fn, **options)
@@ -313,7 +313,7 @@ def test_momentum_buffers_are_in_the_state_dict():
     opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
     state = opt.state_dict()
     assert len(state["state"]) == 4 and "momentum_buffer" in state["state"][0]
-    assert state["curvlab"]["curvature"]["type"] == "BlockDiagonal"
+    assert state["curvlab"]["estimate"]["curvature"]["type"] == "BlockDiagonal"
     assert set(state["state"][0]) == {"momentum_buffer", "previous_value"}  # no scratch tensors
 
 

@@ -22,7 +22,7 @@ from curvlab.memory import block_budget
 from curvlab.operators.base import CurvatureOperator
 from curvlab.options import check_count, check_integer
 from curvlab.passes import fast, statistics
-from curvlab.passes.autograd import backpropagated_vectors
+from curvlab.passes.autograd import flavour_passes
 from curvlab.passes.layers import find_layers
 from curvlab.passes.vectors import accumulate
 from curvlab.problem import Problem
@@ -239,11 +239,12 @@ class ProblemOperator(CurvatureOperator):
         params = [p.detach().requires_grad_(True) for p in problem.params]
         total = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
         checked = False
-        for index, X, y, counted in problem.counted_batches():
+
+        def forward(X: Tensor):
             with torch.enable_grad():
-                output = problem.forward(params, X)
-            problem.loss_rule.check(output, y)
-            vectors = backpropagated_vectors(problem, output, y, index, *flavour, counted)
+                return problem.forward(params, X), None
+
+        for _, output, vectors, _ in flavour_passes(problem, flavour, forward):
             count, examples = vectors.shape[0], output.shape[0]
             if not checked:
                 if problem.num_examples * count > problem.num_params // 2:

@@ -1,36 +1,28 @@
-r"""One optimizer = a curvature estimate + a damping policy + an update rule.
+r"""One optimizer = a curvature estimate + a damping policy + an update rule + a safety part.
 
-``CurvatureOptimizer`` is a ``torch.optim.Optimizer``. Every ``curvature_every``
-steps it builds its curvature estimate on the current minibatch with the very
-classes of the diagnostics (``cl.KFAC``, ``cl.ACP``, ``cl.GGN``, …; averaged with
-the previous estimate when ``ema_decay > 0``), every ``inverse_every`` steps it
-refreshes the damped inverse (a new curvature waits for that refresh, as in
-K-FAC), and each step it applies
+``CurvatureOptimizer`` is a ``torch.optim.Optimizer`` composed of small parts, each
+with its own ``state_dict``:
 
-    d = (C + λI)⁻¹ (g + weight_decay · θ),   m ← momentum · m + d,   θ ← θ − lr · m.
+* ``estimate`` (``curvlab.optim.estimate.CurvatureEstimate``): the curvature object
+  of the diagnostics (``cl.KFAC``, ``cl.ACP``, ``cl.GGN``, …) refreshed every
+  ``curvature_every`` steps (T₁; averaged with the previous one when
+  ``ema_decay > 0``), and its damped inverse refreshed every ``inverse_every`` steps
+  (T₃; a new curvature waits for that refresh, as in K-FAC);
+* ``damping_policy`` (``curvlab.optim.damping``): λ constant, or adapted by
+  Levenberg–Marquardt every ``damping_every`` steps (T₂; Martens 2010, §4.1: λ ← ωλ if
+  ρ > 3/4, λ/ω if ρ < 1/4, ω = ``damping_factor``; one extra loss evaluation, and one
+  curvature product unless the step was rescaled, per adaptation);
+* ``update_rule`` (``curvlab.optim.updates``): with d = (C + λI)⁻¹ (g + weight_decay · θ),
+  m ← momentum · m + d, θ ← θ − lr · m; or with ``rescale="ggn"`` (``"fisher"``,
+  ``"hessian"``) Martens & Grosse's choice δ = lr · (αΔ + μδ₀) minimising the exact
+  quadratic model (2015, §7; two exact products per step);
+* ``safety`` (``curvlab.optim.safety``): a batch with NaN or Inf is skipped and
+  changes nothing; on finite data a step whose loss, gradient, curvature or update
+  is not finite is skipped and the damping raised tenfold (a non-finite loss at the
+  start of a step also undoes the previous update, exactly, from a kept copy); more
+  than 10 skips in a row are an error; a failed inverse is retried in float64 with
+  more damping before a clear error.
 
-With ``rescale="ggn"`` (or ``"fisher"``, ``"hessian"``) the learning rate and
-momentum are instead chosen every step by minimising the exact quadratic model
-on the minibatch (Martens & Grosse 2015, §7): with Δ = −(C + λI)⁻¹g and δ₀ the
-previous update, δ = αΔ + μδ₀ where (α, μ) minimise
-M(δ) = gᵀδ + ½ δᵀ(E + (λ + η)I)δ, E the exact matrix (two products per step;
-a 2×2 linear system). ``lr`` then scales the chosen δ (default 1).
-
-Damping λ is constant or adapted by Levenberg–Marquardt from the ratio ρ of the
-actual to the predicted decrease of the loss (Martens 2010, §4.1): λ ← λ·ω if
-ρ > 3/4, λ ← λ/ω if ρ < 1/4 (``damping_factor`` ω = 2/3 by default, as for
-Hessian-free; K-FAC uses a slower ω close to 1; one extra loss evaluation, and
-one curvature product unless the step was rescaled, per adapted step).
-
-Safety: a batch with NaN or Inf inputs or targets is skipped with a warning and
-changes nothing (bad data, not bad weights). On finite data, a step whose loss,
-gradient, curvature or update is not finite is skipped with a warning and the
-damping raised tenfold, so parameters are never left NaN; a non-finite loss at
-the start of a step also undoes the previous
-update (a finite update can still blow the loss up), as does Levenberg–Marquardt
-when the step it just took makes the loss non-finite; more than 10 skipped steps
-in a row are an error; a failed inverse (a factorisation that fails, an indefinite damped
-matrix) is retried in float64 with more damping before a clear error.
 Data-parallel training (``torchrun``, one process per device): when
 ``torch.distributed`` is initialised with several processes (``process_group="auto"``),
 each rank's closure and ``batch`` are its share of one global minibatch; the
@@ -39,37 +31,37 @@ gradient and loss are averaged over the ranks (or by the user's
 every skip decision is agreed, so the parameters stay bit-identical on every rank
 (``curvlab.optim.data_parallel``). ``distribute_inverses=True`` inverts each
 Kronecker block on one rank and gathers the inverses.
-Everything needed to continue bit-identically — momentum buffers, step count,
-damping, the curvature (snapshot) and the damping its inverse was built with —
-is in ``state_dict()``.
+Everything needed to continue bit-identically is in ``state_dict()``: torch's
+per-parameter state (momentum buffers, the kept copy, δ₀) and each part's own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.distributed import Group, RankFailure, resolve, unwrap
-from curvlab.errors import CurvlabError, NonFiniteError, NotPositiveDefiniteError, UnsupportedError
+from curvlab.errors import NonFiniteError, UnsupportedError
 from curvlab.operators.base import CurvatureOperator
-from curvlab.operators.exact import exact_class
 from curvlab.optim import data_parallel
-from curvlab.optim import state as curvature_state
+from curvlab.optim.damping import ConstantDamping, LevenbergMarquardt, reduction_ratio
+from curvlab.optim.estimate import CurvatureEstimate
 from curvlab.optim.factored import precondition, record_linear_factors
+from curvlab.optim.safety import INVERSE_FAILURES, Safety, SkipStep, all_finite, non_finite_part
+from curvlab.optim.schedule import Schedule
+from curvlab.optim.updates import RESCALE_CURVATURES, MomentumUpdate, QuadraticModelUpdate, flat, scratch
 from curvlab.options import check_count, check_nonnegative, check_positive
 from curvlab.passes.capture import Calls
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 
+__all__ = ["CurvatureOptimizer", "all_finite", "check_group", "check_state_shapes", "scratch"]
+
 DAMPING_POLICIES = ("constant", "levenberg-marquardt")
-RESCALE_CURVATURES = ("ggn", "fisher", "hessian")  # exact matrices whose quadratic model rescales a step
-MAX_SKIPPED_IN_ROW = 10  # then a clear error instead of raising the damping forever
-_INVERSE_FAILURES = (torch.linalg.LinAlgError, NotPositiveDefiniteError, ValueError, RuntimeError)
 
 
 def check_group(group: dict) -> None:
@@ -80,30 +72,6 @@ def check_group(group: dict) -> None:
     for option in ("lr", "momentum", "weight_decay"):
         if option in group:
             check_nonnegative(option, group[option])
-
-
-def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def scratch(store: dict[int, Tensor], p: Tensor, dtype: torch.dtype) -> Tensor:
-    """A work tensor shaped like ``p``, kept in ``store`` and reused from step to step."""
-    tensor = store.get(id(p))
-    if tensor is None or tensor.shape != p.shape or tensor.dtype != dtype or tensor.device != p.device:
-        tensor = store[id(p)] = torch.empty_like(p, dtype=dtype)
-    return tensor
-
-
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry is finite.
-
-    One sum per tensor (any NaN/Inf entry makes the sum non-finite); the elementwise
-    check runs only where a sum is not finite (finite entries whose sum overflows).
-    """
-    for t in tensors:
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            return False
-    return True
 
 
 def check_state_shapes(params: list[Tensor], state_dict: dict, saved: list | None = None) -> None:
@@ -131,20 +99,6 @@ def check_state_shapes(params: list[Tensor], state_dict: dict, saved: list | Non
             )
 
 
-def _non_finite_part(batch) -> str | None:
-    """``"inputs"`` or ``"targets"`` if that part of ``batch = (X, y)`` has NaN or Inf; else ``None``."""
-    if batch is None:
-        return None
-    for what, t in zip(("inputs", "targets"), batch):
-        if isinstance(t, Tensor) and t.is_floating_point() and not all_finite([t.detach()]):
-            return what
-    return None
-
-
-class _SkipStep(Exception):
-    """A step cannot be taken; the message says why (the step is skipped, not an error)."""
-
-
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: preconditioned steps with a curvature object of the library.
 
@@ -158,15 +112,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         weight_decay: L2 coefficient added to the gradient before preconditioning.
         damping: Initial Tikhonov damping λ.
         damping_policy: ``"constant"`` or ``"levenberg-marquardt"``.
-        curvature_every: Steps between curvature estimates (amortisation).
-        inverse_every: Steps between inverses (default ``curvature_every``); a curvature
-            refreshed in between is used from the next inverse on.
+        curvature_every: Steps between curvature estimates (amortisation, T₁).
+        inverse_every: Steps between inverses (T₃; default ``curvature_every``); a
+            curvature refreshed in between is used from the next inverse on.
         ema_decay: Running-average weight of the previous curvature (0: none).
         min_damping: Lower bound for the adapted damping.
-        damping_factor: Levenberg–Marquardt's ω in (0, 1).
         rescale: ``None`` (default) or the exact curvature (``"ggn"``, ``"fisher"``,
             ``"hessian"``) whose quadratic model picks step size and momentum each
             step (Martens & Grosse 2015, §7); needs ``momentum=0``.
+        damping_factor: Levenberg–Marquardt's ω in (0, 1).
         process_group: ``"auto"`` (default): under ``torch.distributed`` with several
             processes, one global step over every rank's share of the minibatch (see
             the module doc); ``None``: this process alone; or a process group.
@@ -182,10 +136,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             estimate of the batch's, the gradient stays the full batch's.
 
     Optimizers with Kronecker blocks (``factored_gradients = True``: KFAC, EKFAC,
-    ACP) record each Linear layer's inputs and output gradients while the closure
-    runs and precondition from those factors where that is cheaper (small
-    minibatches, wide layers; ``curvlab.optim.factored``); the result is the same.
-    ``last_factored_blocks`` says how many blocks the last step did so.
+    ACP) record each Linear layer's inputs and output gradients in the step's pass
+    (the closure's, or the user's own through hooks) and precondition from those
+    factors where that is cheaper (small minibatches, wide layers;
+    ``curvlab.optim.factored``); the result is the same. ``last_factored_blocks``
+    says how many blocks the last step did so.
     """
 
     factored_gradients = False
@@ -212,23 +167,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         curvature_examples: int | None = None,
         rescale_examples: int | None = None,
     ):
-        damping, min_damping = (
-            check_nonnegative("damping", damping),
-            check_nonnegative("min_damping", min_damping),
-        )
         if damping_policy not in DAMPING_POLICIES:
             raise ValueError(f"damping_policy must be one of {DAMPING_POLICIES}, got {damping_policy!r}")
-        curvature_every = check_count("curvature_every", curvature_every)
-        inverse_every = None if inverse_every is None else check_count("inverse_every", inverse_every)
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if not 0 < damping_factor < 1:
-            raise ValueError(f"damping_factor must be in (0, 1), got {damping_factor}")
         if rescale is not None and rescale not in RESCALE_CURVATURES:
             raise ValueError(f"rescale must be None or one of {sorted(RESCALE_CURVATURES)}, got {rescale!r}")
         if rescale is not None and momentum > 0:
             raise ValueError("rescale chooses the momentum coefficient itself: pass momentum=0")
-        damping_every = check_count("damping_every", damping_every)
         subsamples = {"curvature_examples": curvature_examples, "rescale_examples": rescale_examples}
         for name, value in subsamples.items():
             if value is not None:
@@ -237,8 +181,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("rescale_examples sets the quadratic model's batch: it needs rescale")
         if not isinstance(distribute_inverses, bool):
             raise TypeError(f"distribute_inverses must be True or False, got {distribute_inverses!r}")
+        damping, min_damping = (
+            check_nonnegative("damping", damping),
+            check_nonnegative("min_damping", min_damping),
+        )
+        statistics = Schedule(curvature_every, "curvature_every")
+        inverses = Schedule(statistics.every if inverse_every is None else inverse_every, "inverse_every")
         defaults = {"lr": check_positive("lr", lr), "momentum": momentum, "weight_decay": weight_decay}
         check_group(defaults)
+        if damping_policy == "levenberg-marquardt":
+            self.damping_policy = LevenbergMarquardt(damping, damping_factor, min_damping, damping_every)
+        else:
+            if not 0 < damping_factor < 1:
+                raise ValueError(f"damping_factor must be in (0, 1), got {damping_factor}")
+            Schedule(damping_every, "damping_every")  # checked, though a constant λ never adapts
+            self.damping_policy = ConstantDamping(damping)
+        self.estimate = CurvatureEstimate(self._build_at, statistics, inverses, ema_decay, self._make_inverse)
+        self.update_rule = (
+            MomentumUpdate() if rescale is None else QuadraticModelUpdate(rescale, rescale_examples)
+        )
+        self.safety = Safety(type(self).__name__)
         super().__init__(model.parameters() if params is None else params, defaults)
         half = sorted({str(p.dtype) for p in self._params()} & {"torch.float16", "torch.bfloat16"})
         if half:
@@ -250,30 +212,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         self.model = model
         self.loss_fn = loss_fn
-        self.damping = float(damping)
-        self.damping_policy = damping_policy
-        self.curvature_every = int(curvature_every)
-        self.inverse_every = int(inverse_every or curvature_every)
-        self.ema_decay = float(ema_decay)
-        self.min_damping = float(min_damping)
         self.rescale = rescale
-        self.damping_factor = float(damping_factor)
+        self.curvature_examples = curvature_examples
         self.steps = 0
-        self.curvature: CurvatureOperator | None = None
-        self._inverse = None
-        self._inverse_damping: float | None = None
-        self._inverse_curvature: CurvatureOperator | None = None  # what the inverse was built from
-        self._curvature_source: tuple | None = None  # (step, batch) the curvature was built from
-        self.counts = {"curvature": 0, "inverse": 0, "skipped": 0}
-        self._skipped_in_row = 0
-        self._records: dict | None = None  # the Linear layers' factors of this step's gradient
-        self._scratch: dict[int, Tensor] = {}  # per-parameter work tensors (not state: not saved)
-        self.last_factored_blocks = 0
         self.group: Group | None = resolve(process_group)
         self.distribute_inverses = distribute_inverses
-        self.damping_every = int(damping_every)
-        self.curvature_examples = curvature_examples
-        self.rescale_examples = rescale_examples
+        self.last_factored_blocks = 0
+        self._records: dict | None = None  # the Linear layers' factors of this step's gradient
         self._kept_problems: dict = {}  # by batch size: later batches of that size reuse its checks
         self._hooks: contextlib.ExitStack | bool | None = None  # None: not installed; False: closed
         self._persistent: dict | None = None  # what those hooks recorded since the last step
@@ -284,15 +229,53 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         check_group(self.param_groups[-1])
 
+    # ------------------------------------------------------------ the parts, as attributes
+    @property
+    def damping(self) -> float:
+        """The current damping λ (the damping policy's)."""
+        return self.damping_policy.value
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.damping_policy.value = float(value)
+
+    @property
+    def curvature(self) -> CurvatureOperator | None:
+        """The curvature estimate (a regular curvlab object: compare it, store it, take its spectrum)."""
+        return self.estimate.curvature
+
+    @property
+    def counts(self) -> dict:
+        """Curvature estimates, inverses and skipped steps so far."""
+        return {**self.estimate.counts, "skipped": self.safety.skipped}
+
+    @property
+    def last_rho(self) -> float:
+        """The last Levenberg–Marquardt reduction ratio."""
+        return self.damping_policy.last_rho
+
+    @property
+    def last_rescale(self) -> tuple:
+        """The (α, μ) of the last rescaled step."""
+        return self.update_rule.last_rescale
+
+    @property
+    def _inverse(self):
+        return self.estimate.inverse
+
+    @property
+    def _inverse_curvature(self):
+        return self.estimate.inverse_curvature
+
     # ------------------------------------------------------------ subclass hooks
     def build_curvature(self, problem: Problem) -> CurvatureOperator:
-        """The curvature estimate on one minibatch problem."""
+        """The curvature estimate on one minibatch problem (``self.steps`` is the step it is for)."""
         raise NotImplementedError
 
     def direction(self, gradient: list[Tensor]) -> list[Tensor]:
         """(C + λI)⁻¹ g with the cached inverse; g and the result are parameter-shaped lists."""
         direction, self.last_factored_blocks = precondition(
-            self._inverse, self._params(), gradient, self._records
+            self.estimate.inverse, self._params(), gradient, self._records
         )
         return direction
 
@@ -303,6 +286,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _build_at(self, problem: Problem, step: int) -> CurvatureOperator:
+        """``build_curvature`` as at ``step`` (a Monte-Carlo estimate is seeded by its step)."""
+        steps, self.steps = self.steps, step
+        try:
+            return self.build_curvature(problem)
+        finally:
+            self.steps = steps
 
     def _problem(self, batch) -> Problem:
         if batch is None:
@@ -337,81 +328,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """``make_inverse``, each block on one rank when ``distribute_inverses`` (then gathered)."""
         if self.distribute_inverses and self.group is not None and isinstance(C, BlockDiagonalOperator):
             return data_parallel.spread_inverse(
-                self.group, C, lambda share: self.make_inverse(share, damping), _INVERSE_FAILURES
+                self.group, C, lambda share: self.make_inverse(share, damping), INVERSE_FAILURES
             )
         return self.make_inverse(C, damping)
 
     def _refresh_inverse(self, damping: float, curvature: CurvatureOperator | None = None) -> None:
-        """Damped inverse of ``curvature`` (default: the current one).
-
-        On failure it is retried in float64 with 10× more damping (3 times).
-        """
-        built_from = self.curvature if curvature is None else curvature
-        C, attempt_damping = built_from, damping
-        last_error = None
-        for attempt in range(4):
-            try:
-                inverse = self._make_inverse(C, attempt_damping)
-            except _INVERSE_FAILURES as error:
-                last_error = error
-            else:
-                if inverse is None or curvature_state.all_finite(inverse):
-                    if inverse is not None and inverse.dtype != built_from.dtype:
-                        inverse = curvature_state.restore(  # back to the parameters' dtype
-                            curvature_state.snapshot(inverse),
-                            inverse.param_shapes,
-                            inverse.param_names,
-                            built_from.dtype,
-                            inverse.device,
-                        )
-                    self._inverse, self._inverse_damping = inverse, attempt_damping
-                    self._inverse_curvature = built_from
-                    self.counts["inverse"] += 1
-                    if attempt:
-                        self.damping = max(self.damping, attempt_damping)
-                    return
-                last_error = FloatingPointError("non-finite inverse")
-            if attempt == 0 and C.dtype != torch.float64 and curvature_state.is_snapshotable(C):
-                C = curvature_state.restore(
-                    curvature_state.snapshot(C), C.param_shapes, C.param_names, torch.float64, C.device
-                )
-            attempt_damping = max(attempt_damping * 10, 1e-8)
-        raise CurvlabError(
-            f"{type(self).__name__}: the damped curvature could not be inverted even in float64 with "
-            f"damping {attempt_damping / 10:.1e}: {last_error}"
-        )
+        """The estimate's damped inverse; a retry's larger damping becomes the optimizer's."""
+        used = self.estimate.refresh_inverse(damping, self.safety, curvature)
+        if used > damping:
+            self.damping = max(self.damping, used)
 
     def _skip(self, reason: str, bad_weights: bool = True) -> None:
-        """Skip this step with a warning; ``bad_weights``: the model, not the data, is at fault.
-
-        Bad weights (a non-finite loss, gradient or curvature on finite data) raise the
-        damping tenfold; bad data (a batch with NaN or Inf) changes nothing.
-        """
+        """Skip this step with a warning; ``bad_weights``: the model, not the data, is at fault."""
         self._records = None
-        self.counts["skipped"] += 1
-        self._skipped_in_row += 1
-        if self._skipped_in_row > MAX_SKIPPED_IN_ROW:
-            raise CurvlabError(
-                f"{type(self).__name__}: {self._skipped_in_row} steps in a row skipped, the last one "
-                f"because {reason}; the damping is {self.damping:.1e}. Check the data and lower the "
-                "learning rate or raise the initial damping."
-            )
-        outcome = "the model is unchanged"
+        self.safety.skip(reason, self.damping_policy, bad_weights)
         if bad_weights:
-            self.damping = max(self.damping * 10, 1e-8)
-            self._inverse = None  # rebuilt with the new damping
-            outcome = f"damping raised to {self.damping:.1e}"
-        warnings.warn(
-            f"{type(self).__name__}: step skipped ({reason}); {outcome}", RuntimeWarning, stacklevel=3
-        )
+            self.estimate.drop_inverse()  # rebuilt with the new damping
 
-    # ------------------------------------------------------------ the step
+    # ------------------------------------------------------------ the user's own pass
     def _own_pass_records(self) -> dict | None:
         """What the persistent hooks recorded of the user's own pass since the last step.
 
-        Installed on first use for optimizers with Kronecker blocks (one process), removed
-        by ``close()`` or when the optimizer is garbage-collected. Only passes with
-        gradients enabled are recorded (an evaluation under ``no_grad`` is not).
+        Installed with optimizers with Kronecker blocks (one process), removed by
+        ``close()`` or when the optimizer is garbage-collected. Neither evaluations under
+        ``no_grad`` nor curvlab's own passes are recorded.
         """
         if not self.factored_gradients or self.group is not None or self._hooks is False:
             return None
@@ -420,6 +360,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._persistent = self._hooks.enter_context(
                 record_linear_factors(self.model, self._params(), user_passes_only=True)
             )
+            # The stack is held by the finalizer, not only by the optimizer: when the optimizer
+            # is collected the hooks are removed by the stack itself, whole.
+            weakref.finalize(self, self._hooks.close)
         return self._persistent
 
     def close(self) -> None:
@@ -427,11 +370,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._hooks:
             self._hooks.close()
         self._hooks, self._persistent = False, None
-
-    def __del__(self):
-        hooks = getattr(self, "_hooks", None)
-        if hooks:
-            hooks.close()
 
     def _take_own_pass(self) -> dict | None:
         """The user's own pass as the hooks recorded it; the hooks start afresh.
@@ -453,6 +391,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for recorded in (record.inputs, record.outputs, record.versions, record.output_grads):
                 recorded.clear()
 
+    # ------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, batch=None):
         """One update; returns the closure's loss (``None`` without a closure).
@@ -491,7 +430,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 loss = closure()
             self._records = records
         params = self._params()
-        bad_data = _non_finite_part(batch)
+        bad_data = non_finite_part(batch)
         if self.group is not None:  # the global gradient and loss; any rank's bad data on all
             gradients = data_parallel.gradients_to_share(self.model, params)
             loss, where = data_parallel.share_step(self.group, self.loss_fn, loss, batch, bad_data, gradients)
@@ -505,7 +444,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
         if loss is not None and not all_finite([loss]):
             # The model (after the last update) is bad on finite data: undo the last update.
-            undone = self._undo_last_update(params)
+            undone = self.safety.undo(params, self.state)
             self._skip(f"loss is {loss.item()}" + ("; the previous update was undone" if undone else ""))
             return loss
         gradient = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -515,7 +454,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
         if any(decays):
             gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
-        skippable = (_SkipStep, NonFiniteError, RankFailure)  # NaN/Inf in the batch, curvature or direction
+        skippable = (SkipStep, NonFiniteError, RankFailure)  # NaN/Inf in the batch, curvature or direction
         failure = None
         try:
             updates, predicted = self._updates(gradient, batch, decays)
@@ -531,19 +470,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._skip(str(failure))
             self.steps += 1
             return loss
+        self.safety.keep(params, self.state)  # for an exact undo
         for p, u in zip(params, updates):
-            # Kept for an exact undo (θ + u − u need not be θ); the buffer is reused.
-            previous = self.state[p].get("previous_value")
-            if previous is None:
-                self.state[p]["previous_value"] = p.detach().clone()
-            else:
-                previous.copy_(p)
             p.add_(u)
-            if self.rescale is not None:  # δ₀ of the next step
-                self.state[p]["last_update"] = u
-        self._skipped_in_row = 0
-        adapt = self.damping_policy == "levenberg-marquardt" and self.steps % self.damping_every == 0
-        if adapt and closure is not None and loss is not None:
+        if self.rescale is not None:  # δ₀ of the next step
+            QuadraticModelUpdate.remember(params, self.state, updates)
+        self.safety.succeeded()
+        if self.damping_policy.due(self.steps) and closure is not None and loss is not None:
             self._adapt_damping(closure, loss, gradient, updates, predicted, batch)
         self.steps += 1
         return loss
@@ -551,115 +484,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _updates(self, gradient: list[Tensor], batch, decays: list[float]):
         """``(updates, predicted decrease or None)``: curvature and inverse refreshed as due.
 
-        Raises ``_SkipStep`` (or ``NonFiniteError`` from the curvature code) when the
+        Raises ``SkipStep`` (or ``NonFiniteError`` from the curvature code) when the
         batch, the curvature, the direction or the update is not finite.
         """
-        refresh = self.steps % self.curvature_every == 0
-        if refresh:
-            statistics_batch = self._head(batch, self.curvature_examples)
-            with torch.enable_grad():
-                fresh = self.build_curvature(self._problem(statistics_batch))
-            self._curvature_source = (self.steps, tuple(t.detach() for t in statistics_batch))
-            self.counts["curvature"] += 1
-            if not curvature_state.all_finite(fresh):
-                raise _SkipStep("the curvature is not finite")
-            # The inverse is kept until its own refresh (``inverse_every``), as in K-FAC.
-            self.curvature = curvature_state.running_average(self.curvature, fresh, self.ema_decay)
-        if self._inverse is None or self.steps % self.inverse_every == 0:
+        if self.estimate.statistics.due(self.steps):
+            self.estimate.refresh(self.steps, self._problem, self._head(batch, self.curvature_examples))
+        if self.estimate.inverse_due(self.steps):
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
             direction = self.direction(gradient)
         self._records = None  # frees the recorded activations
         if not all_finite(direction):
-            raise _SkipStep("the preconditioned direction is not finite")
+            raise SkipStep("the preconditioned direction is not finite")
         predicted = None
-        if self.rescale is not None:
+        if self.update_rule.needs_problem:
             with torch.enable_grad():
-                problem = self._problem(self._head(batch, self.rescale_examples))
-                updates, predicted = self._rescaled_updates(direction, gradient, problem, decays)
+                problem = self._problem(self._head(batch, self.update_rule.examples))
+                updates, predicted = self.update_rule(
+                    self.param_groups, self.state, direction, gradient, problem, decays, self.damping
+                )
         else:
-            updates = self._momentum_updates(direction)
+            updates = self.update_rule(self.param_groups, self.state, direction)
         if not all_finite(updates):
-            raise _SkipStep("the update is not finite")
+            raise SkipStep("the update is not finite")
         return updates, predicted
 
-    def _momentum_updates(self, direction: list[Tensor]) -> list[Tensor]:
-        """−lr · m per parameter, m ← momentum · m + d (the momentum buffers live in the state)."""
-        updates = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                d = direction[len(updates)].reshape_as(p)
-                state = self.state[p]
-                if group["momentum"] > 0:
-                    buffer = state.get("momentum_buffer")
-                    buffer = d.clone() if buffer is None else buffer.mul_(group["momentum"]).add_(d)
-                    state["momentum_buffer"] = buffer
-                    d = buffer
-                # Written into a kept scratch tensor: a fresh one per step would fault in
-                # new pages.
-                updates.append(torch.mul(d, -group["lr"], out=scratch(self._scratch, p, d.dtype)))
-        return updates
-
-    def _rescaled_updates(self, direction, gradient, problem, decays) -> tuple[list[Tensor], float]:
-        r"""δ = lr · (αΔ + μδ₀) minimising the exact damped quadratic model (Martens & Grosse §7).
-
-        With V = [Δ, δ₀] (n × k, k ≤ 2) the model M(Vx) = bᵀx + ½ xᵀ(VᵀEV + λVᵀV)x
-        (E the exact matrix plus weight decay η, b = Vᵀg) is minimised by
-        x = −(VᵀEV + λVᵀV)⁻¹ b. If the 2×2 system is singular or not positive
-        definite (δ₀ parallel to Δ, an indefinite Hessian) only α is chosen; if even
-        ΔᵀEΔ + λ‖Δ‖² ≤ 0, the step is Δ itself.
-        Returns the updates and the undamped model decrease gᵀδ + ½δᵀ(E + η)δ (for LM).
-        """
-        params = self._params()
-        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
-        columns = [_flat([-d.reshape_as(p) for d, p in zip(direction, params)])]
-        previous = [self.state[p].get("last_update") for p in params]
-        if all(u is not None for u in previous):
-            columns.append(_flat(previous))
-        V = torch.stack(columns, dim=1)
-        exact = exact_class(self.rescale)(problem)
-        EV = exact @ V
-        if any(decays):
-            EV = EV + V * _flat([torch.full_like(p, d) for p, d in zip(params, decays)])[:, None]
-        quadratic = (V.T @ EV).double()  # the undamped model's curvature
-        damped = quadratic + self.damping * (V.T @ V).double()
-        b = (V.T @ _flat(gradient)).double()
-        x = None
-        for k in (V.shape[1], 1):
-            A = damped[:k, :k]
-            if bool(torch.isfinite(A).all()) and bool(torch.linalg.eigvalsh(A).min() > 0):
-                x = torch.zeros_like(b)
-                x[:k] = -torch.linalg.solve(A, b[:k])
-                break
-        if x is None:
-            x = torch.zeros_like(b)
-            x[0] = 1.0
-        self.last_rescale = tuple(x.tolist())  # (α, μ) for inspection
-        predicted = float(b @ x + 0.5 * x @ quadratic @ x)
-        step = exact.flat_to_list((V @ x.to(V.dtype))[:, None])
-        return [s[0] * lr for s, lr in zip(step, lrs)], predicted
-
-    def _undo_last_update(self, params: list[Tensor]) -> bool:
-        """θ back to its value before the last update, momentum cleared; whether there was one."""
-        undone = False
-        for p in params:
-            state = self.state[p]
-            if "previous_value" in state:
-                p.copy_(state.pop("previous_value"))
-                state.pop("momentum_buffer", None)
-                state.pop("last_update", None)
-                undone = True
-        return undone
-
-    def _adapt_damping(
-        self,
-        closure,
-        loss: Tensor,
-        gradient: list[Tensor],
-        step: list[Tensor],
-        predicted: float | None = None,
-        batch=None,
-    ) -> None:
+    def _adapt_damping(self, closure, loss: Tensor, gradient, step, predicted=None, batch=None) -> None:
         """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs).
 
         ``predicted`` is the model decrease if the caller has it (the exact model of
@@ -671,46 +521,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.group is not None:
             new_loss = data_parallel.share_loss(self.group, self.loss_fn, new_loss, batch)
         if not all_finite([new_loss]):  # the step made the loss non-finite: take it back
-            self._undo_last_update(self._params())
-            self.damping = self.damping * 10
-            self._inverse = None
-            self.last_rho = -math.inf
+            self.safety.undo(self._params(), self.state)
+            self.damping_policy.increase(at_least=0.0)
+            self.estimate.drop_inverse()
+            self.damping_policy.last_rho = -float("inf")
             return
         if predicted is None:
-            g, s = _flat(gradient), _flat(step)
+            g, s = flat(gradient), flat(step)
             curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
             predicted = (g @ s + 0.5 * s @ curvature_product).item()
-        actual = (new_loss - loss).item()
-        rho = actual / predicted if predicted < 0 else -math.inf
-        if rho > 0.75:
-            self.damping = max(self.damping * self.damping_factor, self.min_damping)
-        elif rho < 0.25:
-            self.damping = self.damping / self.damping_factor
-        self.last_rho = rho
+        self.damping_policy.adapt(reduction_ratio((new_loss - loss).item(), predicted))
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """``torch.optim`` state plus step count, damping and the curvature snapshot."""
+        """``torch.optim`` state plus the step count and every part's ``state_dict``."""
         state = super().state_dict()
-        extra = {
+        state["curvlab"] = {
             "param_shapes": [list(p.shape) for p in self._params()],
             "steps": self.steps,
-            "damping": self.damping,
-            "inverse_damping": self._inverse_damping,
-            "counts": dict(self.counts),
-            "skipped_in_row": self._skipped_in_row,
-            "curvature": None,
+            "damping": self.damping_policy.state_dict(),
+            "estimate": self.estimate.state_dict(),
+            "update_rule": self.update_rule.state_dict(),
+            "safety": self.safety.state_dict(),
         }
-        if self.curvature is not None and curvature_state.is_snapshotable(self.curvature):
-            extra["curvature"] = curvature_state.snapshot(self.curvature)
-        elif self.curvature is not None:  # a matrix-free operator: keep what rebuilds it
-            step, batch = self._curvature_source
-            extra["curvature_source"] = {"step": step, "batch": list(batch)}
-        built_from = self._inverse_curvature
-        if built_from is not None and built_from is not self.curvature and self._inverse is not None:
-            # Curvature refreshed since the last inverse (inverse_every > curvature_every).
-            extra["inverse_curvature"] = curvature_state.snapshot(built_from)
-        state["curvlab"] = extra
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -721,29 +554,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if extra is None:
             return
-        self.steps, self.damping, self.counts = extra["steps"], extra["damping"], dict(extra["counts"])
-        self._skipped_in_row = extra.get("skipped_in_row", 0)
+        self.steps = extra["steps"]
+        self.damping_policy.load_state_dict(extra["damping"])
+        self.update_rule.load_state_dict(extra["update_rule"])
+        self.safety.load_state_dict(extra["safety"])
         params = self._params()
-        self.curvature, self._inverse = None, None
-        if extra["curvature"] is not None:
-            shapes = [p.shape for p in params]
-            names = Problem._names_of(unwrap(self.model), params)
-            self.curvature = curvature_state.restore(
-                extra["curvature"], shapes, names, params[0].dtype, params[0].device
-            )
-        elif extra.get("curvature_source") is not None:
-            source = extra["curvature_source"]
-            steps, self.steps = self.steps, source["step"]  # the MC seed of that step
-            with torch.enable_grad():
-                self.curvature = self.build_curvature(self._problem(source["batch"]))
-            self.steps = steps
-            self._curvature_source = (source["step"], tuple(source["batch"]))
-        if self.curvature is not None and extra["inverse_damping"] is not None:
-            built_from = None
-            if extra.get("inverse_curvature") is not None:
-                C = self.curvature
-                built_from = curvature_state.restore(
-                    extra["inverse_curvature"], C.param_shapes, C.param_names, C.dtype, C.device
-                )
-            self._refresh_inverse(extra["inverse_damping"], built_from)
-            self.counts = dict(extra["counts"])
+        names = Problem._names_of(unwrap(self.model), params)
+        like = ([p.shape for p in params], names, params[0].dtype, params[0].device)
+        self.estimate.load_state_dict(extra["estimate"], self._problem, like, self.safety)

@@ -56,6 +56,22 @@ def backpropagated_vectors(
     return vectors if mask is None else vectors * mask
 
 
+def flavour_passes(problem: Problem, flavour: tuple, forward) -> Iterator[tuple[int, Tensor, Tensor, object]]:
+    """Per counted batch: ``(index, output, vectors, extra)``, the shared start of a statistics pass.
+
+    ``forward(X) -> (output, extra)`` runs the model on the batch's inputs, recording
+    whatever the caller needs (``extra``); the output is checked against the targets and
+    ``vectors`` are the flavour's (``(fisher_type, mc_samples, seed)``) backpropagated
+    vectors (``backpropagated_vectors``).
+    """
+    fisher_type, mc_samples, seed = flavour
+    for index, X, y, counted in problem.counted_batches():
+        output, extra = forward(X)
+        problem.loss_rule.check(output, y)
+        vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed, counted)
+        yield index, output, vectors, extra
+
+
 def _pullback(output: Tensor, layer_outputs: list[Tensor], vectors: Tensor) -> list[Tensor]:
     """Gradients of ⟨output, v⟩ w.r.t. each layer output, batched over the V vectors."""
     if vectors.shape[0] == 1:
@@ -91,7 +107,9 @@ def autograd_statistics(
     params = [p.detach().requires_grad_(True) for p in problem.params]
     modules = {layer.name: layer.module for layer in layers}
     copy_outputs = False  # until a layer's output is found changed in place
-    for index, X, y, counted in problem.counted_batches():
+
+    def forward(X: Tensor):
+        nonlocal copy_outputs
         with record_calls(modules, copy_outputs) as calls:
             output = problem.forward(params, X)
         if not copy_outputs and any(record.modified() for record in calls.values()):
@@ -101,7 +119,10 @@ def autograd_statistics(
             copy_outputs = True
             with record_calls(modules, copy_outputs) as calls:
                 output = problem.forward(params, X)
-        problem.loss_rule.check(output, y)
+        return output, calls
+
+    flavour = (fisher_type, mc_samples, seed)
+    for index, output, vectors, calls in flavour_passes(problem, flavour, forward):
         for layer in layers:
             called = len(calls[layer.name].inputs)
             if called == 0:
@@ -117,7 +138,6 @@ def autograd_statistics(
                 )
         inputs = {layer.name: input_vectors(layer, calls[layer.name].inputs[0]) for layer in layers}
         layer_outputs = [calls[layer.name].outputs[0] for layer in layers]
-        vectors = backpropagated_vectors(problem, output, y, index, fisher_type, mc_samples, seed, counted)
         yield BatchStatistics(index, inputs, _chunks(layers, output, layer_outputs, vectors, max_vectors))
 
 
