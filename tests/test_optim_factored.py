@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import curvlab as cl
 from curvlab import optim
 from curvlab.errors import UnsupportedError
 from curvlab.structured.kronecker import KroneckerBlock
@@ -313,3 +314,75 @@ def test_a_half_precision_model_is_a_clear_error(dtype):
     model = _wide_mlp().to(dtype)
     with pytest.raises(UnsupportedError, match="float32 copy"):
         optim.KFAC(model, nn.MSELoss(), lr=0.1)
+
+
+def _closure(model, loss_fn, batch, opt):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize(
+    "name, loss_fn",
+    [
+        ("KFAC empirical", nn.MSELoss()),
+        ("KFAC empirical", nn.MSELoss(reduction="sum")),
+        ("ACP", nn.MSELoss()),
+        ("ACP heuristic", nn.MSELoss()),
+    ],
+)
+@pytest.mark.parametrize("own_loop", [False, True], ids=["closure", "own_loop"])
+def test_statistics_from_the_steps_own_pass_equal_a_separate_pass(name, loss_fn, own_loop):
+    """Empirical KFAC and ACP refresh from the training pass itself: the same curvature, no extra pass."""
+    model = _wide_mlp()
+    if name == "KFAC empirical":
+        opt = optim.KFAC(model, loss_fn, lr=0.1, damping=0.1, fisher_type="empirical", ema_decay=0.0)
+    else:
+        opt = OPTIMIZERS[name](model, loss_fn)
+    for step in range(3):
+        batch = _batch(seed=step)
+        separate = copy.deepcopy(model)
+        problem = cl.Problem(separate, loss_fn, batch)
+        if name == "KFAC empirical":
+            expected = cl.KFAC(problem, fisher_type="empirical")
+        else:
+            expected = cl.ACP(problem, alpha=opt.alpha)
+        if own_loop:
+            opt.zero_grad()
+            loss_fn(model(batch[0]), batch[1]).backward()
+            opt.step(batch=batch)
+        else:
+            opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+        assert opt.last_statistics == "own pass"
+        torch.testing.assert_close(opt.curvature.to_dense(), expected.to_dense(), rtol=1e-10, atol=1e-14)
+
+
+def test_statistics_need_a_pass_of_their_own_where_the_pass_cannot_give_them():
+    model, loss_fn = _wide_mlp(), nn.MSELoss()
+    for opt in (
+        optim.KFAC(model, loss_fn, lr=0.1, fisher_type="mc"),  # sampled labels: not the pass' gradients
+        optim.KFAC(model, loss_fn, lr=0.1, fisher_type="empirical", curvature_examples=3),  # a subsample
+        optim.KFAC(model, loss_fn, lr=0.1, fisher_type="empirical", weight_decay=0.0),
+    ):
+        batch = _batch()
+        opt.step(_closure(model, loss_fn, batch, opt), batch=batch)
+        expected = "own pass" if opt.fisher_type == "empirical" and opt.curvature_examples is None else None
+        assert opt.last_statistics == (expected or "separate pass")
+        opt.close()
+    opt = optim.KFAC(model, loss_fn, lr=0.1, fisher_type="empirical")
+    other = _batch(seed=5)
+
+    def clipped():  # a gradient that is not the pass' UᵀX: the probe check refuses it
+        opt.zero_grad()
+        loss = loss_fn(model(other[0]), other[1])
+        loss.backward()
+        for p in model.parameters():
+            p.grad.mul_(0.5)
+        return loss
+
+    opt.step(clipped, batch=other)
+    assert opt.last_statistics == "separate pass"

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from curvlab.distributed import Group, RankFailure, resolve, unwrap
 from curvlab.errors import NonFiniteError, UnsupportedError
 from curvlab.operators.base import CurvatureOperator
-from curvlab.optim import data_parallel
+from curvlab.optim import data_parallel, factored
 from curvlab.optim.damping import ConstantDamping, LevenbergMarquardt, reduction_ratio
 from curvlab.optim.estimate import CurvatureEstimate
 from curvlab.optim.factored import precondition, record_linear_factors
@@ -218,6 +218,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.group: Group | None = resolve(process_group)
         self.distribute_inverses = distribute_inverses
         self.last_factored_blocks = 0
+        self.last_statistics = ""  # where the last curvature refresh took its statistics from
         self._records: dict | None = None  # the Linear layers' factors of this step's gradient
         self._kept_problems: dict = {}  # by batch size: later batches of that size reuse its checks
         self._hooks: contextlib.ExitStack | bool | None = None  # None: not installed; False: closed
@@ -282,6 +283,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def make_inverse(self, C: CurvatureOperator, damping: float):
         """The damped inverse of ``C`` (an operator); exact operators override ``direction``."""
         return C.inverse(damping)
+
+    def curvature_from_pass(self, problem: Problem, statistics: dict) -> CurvatureOperator | None:
+        """The curvature from the training pass' own layer statistics (``factored.pass_statistics``).
+
+        ``None`` (the default): this optimizer's curvature needs a pass of its own.
+        """
+        return None
 
     # ------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -452,12 +460,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._skip("the gradient is not finite")
             return loss
         decays = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
+        raw_gradient = gradient
         if any(decays):
             gradient = [g + decay * p if decay else g for g, p, decay in zip(gradient, params, decays)]
         skippable = (SkipStep, NonFiniteError, RankFailure)  # NaN/Inf in the batch, curvature or direction
         failure = None
         try:
-            updates, predicted = self._updates(gradient, batch, decays)
+            updates, predicted = self._updates(gradient, batch, decays, raw_gradient)
         except skippable as reason:
             failure = reason
         except Exception as error:
@@ -481,14 +490,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _updates(self, gradient: list[Tensor], batch, decays: list[float]):
+    def _updates(self, gradient: list[Tensor], batch, decays: list[float], raw_gradient: list[Tensor]):
         """``(updates, predicted decrease or None)``: curvature and inverse refreshed as due.
 
         Raises ``SkipStep`` (or ``NonFiniteError`` from the curvature code) when the
         batch, the curvature, the direction or the update is not finite.
         """
         if self.estimate.statistics.due(self.steps):
-            self.estimate.refresh(self.steps, self._problem, self._head(batch, self.curvature_examples))
+            statistics_batch = self._head(batch, self.curvature_examples)
+            self.estimate.refresh(
+                self.steps, self._problem, statistics_batch, self._own_pass_curvature(batch, raw_gradient)
+            )
         if self.estimate.inverse_due(self.steps):
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
@@ -508,6 +520,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not all_finite(updates):
             raise SkipStep("the update is not finite")
         return updates, predicted
+
+    def _own_pass_curvature(self, batch, gradient: list[Tensor]) -> CurvatureOperator | None:
+        """The curvature from this step's own pass where the optimizer and the pass allow it.
+
+        Needs the whole batch (no ``curvature_examples``) and the pass' records; sets
+        ``last_statistics`` to ``"own pass"`` or ``"separate pass"``.
+        """
+        self.last_statistics = "separate pass"
+        if self.curvature_examples is not None or not self._records or batch is None:
+            return None
+        if type(self).curvature_from_pass is CurvatureOptimizer.curvature_from_pass:
+            return None
+        problem = self._problem(batch)
+        statistics = factored.pass_statistics(problem, self._records, gradient)
+        fresh = None if statistics is None else self.curvature_from_pass(problem, statistics)
+        if fresh is not None:
+            self.last_statistics = "own pass"
+        return fresh
 
     def _adapt_damping(self, closure, loss: Tensor, gradient, step, predicted=None, batch=None) -> None:
         """Levenberg–Marquardt: ρ = (L(θ + s) − L(θ)) / (gᵀs + ½ sᵀCs).

@@ -52,15 +52,17 @@ class CurvatureEstimate:
         self.source: tuple | None = None  # (step, batch) the curvature was built from
         self.counts = {"curvature": 0, "inverse": 0}
 
-    def refresh(self, step: int, problem_of: Callable, batch) -> None:
+    def refresh(self, step: int, problem_of: Callable, batch, fresh: CurvatureOperator | None = None) -> None:
         """Refresh the curvature if due at ``step``: ``problem_of(batch)`` gives the problem.
 
+        ``fresh``: the new estimate if the caller has it (from the training pass itself).
         Raises ``SkipStep`` where the new estimate is not finite (nothing is changed).
         """
         if not self.statistics.due(step):
             return
-        with torch.enable_grad():
-            fresh = self.build(problem_of(batch), step)
+        if fresh is None:
+            with torch.enable_grad():
+                fresh = self.build(problem_of(batch), step)
         self.source = (step, tuple(t.detach() for t in batch))
         self.counts["curvature"] += 1
         if not curvature_state.all_finite(fresh):

@@ -161,3 +161,37 @@ def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None
         return None
     matrix = block.outer_sum_product(*factors)
     return [r.squeeze(0) for r in block._from_matrix(matrix.unsqueeze(0))]
+
+
+def pass_statistics(problem, records: dict, gradient: list[Tensor]) -> dict | None:
+    """Layer statistics of the training pass the records saw: ``{layer name: (A, UᵀU, max U²)}``.
+
+    A = XᵀX / (N R) is the input factor of KFAC (expand) and ACP (X the layer inputs with
+    a trailing 1 for the bias, R rows per example); U are the output gradients of the
+    pass' loss, c times those of the loss terms (c the reduction factor). ``None`` unless
+    every layer of the problem is an ``nn.Linear`` used once in that pass, its gradient in
+    ``gradient`` (in ``problem.params`` order) is UᵀX (the probe check of
+    ``verified_factors``), and every example has loss terms.
+    """
+    from curvlab.passes.layers import find_layers
+
+    if problem.num_counted_examples != problem.num_examples or problem.group is not None:
+        return None
+    try:
+        layers = find_layers(problem)
+    except Exception:  # noqa: BLE001 (a layer without a Kronecker rule: no own-pass statistics)
+        return None
+    statistics = {}
+    for layer in layers:
+        if type(layer.module) is not nn.Linear:
+            return None
+        indices = [i for i in (layer.weight, layer.bias) if i is not None]
+        roles = ["weight", "bias"][: len(indices)] if layer.weight is not None else ["bias"]
+        factors = verified_factors(layer.module, roles, records, [gradient[i] for i in indices])
+        if factors is None:
+            return None
+        U, X = factors
+        rows_per_example = X.shape[0] // problem.num_examples
+        A = (X.T @ X) / (problem.num_examples * rows_per_example)
+        statistics[layer.name] = (A, U.T @ U, U.pow(2).max())
+    return statistics

@@ -64,6 +64,16 @@ class KFAC(CurvatureOptimizer):
             problem, fisher_type=self.fisher_type, seed=self.steps, other_structure=self.other_structure
         )
 
+    def curvature_from_pass(self, problem, statistics):
+        """Empirical KFAC from the step's own pass: G = UᵀU / c (U = c · the terms' output gradients)."""
+        if self.fisher_type != "empirical" or self.curvature_class is not KFACCurvature:
+            return None
+        c = problem.reduction_factor
+        factors = {name: (A, UU / c) for name, (A, UU, _) in statistics.items()}
+        return KFACCurvature(
+            problem, fisher_type="empirical", other_structure=self.other_structure, factors=factors
+        )
+
     def make_inverse(self, C, damping):  # noqa: D102
         return C.inverse(damping, pi_damping=True) if self.pi_damping else C.inverse(damping)
 
@@ -92,6 +102,12 @@ class ACP(CurvatureOptimizer):
 
     def build_curvature(self, problem):  # noqa: D102
         return ACPCurvature(problem, alpha=self.alpha)
+
+    def curvature_from_pass(self, problem, statistics):
+        """ACP from the step's own pass: its input moments, α from its output gradients U/c."""
+        c = problem.reduction_factor
+        moments = {name: (A, largest / c**2) for name, (A, _, largest) in statistics.items()}
+        return ACPCurvature(problem, alpha=self.alpha, statistics=moments)
 
 
 class DiagonalGGN(CurvatureOptimizer):

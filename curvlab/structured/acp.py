@@ -31,9 +31,11 @@ class ACP(BlockDiagonalOperator):
         problem: The problem (Linear / Conv layers, as for KFAC).
         alpha: A positive number, or ``"heuristic"`` for α = c·N·max (∇_a ℓ_n)²
             over all examples, per layer.
+        statistics: ``{layer name: (A, max_n (∇_a ℓ_n)²)}`` computed elsewhere (an
+            optimizer's own training pass: ``curvlab.optim``); no statistics pass.
     """
 
-    def __init__(self, problem: Problem, alpha: float | str = "heuristic"):
+    def __init__(self, problem: Problem, alpha: float | str = "heuristic", statistics: dict | None = None):
         if alpha != "heuristic" and not (isinstance(alpha, (int, float)) and alpha > 0):
             raise ValueError(f"alpha must be a positive number or 'heuristic', got {alpha!r}")
         self.problem = problem
@@ -63,7 +65,11 @@ class ACP(BlockDiagonalOperator):
             squares = torch.stack([max_square[layer.name] for layer in self.layers])
             return [A_sum[layer.name] for layer in self.layers] + [squares]
 
-        if problem.group is None:
+        if statistics is not None:  # the moments as given: A_sum = N·A
+            N = problem.num_counted_examples
+            A_sums = [statistics[layer.name][0] * N for layer in self.layers]
+            squares = torch.stack([torch.as_tensor(statistics[layer.name][1]) for layer in self.layers])
+        elif problem.group is None:
             *A_sums, squares = local()
         else:  # the input moments summed over the ranks, the largest squared gradients maximised
             try:

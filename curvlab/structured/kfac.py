@@ -85,6 +85,8 @@ class KFAC(BlockDiagonalOperator):
             ``"auto"`` (default) when d_A ≥ 1024 and m ≤ d_A / 2 (half the memory or
             less), ``True`` whenever m < d_A, ``False`` never. Not under a process
             group (the ranks sum dense factors). Exact either way.
+        factors: ``{layer name: (A, G)}`` computed elsewhere (an optimizer's own training
+            pass: ``curvlab.optim``), with the conventions above; no statistics pass.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class KFAC(BlockDiagonalOperator):
         max_vectors: int | None = None,
         other_structure: str | None = None,
         low_rank: bool | str = "auto",
+        factors: dict | None = None,
     ):
         if low_rank not in ("auto", True, False):
             raise ValueError(f"low_rank must be 'auto', True or False, got {low_rank!r}")
@@ -118,7 +121,8 @@ class KFAC(BlockDiagonalOperator):
         self.unsupported: list[int] = []
         self.layers = find_layers(problem, self.unsupported if other_structure else None)
         self._fast = fast.compile(problem)  # chosen once: the statistics pass of this model
-        self.factors = self._collect_factors()
+        self.low_rank_layers: set[str] = set()
+        self.factors = self._collect_factors() if factors is None else self._given(factors)
         blocks = []
         self.block_sources: list[tuple[Layer, slice]] = []  # (layer, columns of ã) per block
         for layer in self.layers:
@@ -243,7 +247,6 @@ class KFAC(BlockDiagonalOperator):
             return [A_sum[layer.name] for layer in self.layers] + [G_sum[layer.name] for layer in self.layers]
 
         # One all-reduce of every factor's upper triangle: the global sums
-        self.low_rank_layers: set[str] = set()
         sums = problem.sum_over_ranks(local, zeros, symmetric=True)
         L, c, N = len(self.layers), problem.reduction_factor, problem.num_counted_examples
         return {
@@ -286,6 +289,20 @@ class KFAC(BlockDiagonalOperator):
             result, blocks + other_blocks, self.param_shapes, self.dtype, self.device, self.param_names
         )
         return result
+
+    def _given(self, factors: dict) -> dict[str, tuple[Tensor, Tensor]]:
+        """``factors`` checked against the layers: one dense (A, G) of the right sizes per layer."""
+        given = {}
+        for layer in self.layers:
+            d_out, d_A = factor_sizes(layer, self.problem.params)
+            A, G = factors[layer.name]
+            if A.shape != (d_A, d_A) or G.shape != (d_out, d_out):
+                raise ValueError(
+                    f"factors of layer {layer.name!r}: expected A {(d_A, d_A)} and G {(d_out, d_out)}, "
+                    f"got {tuple(A.shape)} and {tuple(G.shape)}"
+                )
+            given[layer.name] = (A, G)
+        return given
 
     def _row_limit(self, layer: Layer) -> int:
         """How many input vectors a low-rank root of this layer's A may hold (0: keep A dense)."""
