@@ -17,6 +17,7 @@ random start vector instead of its default gradient start, the peers' choice.
 resnet18`` adds torchvision's ResNet-18 on 32×32 inputs at batch 32 (top-10 only).
 
     python benchmarks/spectra.py [--threads 2] [--device cuda] [--problems autoencoder cnn mlp resnet18]
+    python benchmarks/spectra.py --block-versus-single --problems autoencoder
 """
 
 from __future__ import annotations
@@ -166,6 +167,34 @@ def reference(problem_name: str, device: torch.device) -> dict:
     return {"values": top.values.tolist(), "rel_residuals": top.relative_residuals.tolist()}
 
 
+def block_versus_single(problem_name: str, device: torch.device, rounds: int = 2) -> dict:
+    """Top-10 by single-vector and by block Lanczos, alternately in one process (issue 32, item 3).
+
+    Each run is timed and checked against a converged reference (relative residual 1e-5):
+    the largest |λ − λ_ref| / |λ_ref| of the ten, and the products it took.
+    """
+    model, loss_fn, data = _problem(problem_name, device)
+    hessian = cl.Hessian(cl.Problem(model, loss_fn, data))
+    ref = cl.top_eigen(hessian, 10, tol=1e-5, basis_size=40, max_matvecs=2000, progress=False).values
+    runs: dict = {"single": [], "block": []}
+    for _ in range(rounds):
+        for name, options in (("single", {}), ("block", BLOCK)):
+            _synchronize(device)
+            start = time.perf_counter()
+            top = cl.top_eigen(hessian, 10, tol=1e-4, progress=False, **options)
+            _synchronize(device)
+            error = ((top.values - ref).abs() / ref.abs()).max().item()
+            runs[name].append(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "matvecs": top.num_matvecs,
+                    "max_rel_error": error,
+                    "converged": top.converged,
+                }
+            )
+    return runs
+
+
 def child(args) -> None:
     """One measurement in a fresh process; prints a JSON line."""
     warnings.filterwarnings("ignore")
@@ -175,6 +204,9 @@ def child(args) -> None:
     device = torch.device(args.device)
     if task == "reference":
         print(json.dumps(reference(problem_name, device)))
+        return
+    if task == "block-versus-single":
+        print(json.dumps(block_versus_single(problem_name, device)))
         return
     print(json.dumps(measure(problem_name, task, library, device)))
 
@@ -207,8 +239,29 @@ def main() -> None:
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES))
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--block-versus-single",
+        action="store_true",
+        help="only time top-10 by single-vector and by block Lanczos, alternately in one process",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.block_versus_single:
+        options = ["--threads", str(args.threads), "--device", args.device]
+        for problem_name in args.problems:
+            command = [problem_name, "block-versus-single", "curvlab", *options]
+            runs = run_child(__file__, command, 3 * args.timeout)
+            print(f"{problem_name}: top-10 to relative residual 1e-4, alternately ({BLOCK})")
+            if "error" in runs:
+                print(f"  {runs['error']}")
+                continue
+            for name, rows in runs.items():
+                for row in rows:
+                    print(
+                        f"  {name:<7}{row['seconds']:>8.1f} s {row['matvecs']:>6} products   max rel. error "
+                        f"{row['max_rel_error']:.1e}   converged {row['converged']}"
+                    )
+        return
     if args.child:
         child(args)
         return

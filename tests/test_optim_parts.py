@@ -110,22 +110,25 @@ def test_curvature_estimate_refreshes_averages_and_inverts_on_its_schedules():
         built.append(step)
         return cl.KFAC(problem, fisher_type="type-2")
 
-    estimate = CurvatureEstimate(build, Schedule(2), Schedule(3), 0.5, lambda C, damping: C.inverse(damping))
+    def invert(C, damping):
+        return C.inverse(damping)
+
+    estimate = CurvatureEstimate(Schedule(2), Schedule(3), 0.5)
     safety = Safety("Test")
     inverted = []
     for step in range(7):
-        estimate.refresh(step, lambda batch: problem, problem.data[0])
+        estimate.refresh(step, build, lambda batch: problem, problem.data[0])
         if estimate.inverse_due(step):
-            estimate.refresh_inverse(0.1, safety)
+            estimate.refresh_inverse(invert, 0.1, safety)
             inverted.append(step)
     assert built == [0, 2, 4, 6] and inverted == [0, 3, 6]
     assert type(estimate.curvature) is cl.KFAC  # the running average of KFACs is a KFAC
     fresh = cl.KFAC(problem, fisher_type="type-2")
     torch.testing.assert_close(estimate.curvature.to_dense(), fresh.to_dense())  # same batch each time
     state = copy.deepcopy(estimate.state_dict())
-    again = CurvatureEstimate(build, Schedule(1), Schedule(1), 0.5, lambda C, damping: C.inverse(damping))
+    again = CurvatureEstimate(Schedule(1), Schedule(1), 0.5)
     like = (estimate.curvature.param_shapes, estimate.curvature.param_names, torch.float64, "cpu")
-    again.load_state_dict(state, lambda batch: problem, like, safety)
+    again.load_state_dict(state, build, invert, lambda batch: problem, like, safety)
     assert again.statistics.every == 2 and again.inverses.every == 3 and again.counts == estimate.counts
     v = torch.randn(problem.num_params, dtype=torch.float64)
     assert torch.equal(again.inverse @ v, estimate.inverse @ v)
@@ -135,9 +138,9 @@ def test_a_non_finite_estimate_is_skipped_and_changes_nothing():
     model, problem = _linear_problem()
     nan = torch.full((8,), float("nan"), dtype=torch.float64)
     bad = cl.Diagonal.from_tensor(nan, [torch.Size((2, 3)), torch.Size((2,))], None)
-    estimate = CurvatureEstimate(lambda p, s: bad, Schedule(1), Schedule(1), 0.0, lambda C, d: C.inverse(d))
+    estimate = CurvatureEstimate(Schedule(1), Schedule(1), 0.0)
     with pytest.raises(SkipStep, match="not finite"):
-        estimate.refresh(0, lambda batch: problem, problem.data[0])
+        estimate.refresh(0, lambda p, s: bad, lambda batch: problem, problem.data[0])
     assert estimate.curvature is None
 
 
@@ -191,3 +194,32 @@ def test_every_optimizer_resumes_bit_identically_for_20_steps(name):
     run(resumed_model, second, batches[5:])
     for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_dropped_optimizer_is_freed_at_once(name):
+    """No reference cycle through the parts: the optimizer (and what it holds) goes with its last name."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = OPTIMIZERS[name](model, loss_fn)
+    batch = _data(0)
+
+    def closure():
+        model.zero_grad()
+        loss = loss_fn(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    opt.step(closure, batch=batch)
+    alive = weakref.ref(opt)
+    del opt
+    gc.disable()
+    try:
+        assert alive() is None  # by reference counting, before any cycle collection
+    finally:
+        gc.enable()
+    assert all(not m._forward_hooks for m in model.modules())

@@ -196,7 +196,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"damping_factor must be in (0, 1), got {damping_factor}")
             Schedule(damping_every, "damping_every")  # checked, though a constant λ never adapts
             self.damping_policy = ConstantDamping(damping)
-        self.estimate = CurvatureEstimate(self._build_at, statistics, inverses, ema_decay, self._make_inverse)
+        self.estimate = CurvatureEstimate(statistics, inverses, ema_decay)
         self.update_rule = (
             MomentumUpdate() if rescale is None else QuadraticModelUpdate(rescale, rescale_examples)
         )
@@ -342,7 +342,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _refresh_inverse(self, damping: float, curvature: CurvatureOperator | None = None) -> None:
         """The estimate's damped inverse; a retry's larger damping becomes the optimizer's."""
-        used = self.estimate.refresh_inverse(damping, self.safety, curvature)
+        used = self.estimate.refresh_inverse(self._make_inverse, damping, self.safety, curvature)
         if used > damping:
             self.damping = max(self.damping, used)
 
@@ -498,9 +498,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         if self.estimate.statistics.due(self.steps):
             statistics_batch = self._head(batch, self.curvature_examples)
-            self.estimate.refresh(
-                self.steps, self._problem, statistics_batch, self._own_pass_curvature(batch, raw_gradient)
-            )
+            fresh = self._own_pass_curvature(batch, raw_gradient)
+            self.estimate.refresh(self.steps, self._build_at, self._problem, statistics_batch, fresh)
         if self.estimate.inverse_due(self.steps):
             self._refresh_inverse(self.damping)
         with torch.enable_grad():
@@ -591,4 +590,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = self._params()
         names = Problem._names_of(unwrap(self.model), params)
         like = ([p.shape for p in params], names, params[0].dtype, params[0].device)
-        self.estimate.load_state_dict(extra["estimate"], self._problem, like, self.safety)
+        self.estimate.load_state_dict(
+            extra["estimate"], self._build_at, self._make_inverse, self._problem, like, self.safety
+        )

@@ -21,30 +21,23 @@ from curvlab.optim.schedule import Schedule
 class CurvatureEstimate:
     """One curvature object, its refresh schedules and running average, and its damped inverse.
 
+    The optimizer passes what builds and inverts its curvature with each call (``build(problem,
+    step)`` → the curvature on one minibatch; ``make_inverse(C, λ)`` → (C + λI)⁻¹ as an
+    operator, or ``None`` for a matrix-free solve per step): the estimate holds no reference
+    to the optimizer, so an optimizer is freed as soon as it is dropped.
+
     Args:
-        build: ``build(problem, step)`` → the curvature on one minibatch (its seed may be the step).
         statistics: When the curvature is refreshed (T₁).
         inverses: When the inverse is refreshed (T₃); also whenever there is none.
         ema_decay: Running-average weight of the previous estimate (0: none).
-        make_inverse: ``make_inverse(C, λ)`` → (C + λI)⁻¹ as an operator, or ``None``
-            (a matrix-free solve per step).
     """
 
-    def __init__(
-        self,
-        build: Callable,
-        statistics: Schedule,
-        inverses: Schedule,
-        ema_decay: float,
-        make_inverse: Callable,
-    ):
+    def __init__(self, statistics: Schedule, inverses: Schedule, ema_decay: float):
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.build = build
         self.statistics = statistics
         self.inverses = inverses
         self.ema_decay = float(ema_decay)
-        self.make_inverse = make_inverse
         self.curvature: CurvatureOperator | None = None
         self.inverse = None
         self.inverse_damping: float | None = None
@@ -52,8 +45,10 @@ class CurvatureEstimate:
         self.source: tuple | None = None  # (step, batch) the curvature was built from
         self.counts = {"curvature": 0, "inverse": 0}
 
-    def refresh(self, step: int, problem_of: Callable, batch, fresh: CurvatureOperator | None = None) -> None:
-        """Refresh the curvature if due at ``step``: ``problem_of(batch)`` gives the problem.
+    def refresh(
+        self, step: int, build: Callable, problem_of: Callable, batch, fresh: CurvatureOperator | None = None
+    ) -> None:
+        """Refresh the curvature if due at ``step``: ``build(problem_of(batch), step)``.
 
         ``fresh``: the new estimate if the caller has it (from the training pass itself).
         Raises ``SkipStep`` where the new estimate is not finite (nothing is changed).
@@ -62,7 +57,7 @@ class CurvatureEstimate:
             return
         if fresh is None:
             with torch.enable_grad():
-                fresh = self.build(problem_of(batch), step)
+                fresh = build(problem_of(batch), step)
         self.source = (step, tuple(t.detach() for t in batch))
         self.counts["curvature"] += 1
         if not curvature_state.all_finite(fresh):
@@ -73,13 +68,19 @@ class CurvatureEstimate:
         """Whether the inverse is to be (re)built at ``step``."""
         return self.inverse is None or self.inverses.due(step)
 
-    def refresh_inverse(self, damping: float, safety: Safety, curvature: CurvatureOperator | None = None):
+    def refresh_inverse(
+        self,
+        make_inverse: Callable,
+        damping: float,
+        safety: Safety,
+        curvature: CurvatureOperator | None = None,
+    ):
         """Build the damped inverse of ``curvature`` (default: the current one); returns the damping used.
 
         A failure is retried in float64 with more damping (``Safety.robust_inverse``).
         """
         built_from = self.curvature if curvature is None else curvature
-        self.inverse, self.inverse_damping = safety.robust_inverse(self.make_inverse, built_from, damping)
+        self.inverse, self.inverse_damping = safety.robust_inverse(make_inverse, built_from, damping)
         self.inverse_curvature = built_from
         self.counts["inverse"] += 1
         return self.inverse_damping
@@ -108,11 +109,13 @@ class CurvatureEstimate:
             state["inverse_curvature"] = curvature_state.snapshot(built_from)
         return state
 
-    def load_state_dict(self, state: dict, problem_of: Callable, like, safety: Safety) -> None:
+    def load_state_dict(
+        self, state: dict, build: Callable, make_inverse: Callable, problem_of: Callable, like, safety: Safety
+    ) -> None:
         """Restore ``state_dict()``; the inverse is rebuilt identically.
 
-        ``problem_of(batch)`` rebuilds a matrix-free curvature from its batch; ``like =
-        (shapes, names, dtype, device)`` of the parameters.
+        ``build(problem_of(batch), step)`` rebuilds a matrix-free curvature from its batch;
+        ``like = (shapes, names, dtype, device)`` of the parameters.
         """
         shapes, names, dtype, device = like
         self.statistics.load_state_dict(state["statistics"])
@@ -123,7 +126,7 @@ class CurvatureEstimate:
         elif state.get("curvature_source") is not None:
             source = state["curvature_source"]
             with torch.enable_grad():
-                self.curvature = self.build(problem_of(source["batch"]), source["step"])
+                self.curvature = build(problem_of(source["batch"]), source["step"])
             self.source = (source["step"], tuple(source["batch"]))
         if self.curvature is not None and state["inverse_damping"] is not None:
             built_from = None
@@ -132,5 +135,5 @@ class CurvatureEstimate:
                 built_from = curvature_state.restore(
                     state["inverse_curvature"], C.param_shapes, C.param_names, C.dtype, C.device
                 )
-            self.refresh_inverse(state["inverse_damping"], safety, built_from)
+            self.refresh_inverse(make_inverse, state["inverse_damping"], safety, built_from)
         self.counts = dict(state["counts"])
