@@ -386,3 +386,26 @@ def test_statistics_need_a_pass_of_their_own_where_the_pass_cannot_give_them():
 
     opt.step(clipped, batch=other)
     assert opt.last_statistics == "separate pass"
+
+
+def test_a_recorded_pass_is_freed_by_reference_counting():
+    """The output-gradient hooks must not close a cycle through autograd's graph (a leak per step)."""
+    import gc
+    import weakref
+
+    from curvlab.optim.factored import record_linear_factors
+
+    model = _wide_mlp()
+    X, Y = _batch()
+    with record_linear_factors(model, list(model.parameters())) as records:
+        loss = nn.MSELoss()(model(X), Y)
+        loss.backward()
+    first = next(iter(records.values()))
+    assert len(first.output_grads) == 1
+    output = weakref.ref(first.outputs[0])
+    del records, first, loss
+    gc.disable()
+    try:
+        assert output() is None  # freed at once, not at some later cycle collection
+    finally:
+        gc.enable()

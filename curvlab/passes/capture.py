@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,12 @@ def own_pass():
         _IN_CURVATURE_PASS.reset(token)
 
 
+def _append_gradient(weak_record, grad: Tensor) -> None:
+    record = weak_record()
+    if record is not None:
+        record.output_grads.append(grad.detach())
+
+
 @contextlib.contextmanager
 def record_calls(
     modules: Mapping[Hashable, nn.Module],
@@ -73,7 +80,11 @@ def record_calls(
             record.outputs.append(output)
             record.versions.append(output._version)
             if output_gradients and isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: record.output_grads.append(grad.detach()))
+                # Through a weak reference: the record keeps the output, whose graph keeps this
+                # hook; a strong one would close a cycle through autograd's C++ graph that
+                # Python's collector cannot see (every recorded pass would leak).
+                weak = weakref.ref(record)
+                output.register_hook(lambda grad: _append_gradient(weak, grad))
             return output.clone() if copy_outputs else None
 
         hook.observes_only = not copy_outputs  # changes nothing the module computes (passes/layers.py)
