@@ -175,7 +175,7 @@ def block_versus_single(problem_name: str, device: torch.device, rounds: int = 2
     """
     model, loss_fn, data = _problem(problem_name, device)
     hessian = cl.Hessian(cl.Problem(model, loss_fn, data))
-    ref = cl.top_eigen(hessian, 10, tol=1e-5, basis_size=40, max_matvecs=2000, progress=False).values
+    ref = torch.tensor(reference(problem_name, device)["values"], device=device)
     runs: dict = {"single": [], "block": []}
     for _ in range(rounds):
         for name, options in (("single", {}), ("block", BLOCK)):

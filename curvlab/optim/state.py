@@ -17,7 +17,12 @@ from curvlab.operators.dense import DenseOperator
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
 from curvlab.structured.diagonal import Diagonal
 from curvlab.structured.kfac import KFAC
-from curvlab.structured.kronecker import EigenbasisBlock, KroneckerBlock, LowRankKroneckerBlock
+from curvlab.structured.kronecker import (
+    EigenbasisBlock,
+    KroneckerBlock,
+    LowRankKroneckerBlock,
+    average_input_factors,
+)
 
 _FIELDS = {
     KroneckerBlock: ("G", "A"),
@@ -164,22 +169,17 @@ def _of_the_same_class(old, new, averaged: CurvatureOperator, decay: float) -> C
 def _average_low_rank(old: dict, new: dict, decay: float) -> None:
     """Average two Kronecker blocks' snapshots in place of ``new``, one of them low-rank (A = ZᵀZ).
 
-    decay·ZₒᵀZₒ + (1 − decay)·ZₙᵀZₙ is the root [√decay Zₒ; √(1 − decay) Zₙ] while it has
-    fewer rows than columns; beyond that, or against a dense A, the average is dense.
+    The input factors as ``kronecker.average_input_factors`` averages them (also KFAC's).
     """
     if old["type"] not in ("KroneckerBlock", "LowRankKroneckerBlock"):
         return
     new["G"] = decay * old["G"] + (1 - decay) * new["G"]
-    if "Z" in old and "Z" in new and old["Z"].shape[0] + new["Z"].shape[0] < new["Z"].shape[1]:
-        new["Z"] = torch.cat([decay**0.5 * old["Z"], (1 - decay) ** 0.5 * new["Z"]])
-        return
-
-    def dense(block: dict) -> Tensor:
-        return block["Z"].T @ block["Z"] if "Z" in block else block["A"]
-
-    new["A"] = decay * dense(old) + (1 - decay) * dense(new)
-    new.pop("Z", None)
-    new["type"] = "KroneckerBlock"
+    old_root, new_root = "Z" in old, "Z" in new
+    factor, is_root = average_input_factors(
+        old["Z" if old_root else "A"], old_root, new.pop("Z" if new_root else "A"), new_root, decay
+    )
+    new["Z" if is_root else "A"] = factor
+    new["type"] = "LowRankKroneckerBlock" if is_root else "KroneckerBlock"
 
 
 def all_finite(C: CurvatureOperator) -> bool:

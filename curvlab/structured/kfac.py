@@ -35,7 +35,7 @@ from curvlab.passes.layers import Layer, factor_sizes, find_layers
 from curvlab.passes.vectors import GramSum, accumulate, gram, second_moment
 from curvlab.problem import Problem
 from curvlab.structured.block_diagonal import BlockDiagonalOperator
-from curvlab.structured.kronecker import KroneckerBlock, LowRankKroneckerBlock
+from curvlab.structured.kronecker import KroneckerBlock, LowRankKroneckerBlock, average_input_factors
 
 KFAC_APPROX = ("expand", "reduce")
 LOW_RANK_MIN_WIDTH = 1024  # narrower input factors stay dense under low_rank="auto" (< 8 MB in float64)
@@ -274,13 +274,11 @@ class KFAC(BlockDiagonalOperator):
         blocks, result.block_sources = [], []
         for layer in self.layers:
             (A_new, G_new), (A_old, G_old) = self.factors[layer.name], older.factors[layer.name]
-            low_new, low_old = layer.name in self.low_rank_layers, layer.name in older.low_rank_layers
-            if low_new and low_old and A_old.shape[0] + A_new.shape[0] < A_new.shape[1]:
-                A = torch.cat([decay**0.5 * A_old, (1 - decay) ** 0.5 * A_new])
+            A, is_root = average_input_factors(
+                A_old, layer.name in older.low_rank_layers, A_new, layer.name in self.low_rank_layers, decay
+            )
+            if is_root:
                 result.low_rank_layers.add(layer.name)
-            else:
-                A = decay * (A_old.T @ A_old if low_old else A_old)
-                A += (1 - decay) * (A_new.T @ A_new if low_new else A_new)
             result.factors[layer.name] = (A, decay * G_old + (1 - decay) * G_new)
             for indices, block, columns in result._blocks_of(layer, *result.factors[layer.name]):
                 blocks.append((indices, block))

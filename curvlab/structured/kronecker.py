@@ -504,3 +504,16 @@ class LowRankKroneckerBlock(KroneckerBlock):
         return EigenbasisBlock(
             Q_G, Q_A, D, self.param_shapes, self.bias_folded, self.param_names, G_part / shift_A
         )
+
+
+def average_input_factors(old: Tensor, old_is_root: bool, new: Tensor, new_is_root: bool, decay: float):
+    """``(A or Z, is_root)`` of decay · A_old + (1 − decay) · A_new, each given as A or as its root Z.
+
+    Two roots stay a root [√decay Zₒ; √(1 − decay) Zₙ] while it has fewer rows than
+    columns (A = ZᵀZ); beyond that, or against a dense A, the average is dense.
+    """
+    if old_is_root and new_is_root and old.shape[0] + new.shape[0] < new.shape[1]:
+        return torch.cat([decay**0.5 * old, (1 - decay) ** 0.5 * new]), True
+    A = decay * (old.T @ old if old_is_root else old)
+    A += (1 - decay) * (new.T @ new if new_is_root else new)
+    return A, False
