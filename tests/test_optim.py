@@ -436,6 +436,28 @@ def test_levenberg_marquardt_takes_back_a_step_that_makes_the_loss_non_finite():
     assert opt.damping == pytest.approx(1e-2)
 
 
+def test_levenberg_marquardt_rejects_an_uphill_step_exactly_when_asked():
+    """reject_uphill: a step that raises the minibatch loss is taken back bit-exactly, λ grows."""
+    options = {"fisher_type": "type-2", "damping": 1e-3, "damping_policy": "levenberg-marquardt"}
+    outcomes = {}
+    for lr, reject in [(5.0, True), (5.0, False), (0.5, True)]:
+        model, loss_fn, batch = _regression()
+        opt = optim.KFAC(model, loss_fn, lr=lr, momentum=0.9, reject_uphill=reject, **options)
+        before = [p.clone() for p in model.parameters()]
+        loss = opt.step(_closure(model, loss_fn, batch, opt), batch=batch).item()
+        after = loss_fn(model(batch[0]), batch[1]).item()
+        unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        momentum = any("momentum_buffer" in opt.state[p] for p in model.parameters())
+        outcomes[lr, reject] = (unchanged, opt.counts["rejected"], opt.damping, after <= loss, momentum)
+    # Five Newton steps on a quadratic overshoot: uphill; taken back and λ ← λ/ω.
+    assert outcomes[5.0, True] == (True, 1, pytest.approx(1e-3 * 1.5), True, False)
+    assert outcomes[5.0, False] == (False, 0, pytest.approx(1e-3 * 1.5), False, True)  # kept
+    assert outcomes[0.5, True] == (False, 0, pytest.approx(1e-3 / 1.5), True, True)  # downhill: kept
+    model, loss_fn, _ = _regression()
+    with pytest.raises(ValueError, match="levenberg-marquardt"):
+        optim.KFAC(model, loss_fn, reject_uphill=True)
+
+
 def _flatten(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 

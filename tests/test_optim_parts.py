@@ -42,9 +42,10 @@ def test_levenberg_marquardt_against_hand_computed_dampings():
     assert policy.value == 1.2 and policy.last_rho == -math.inf
     policy.increase()
     assert policy.value == 12.0
+    policy.rejected = 4
     restored = LevenbergMarquardt(7.0)
     restored.load_state_dict(policy.state_dict())
-    assert restored.value == 12.0 and restored.schedule.every == 2
+    assert restored.value == 12.0 and restored.schedule.every == 2 and restored.rejected == 4
     constant = ConstantDamping(0.0)
     constant.adapt(0.99)
     assert constant.value == 0.0 and not any(constant.due(s) for s in range(3))
@@ -154,6 +155,9 @@ OPTIMIZERS = {
     "KFAC": lambda m, lf: optim.KFAC(m, lf, lr=0.1, momentum=0.5, curvature_every=3, inverse_every=2),
     "KFAC rescaled": lambda m, lf: optim.KFAC(
         m, lf, rescale="ggn", damping_policy="levenberg-marquardt", damping_every=2, rescale_examples=8
+    ),
+    "KFAC rejecting uphill": lambda m, lf: optim.KFAC(
+        m, lf, lr=3.0, pi_damping=True, damping_policy="levenberg-marquardt", reject_uphill=True
     ),
     "EKFAC": lambda m, lf: optim.EKFAC(m, lf, lr=0.1, curvature_every=2),
     "ACP": lambda m, lf: optim.ACP(m, lf, lr=0.1, momentum=0.9, curvature_every=4, ema_decay=0.5),

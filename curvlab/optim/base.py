@@ -134,6 +134,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rescale_examples: The quadratic model's products on the first m examples
             (default: all); with a mean loss the subsample's matrix is an unbiased
             estimate of the batch's, the gradient stays the full batch's.
+        reject_uphill: With Levenberg–Marquardt, take back (exactly) a step after which
+            the closure's loss is higher than before it, as a trust-region method
+            rejects a step with ρ ≤ 0; λ grows as for any ρ < 1/4. Only the steps with
+            an adaptation (every ``damping_every``) are tested; ``counts["rejected"]``.
 
     Optimizers with Kronecker blocks (``factored_gradients = True``: KFAC, EKFAC,
     ACP) record each Linear layer's inputs and output gradients in the step's pass
@@ -166,6 +170,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damping_every: int = 1,
         curvature_examples: int | None = None,
         rescale_examples: int | None = None,
+        reject_uphill: bool = False,
     ):
         if damping_policy not in DAMPING_POLICIES:
             raise ValueError(f"damping_policy must be one of {DAMPING_POLICIES}, got {damping_policy!r}")
@@ -190,8 +195,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         defaults = {"lr": check_positive("lr", lr), "momentum": momentum, "weight_decay": weight_decay}
         check_group(defaults)
         if damping_policy == "levenberg-marquardt":
-            self.damping_policy = LevenbergMarquardt(damping, damping_factor, min_damping, damping_every)
+            self.damping_policy = LevenbergMarquardt(
+                damping, damping_factor, min_damping, damping_every, reject_uphill
+            )
         else:
+            if reject_uphill:
+                raise ValueError(
+                    "reject_uphill tests the steps Levenberg–Marquardt evaluates: it needs "
+                    "damping_policy='levenberg-marquardt'"
+                )
             if not 0 < damping_factor < 1:
                 raise ValueError(f"damping_factor must be in (0, 1), got {damping_factor}")
             Schedule(damping_every, "damping_every")  # checked, though a constant λ never adapts
@@ -247,8 +259,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @property
     def counts(self) -> dict:
-        """Curvature estimates, inverses and skipped steps so far."""
-        return {**self.estimate.counts, "skipped": self.safety.skipped}
+        """Curvature estimates, inverses, skipped and rejected steps so far."""
+        rejected = self.damping_policy.rejected
+        return {**self.estimate.counts, "skipped": self.safety.skipped, "rejected": rejected}
 
     @property
     def last_rho(self) -> float:
@@ -284,10 +297,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The damped inverse of ``C`` (an operator); exact operators override ``direction``."""
         return C.inverse(damping)
 
+    def own_pass_outputs(self) -> str | None:
+        """What ``curvature_from_pass`` needs of the output gradients U of the step's own pass.
+
+        ``"second moments"`` (UᵀU), ``"largest"`` (max U² alone), or ``None`` (the
+        default): this optimizer's curvature needs a pass of its own.
+        """
+        return None
+
     def curvature_from_pass(self, problem: Problem, statistics: dict) -> CurvatureOperator | None:
         """The curvature from the training pass' own layer statistics (``factored.pass_statistics``).
 
-        ``None`` (the default): this optimizer's curvature needs a pass of its own.
+        Called only where ``own_pass_outputs()`` names what it needs.
         """
         return None
 
@@ -529,10 +550,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.last_statistics = "separate pass"
         if self.curvature_examples is not None or not self._records or batch is None:
             return None
-        if type(self).curvature_from_pass is CurvatureOptimizer.curvature_from_pass:
+        outputs = self.own_pass_outputs()
+        if outputs is None:
             return None
         problem = self._problem(batch)
-        statistics = factored.pass_statistics(problem, self._records, gradient)
+        second_moments = outputs == "second moments"
+        statistics = factored.pass_statistics(problem, self._records, gradient, second_moments)
         fresh = None if statistics is None else self.curvature_from_pass(problem, statistics)
         if fresh is not None:
             self.last_statistics = "own pass"
@@ -560,6 +583,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
             predicted = (g @ s + 0.5 * s @ curvature_product).item()
         self.damping_policy.adapt(reduction_ratio((new_loss - loss).item(), predicted))
+        if self.damping_policy.reject_uphill and new_loss.item() > loss.item():
+            self.safety.undo(self._params(), self.state)  # momentum and δ₀ go with it
+            self.damping_policy.rejected += 1
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:

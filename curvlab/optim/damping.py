@@ -23,10 +23,11 @@ class ConstantDamping:
     """
 
     adaptive = False
+    reject_uphill = False  # only Levenberg–Marquardt tests steps
+    rejected = 0
 
     def __init__(self, value: float):
         self.value = float(check_nonnegative("damping", value))
-        self.schedule = Schedule(1)
         self.last_rho = math.nan
 
     def increase(self, factor: float = 10.0, at_least: float = LOWEST_RAISED) -> None:
@@ -35,7 +36,7 @@ class ConstantDamping:
 
     def due(self, step: int) -> bool:
         """Whether ``adapt`` wants a reduction ratio at ``step`` (never for a constant λ)."""
-        return self.adaptive and self.schedule.due(step)
+        return False
 
     def adapt(self, rho: float) -> None:
         """Take the reduction ratio ρ of a step (a constant λ ignores it)."""
@@ -58,12 +59,26 @@ class LevenbergMarquardt(ConstantDamping):
         factor: ω in (0, 1): λ ← ωλ when ρ > 3/4, λ/ω when ρ < 1/4.
         minimum: λ never goes below this by adaptation.
         every: Steps between adaptations (Martens & Grosse's T₂; each costs a loss evaluation).
+        reject_uphill: Take back a step that raised the minibatch loss (the trust-region
+            acceptance test with η = 0, Nocedal & Wright 2006, Alg. 4.1); only the steps
+            with an adaptation are tested. ``rejected`` counts them.
     """
 
     adaptive = True
 
-    def __init__(self, value: float, factor: float = 2 / 3, minimum: float = 1e-8, every: int = 1):
+    def __init__(
+        self,
+        value: float,
+        factor: float = 2 / 3,
+        minimum: float = 1e-8,
+        every: int = 1,
+        reject_uphill: bool = False,
+    ):
         super().__init__(value)
+        if not isinstance(reject_uphill, bool):
+            raise TypeError(f"reject_uphill must be True or False, got {reject_uphill!r}")
+        self.reject_uphill = reject_uphill
+        self.rejected = 0
         if not 0 < factor < 1:
             raise ValueError(f"damping_factor must be in (0, 1), got {factor}")
         self.factor = float(factor)
@@ -78,12 +93,16 @@ class LevenbergMarquardt(ConstantDamping):
         self.last_rho = rho
 
     def state_dict(self) -> dict:  # noqa: D102
-        return {**super().state_dict(), "schedule": self.schedule.state_dict()}
+        return {**super().state_dict(), "schedule": self.schedule.state_dict(), "rejected": self.rejected}
 
     def load_state_dict(self, state: dict) -> None:  # noqa: D102
         super().load_state_dict(state)
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
+        self.rejected = state.get("rejected", 0)
+
+    def due(self, step: int) -> bool:  # noqa: D102
+        return self.schedule.due(step)
 
 
 def reduction_ratio(actual: float, predicted: float) -> float:

@@ -163,7 +163,9 @@ def _factored_block(block, params, parts, owner, records) -> list[Tensor] | None
     return [r.squeeze(0) for r in block._from_matrix(matrix.unsqueeze(0))]
 
 
-def pass_statistics(problem, records: dict, gradient: list[Tensor]) -> dict | None:
+def pass_statistics(
+    problem, records: dict, gradient: list[Tensor], second_moments: bool = True
+) -> dict | None:
     """Layer statistics of the training pass the records saw: ``{layer name: (A, UᵀU, max U²)}``.
 
     A = XᵀX / (N R) is the input factor of KFAC (expand) and ACP (X the layer inputs with
@@ -171,7 +173,8 @@ def pass_statistics(problem, records: dict, gradient: list[Tensor]) -> dict | No
     pass' loss, c times those of the loss terms (c the reduction factor). ``None`` unless
     every layer of the problem is an ``nn.Linear`` used once in that pass, its gradient in
     ``gradient`` (in ``problem.params`` order) is UᵀX (the probe check of
-    ``verified_factors``), and every example has loss terms.
+    ``verified_factors``), and every example has loss terms. ``second_moments=False``
+    leaves UᵀU out (``None``: ACP needs only max U²).
     """
     from curvlab.passes.layers import find_layers
 
@@ -193,5 +196,5 @@ def pass_statistics(problem, records: dict, gradient: list[Tensor]) -> dict | No
         U, X = factors
         rows_per_example = X.shape[0] // problem.num_examples
         A = (X.T @ X) / (problem.num_examples * rows_per_example)
-        statistics[layer.name] = (A, U.T @ U, U.pow(2).max())
+        statistics[layer.name] = (A, U.T @ U if second_moments else None, U.pow(2).max())
     return statistics

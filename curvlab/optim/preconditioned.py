@@ -64,10 +64,13 @@ class KFAC(CurvatureOptimizer):
             problem, fisher_type=self.fisher_type, seed=self.steps, other_structure=self.other_structure
         )
 
+    def own_pass_outputs(self):
+        """Empirical KFAC takes UᵀU from the step's pass; MC and type-2 need their own backward."""
+        empirical = self.fisher_type == "empirical" and self.curvature_class is KFACCurvature
+        return "second moments" if empirical else None
+
     def curvature_from_pass(self, problem, statistics):
         """Empirical KFAC from the step's own pass: G = UᵀU / c (U = c · the terms' output gradients)."""
-        if self.fisher_type != "empirical" or self.curvature_class is not KFACCurvature:
-            return None
         c = problem.reduction_factor
         factors = {name: (A, UU / c) for name, (A, UU, _) in statistics.items()}
         return KFACCurvature(
@@ -102,6 +105,9 @@ class ACP(CurvatureOptimizer):
 
     def build_curvature(self, problem):  # noqa: D102
         return ACPCurvature(problem, alpha=self.alpha)
+
+    def own_pass_outputs(self):  # noqa: D102
+        return "largest"
 
     def curvature_from_pass(self, problem, statistics):
         """ACP from the step's own pass: its input moments, α from its output gradients U/c."""
