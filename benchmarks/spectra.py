@@ -14,9 +14,12 @@ relative residual ‖Hv − λv‖ / |λ|. ``curvlab-random`` is ``cl.top_eigen`
 random start vector instead of its default gradient start, the peers' choice.
 
 ``curvlab-block`` is block Lanczos (4 vectors per product, a basis of 80). ``--problems
-resnet18`` adds torchvision's ResNet-18 on 32×32 inputs at batch 32 (top-10 only).
+resnet18`` adds torchvision's ResNet-18 on 32×32 inputs at batch 32 (top-10 unless
+``--tasks`` says otherwise; on 2 CPU cores its converged top-10 took over 45 min, so
+``--tasks top1`` is the peer comparison that fits a CPU).
 
     python benchmarks/spectra.py [--threads 2] [--device cuda] [--problems autoencoder cnn mlp resnet18]
+    python benchmarks/spectra.py --problems resnet18 --tasks top1 --libraries curvlab pyhessian curvlinops
     python benchmarks/spectra.py --block-versus-single --problems autoencoder
 """
 
@@ -89,7 +92,7 @@ def _problem(problem_name: str, device: torch.device):
     return model.to(device), loss_fn, (X.to(device), y.to(device))
 
 
-def measure(problem_name: str, task: str, library: str, device: torch.device) -> dict:
+def measure(problem_name: str, task: str, library: str, device: torch.device, tol: float = 1e-4) -> dict:
     """Time one (problem, task, library); values and residuals alongside."""
     model, loss_fn, (X, y) = _problem(problem_name, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +111,7 @@ def measure(problem_name: str, task: str, library: str, device: torch.device) ->
         if task in ("top1", "top10"):
             start_vector = "random" if library == "curvlab-random" else "auto"  # auto: the gradient start
             block = BLOCK if library == "curvlab-block" else {}
-            top = cl.top_eigen(hessian, k, tol=1e-4, start=start_vector, progress=False, **block)
+            top = cl.top_eigen(hessian, k, tol=tol, start=start_vector, progress=False, **block)
             result.update(values=top.values.tolist(), matvecs=top.num_matvecs)
             vectors = top.vectors
         elif task == "trace100":
@@ -142,7 +145,7 @@ def measure(problem_name: str, task: str, library: str, device: torch.device) ->
             model, loss_fn, params, [(X, y)], check_deterministic=False
         )
         if task in ("top1", "top10"):
-            values, vectors = scipy.sparse.linalg.eigsh(operator.to_scipy(), k=k, which="LA", tol=1e-4)
+            values, vectors = scipy.sparse.linalg.eigsh(operator.to_scipy(), k=k, which="LA", tol=tol)
             order = np.argsort(values)[::-1]
             values, vectors = values[order], torch.as_tensor(vectors[:, order].copy())
             result.update(values=values.tolist())
@@ -160,8 +163,8 @@ def measure(problem_name: str, task: str, library: str, device: torch.device) ->
     return result
 
 
-def reference(problem_name: str, device: torch.device) -> dict:
-    """Converged top-10 eigenvalues (relative residual ≤ 1e-5, ten times the tolerance benchmarked).
+def reference(problem_name: str, device: torch.device, k: int = 10, max_matvecs: int = 3000) -> dict:
+    """Converged top-k eigenvalues (relative residual ≤ 1e-5, ten times the tolerance benchmarked).
 
     A basis of 100 vectors (ResNet-18: 4.5 GB) restarts less often than the default on
     a clustered spectrum; its seconds and products are reported.
@@ -169,7 +172,7 @@ def reference(problem_name: str, device: torch.device) -> dict:
     model, loss_fn, data = _problem(problem_name, device)
     hessian = cl.Hessian(cl.Problem(model, loss_fn, data))
     start = time.perf_counter()
-    top = cl.top_eigen(hessian, 10, tol=1e-5, basis_size=100, max_matvecs=3000, progress=False)
+    top = cl.top_eigen(hessian, k, tol=1e-5, basis_size=100, max_matvecs=max_matvecs, progress=False)
     return {
         "values": top.values.tolist(),
         "rel_residuals": top.relative_residuals.tolist(),
@@ -213,13 +216,14 @@ def child(args) -> None:
     torch.manual_seed(0)
     problem_name, task, library = args.child
     device = torch.device(args.device)
-    if task == "reference":
-        print(json.dumps(reference(problem_name, device)))
+    if task.startswith("reference"):  # "reference": top-10; "reference1": top-1 only
+        k = int(task.removeprefix("reference") or 10)
+        print(json.dumps(reference(problem_name, device, k, args.reference_products)))
         return
     if task == "block-versus-single":
         print(json.dumps(block_versus_single(problem_name, device)))
         return
-    print(json.dumps(measure(problem_name, task, library, device)))
+    print(json.dumps(measure(problem_name, task, library, device, args.tol)))
 
 
 def _row(task: str, library: str, row: dict, ref: list[float]) -> str:
@@ -249,6 +253,16 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=["autoencoder", "cnn", "mlp"])
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES))
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--tol", type=float, default=1e-4, help="relative residual of top-1/top-10")
+    parser.add_argument(
+        "--reference-products",
+        type=int,
+        default=3000,
+        help="the reference's product budget (it stops there, residuals reported, if 1e-5 is out of reach)",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, help="default: all (mlp: density; resnet18: top10)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(
         "--block-versus-single",
@@ -279,9 +293,11 @@ def main() -> None:
     results = {}
     print(f"threads={args.threads} device={args.device} torch={torch.__version__}")
     for problem_name in args.problems:
-        options = ["--threads", str(args.threads), "--device", args.device]
-        tasks = ("density",) if problem_name == "mlp" else TASKS
-        ref = run_child(__file__, [problem_name, "reference", "curvlab", *options], args.timeout * 3)
+        options = ["--threads", str(args.threads), "--device", args.device, "--tol", str(args.tol)]
+        options += ["--reference-products", str(args.reference_products)]
+        tasks = args.tasks or {"mlp": ("density",), "resnet18": ("top10",)}.get(problem_name, TASKS)
+        reference_task = "reference" if "top10" in tasks else "reference1"
+        ref = run_child(__file__, [problem_name, reference_task, "curvlab", *options], args.timeout * 3)
         ref_values = ref.get("values", [float("nan")] * 10)
         print(
             f"\n{problem_name}: reference top eigenvalues {[round(v, 5) for v in ref_values[:3]]} … "
@@ -296,8 +312,6 @@ def main() -> None:
                     continue  # start vectors and blocks are Lanczos options
                 if library == "curvlab-block" and task == "top1":
                     continue  # one eigenvalue: nothing for a block to resolve
-                if problem_name == "resnet18" and task != "top10":
-                    continue  # the peers' top-10 on a real network (item 5 of issue 32)
                 rows[task, library] = run_child(
                     __file__, [problem_name, task, library, *options], args.timeout
                 )

@@ -159,7 +159,24 @@ def _row_dots(A: Tensor, B: Tensor) -> Tensor:
     times slower): errors that skew the basis' orthonormality, and so the Ritz
     values, by as much.
     """
-    return torch.stack([torch.dot(a, b) for a, b in zip(A, B)])
+    return torch.stack([_dot(a, b) for a, b in zip(A, B)])
+
+
+_DOT_CHUNK = 1 << 16
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """The dot product of flat vectors; on a CPU in float32, dots of 65,536 entries summed in float64.
+
+    One float32 BLAS dot over many entries accumulates rounding: at 1.1 · 10⁷ entries
+    (ResNet-18) it was 1.2e-5 off relative (positive entries), and the Lanczos basis
+    built on such norms gave a top eigenvalue 2.2e-4 too large (its vector's norm² was
+    1.0002). In chunks the error is 4e-9, for about 170 short dots.
+    """
+    if a.device.type != "cpu" or a.dtype == torch.float64 or a.numel() <= _DOT_CHUNK:
+        return torch.dot(a, b)
+    parts = torch.stack([torch.dot(x, y) for x, y in zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK))])
+    return parts.double().sum().to(a.dtype)
 
 
 def _row_norms(A: Tensor) -> Tensor:
@@ -168,8 +185,8 @@ def _row_norms(A: Tensor) -> Tensor:
 
 
 def _norm(v: Tensor) -> Tensor:
-    """‖v‖ of a flat vector by one dot (``_row_dots``: accurate in float32)."""
-    return torch.dot(v, v).sqrt()
+    """‖v‖ of a flat vector by one dot (``_dot``: accurate in float32)."""
+    return _dot(v, v).sqrt()
 
 
 def _random_unit(n: int, dtype, device, generator: torch.Generator) -> Tensor:
