@@ -582,8 +582,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g, s = flat(gradient), flat(step)
             curvature_product = self.curvature @ s if self.curvature is not None else torch.zeros_like(s)
             predicted = (g @ s + 0.5 * s @ curvature_product).item()
-        self.damping_policy.adapt(reduction_ratio((new_loss - loss).item(), predicted))
-        if self.damping_policy.reject_uphill and new_loss.item() > loss.item():
+        actual = (new_loss - loss).item()
+        self.damping_policy.adapt(reduction_ratio(actual, predicted))
+        if self.damping_policy.reject_uphill and actual > 0:
             self.safety.undo(self._params(), self.state)  # momentum and δ₀ go with it
             self.damping_policy.rejected += 1
 

@@ -22,7 +22,6 @@ class ConstantDamping:
         value: The damping λ ≥ 0.
     """
 
-    adaptive = False
     reject_uphill = False  # only Levenberg–Marquardt tests steps
     rejected = 0
 
@@ -63,8 +62,6 @@ class LevenbergMarquardt(ConstantDamping):
             acceptance test with η = 0, Nocedal & Wright 2006, Alg. 4.1); only the steps
             with an adaptation are tested. ``rejected`` counts them.
     """
-
-    adaptive = True
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from curvlab.operators.base import CurvatureOperator
 from curvlab.progress import progress_bar
+from curvlab.spectra.lanczos import _row_norms
 
 
 def _orthogonalize_block(basis: Tensor, W: Tensor) -> Tensor:
@@ -131,7 +132,7 @@ def block_top_eigen(
         if agree(done or exhausted):
             keep = ranked[:k]
             rows = S[:, keep].T @ V[:size]  # the Ritz vectors, (k, n)
-            rows /= rows.norm(dim=1, keepdim=True)
+            rows /= _row_norms(rows).unsqueeze(1)  # unit to rounding (float64-summed dots)
             vectors = rows.T
             products = matvec(vectors)  # one confirming block product
             matvecs += k
